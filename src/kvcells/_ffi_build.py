@@ -1,0 +1,52 @@
+"""cffi builder for kvcells._core: every csrc/*.c, declarations read from csrc/*.h.
+
+Each header marks the part cffi should see with `// cffi-begin` and
+`// cffi-end`, so the C API is written once.
+
+KVCELLS_SANITIZE=1 builds with AddressSanitizer and UBSan; any report aborts.
+"""
+import os
+import pathlib
+
+from cffi import FFI
+
+CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+            "-fno-sanitize-recover=all"]
+
+
+def declarations(header):
+    text = header.read_text()
+    if "// cffi-begin" not in text:
+        return ""
+    return text.split("// cffi-begin", 1)[1].split("// cffi-end", 1)[0]
+
+
+def make_builder(absolute_paths=False):
+    headers = sorted(CSRC.glob("*.h"))
+    sources = sorted(CSRC.glob("*.c"))
+    ffi = FFI()
+    ffi.cdef("\n".join(declarations(h) for h in headers))
+    cflags = ["-std=c99", "-O3", "-pthread", "-Wall", "-Wextra",
+              "-Wno-unused-parameter"]
+    lflags = ["-pthread"]
+    if os.environ.get("KVCELLS_SANITIZE") == "1":
+        cflags = [f for f in cflags if f != "-O3"] + ["-O1", "-g"] + SANITIZE
+        lflags += SANITIZE
+    ffi.set_source(
+        "kvcells._core",
+        "\n".join(f'#include "{h.name}"' for h in headers),
+        sources=[str(s) if absolute_paths else os.path.relpath(s) for s in sources],
+        include_dirs=[str(CSRC)],
+        extra_compile_args=cflags,
+        extra_link_args=lflags,
+    )
+    return ffi
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    # python _ffi_build.py OUTDIR: compile kvcells/_core into OUTDIR
+    import sys
+    make_builder(absolute_paths=True).compile(tmpdir=sys.argv[1])

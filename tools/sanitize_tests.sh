@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs tests against the C core built with AddressSanitizer and UBSan.
+#   tools/sanitize_tests.sh [pytest args]     (default: tests/test_cells*.py)
+# First proves the setup catches a deliberate out-of-bounds write.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-python}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+# 1. a throwaway module with an out-of-bounds write must abort with a report
+mkdir -p "$out/canary"
+LD_PRELOAD= "$py" - "$out/canary" <<'PY'
+import sys
+from cffi import FFI
+ffi = FFI()
+ffi.cdef("int oob(int n);")
+ffi.set_source("canary", """
+#include <stdlib.h>
+#include <string.h>
+int oob(int n) { int *a = malloc(4 * sizeof(int)); memset(a, 0, n * sizeof(int)); int r = a[0]; free(a); return r; }
+""", extra_compile_args=["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                         "-fno-sanitize-recover=all"],
+     extra_link_args=["-fsanitize=address,undefined"])
+ffi.compile(tmpdir=sys.argv[1])
+PY
+if (cd "$out/canary" && "$py" -c "import canary; canary.lib.oob(5)") 2>"$out/canary.log"; then
+  echo "sanitizer setup FAILED: an out-of-bounds write went unreported"; exit 1
+fi
+grep -q "AddressSanitizer: heap-buffer-overflow" "$out/canary.log" \
+  || { cat "$out/canary.log"; echo "sanitizer setup FAILED: no ASan report"; exit 1; }
+echo "sanitizer setup: a deliberate out-of-bounds write was caught"
+
+# 2. the package with a sanitized C core
+cp -r "$root/src/kvcells" "$out/kvcells"
+rm -f "$out"/kvcells/_core*.so
+KVCELLS_SANITIZE=1 LD_PRELOAD= "$py" "$root/src/kvcells/_ffi_build.py" "$out" >"$out/build.log" 2>&1 \
+  || { cat "$out/build.log"; exit 1; }
+export PYTHONPATH="$out"
+"$py" -c "import kvcells._core as c, sys; assert c.__file__.startswith('$out'), c.__file__"
+cd "$root"
+if [ $# -eq 0 ]; then set -- tests/test_cells*.py; fi
+"$py" -m pytest -p no:cacheprovider "$@"
