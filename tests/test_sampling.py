@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from kvcells.sampling import Sampler, penalize_repeats
+
+
+def probs(logits):
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def test_greedy_is_argmax():
+    logits = np.random.default_rng(0).standard_normal(50000).astype(np.float32)
+    assert Sampler().sample(logits) == int(np.argmax(logits))
+    assert Sampler(temperature=5.0, top_k=1, seed=1).sample(logits) == int(np.argmax(logits))
+
+
+def draw_counts(sampler, logits, n):
+    counts = np.zeros(len(logits))
+    for _ in range(n):
+        counts[sampler.sample(logits)] += 1
+    return counts / n
+
+
+def test_temperature_draws_follow_the_softmax():
+    logits = np.array([2.0, 1.0, 0.5, -1.0], np.float32)
+    freq = draw_counts(Sampler(temperature=0.7, seed=3), logits, 20000)
+    np.testing.assert_allclose(freq, probs(logits / 0.7), atol=0.015)
+
+
+def test_top_k_keeps_the_k_best():
+    logits = np.array([0.1, 3.0, 2.0, -5.0, 2.5], np.float32)
+    freq = draw_counts(Sampler(temperature=1.0, top_k=2, seed=4), logits, 20000)
+    expect = np.zeros(5)
+    expect[[1, 4]] = probs(logits[[1, 4]])
+    np.testing.assert_allclose(freq, expect, atol=0.015)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.75 needs the first two
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(p).astype(np.float32)
+    freq = draw_counts(Sampler(temperature=1.0, top_p=0.75, seed=5), logits, 20000)
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.015)
+
+
+def test_top_p_on_a_large_vocab_agrees_with_a_full_sort():
+    rng = np.random.default_rng(6)
+    for scale in (0.5, 8.0):  # a flat and a peaked distribution
+        logits = (rng.standard_normal(20000) * scale).astype(np.float32)
+        order = np.argsort(-logits)
+        cum = np.cumsum(probs(logits.astype(np.float64))[order])
+        nucleus = set(order[: int(np.searchsorted(cum, 0.9)) + 1].tolist())
+        s = Sampler(temperature=1.0, top_p=0.9, seed=7)
+        drawn = {s.sample(logits) for _ in range(300)}
+        assert drawn <= nucleus
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    p = np.array([0.6, 0.25, 0.1, 0.05])
+    logits = np.log(p).astype(np.float32)
+    freq = draw_counts(Sampler(temperature=1.0, min_p=0.2, seed=8), logits, 20000)
+    np.testing.assert_allclose(freq, [0.6 / 0.85, 0.25 / 0.85, 0, 0], atol=0.015)
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = np.random.default_rng(9).standard_normal(1000).astype(np.float32)
+    s1, s2 = Sampler(temperature=1.0, seed=42), Sampler(temperature=1.0, seed=42)
+    assert [s1.sample(logits) for _ in range(50)] == [s2.sample(logits) for _ in range(50)]
+
+
+def test_repetition_penalty_formula():
+    logits = np.array([2.0, -2.0, 1.0, 0.5], np.float32)
+    out = penalize_repeats(logits, [0, 1, 1], 2.0)
+    np.testing.assert_array_equal(out, [1.0, -4.0, 1.0, 0.5])
+    # the penalty turns a greedy choice
+    assert Sampler(repeat_penalty=3.0).sample(logits, recent=[0]) == 2
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
+                                dict(min_p=2.0), dict(top_k=-1), dict(repeat_penalty=0)])
+def test_bad_settings(kw):
+    with pytest.raises(ValueError):
+        Sampler(**kw)
+
+
+def test_bad_logits():
+    with pytest.raises(ValueError):
+        Sampler().sample(np.zeros((2, 3)))
