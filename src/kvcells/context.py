@@ -1,0 +1,92 @@
+"""A decoding context: a model, its KV memory, and decode()."""
+import struct
+
+import numpy as np
+
+from .errors import StateError
+
+KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+STATE_MAGIC = b"KVCELLS-CTX\0"
+STATE_VERSION = 1
+
+
+class Context:
+    def __init__(self, model, n_ctx=4096, n_seq_max=1, n_ubatch=512,
+                 type_k="f16", type_v="f16", n_threads=None):
+        if n_ctx <= 0 or n_ubatch <= 0:
+            raise ValueError("n_ctx and n_ubatch must be positive")
+        if not 1 <= n_seq_max <= 256:
+            raise ValueError(f"n_seq_max must be in [1, 256], got {n_seq_max}")
+        for t in (type_k, type_v):
+            if t not in KV_TYPES:
+                raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
+        if n_threads is not None:
+            from . import matmul
+            matmul.set_num_threads(n_threads)
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_seq_max = n_seq_max
+        self.n_ubatch = n_ubatch
+        self.n_vocab = model.hparams.n_vocab
+        self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+
+    @property
+    def kv_bytes(self):
+        return self.memory.kv_bytes
+
+    def decode(self, batch):
+        """Run the batch through the model; logits of the flagged tokens in
+        batch order. CacheFullError leaves the cache as it was."""
+        self.check_batch(batch)
+        ubatches = list(batch.split(self.n_ubatch))
+        slots = self.memory.prepare([(pos, seqs) for _, pos, seqs, _ in ubatches])
+        logits = [np.zeros((0, self.n_vocab), np.float32)]
+        for (tokens, pos, seqs, rows), slot in zip(ubatches, slots):
+            self.memory.apply(slot, pos, seqs)
+            logits.append(self.model.forward(tokens, pos, seqs, rows, self.memory))
+        return np.concatenate(logits)
+
+    def check_batch(self, batch):
+        """llama.cpp's rules: known tokens and sequences, and each sequence's
+        positions continue its cached ones without a gap."""
+        if len(batch) == 0:
+            raise ValueError("empty batch")
+        tokens = np.asarray(batch.tokens)
+        if tokens.max() >= self.n_vocab:
+            raise ValueError(f"token id {tokens.max()} outside the vocabulary ({self.n_vocab})")
+        positions = {}
+        for p, seqs in zip(batch.pos, batch.seq_ids):
+            for s in seqs:
+                if not 0 <= s < self.n_seq_max:
+                    raise ValueError(f"sequence id {s} outside [0, {self.n_seq_max})")
+                positions.setdefault(s, []).append(p)
+        for s, ps in positions.items():
+            first = self.memory.seq_pos_max(s) + 1
+            if sorted(ps) != list(range(first, first + len(ps))):
+                raise ValueError(
+                    f"positions of sequence {s} must continue at {first} without gaps or repeats")
+
+    def fingerprint(self):
+        h = self.model.hparams
+        arch = self.model.arch.encode()
+        return struct.pack("<I", len(arch)) + arch + struct.pack(
+            "<6q", h.n_layer, h.n_embd, h.n_head, h.n_head_kv, h.head_dim, h.n_vocab)
+
+    def state_save(self, path, seq_id=None):
+        """Save one sequence, or the whole cache, bit-exactly."""
+        body = self.memory.state_bytes(seq_id)
+        with open(path, "wb") as f:
+            f.write(STATE_MAGIC + struct.pack("<I", STATE_VERSION) + self.fingerprint() + body)
+
+    def state_load(self, path, seq_id=None):
+        """Load a state written by state_save; StateError and no change when
+        it is corrupt or made for another model."""
+        with open(path, "rb") as f:
+            data = f.read()
+        head = STATE_MAGIC + struct.pack("<I", STATE_VERSION)
+        if not data.startswith(head):
+            raise StateError(f"{path}: not a kvcells state file of version {STATE_VERSION}")
+        fp = self.fingerprint()
+        if data[len(head):len(head) + len(fp)] != fp:
+            raise StateError(f"{path}: the state was saved for another model")
+        self.memory.load_state_bytes(data[len(head) + len(fp):], seq_id)
