@@ -1,4 +1,6 @@
 """kvcells: a llama.cpp-style KV cache engine for Python with a C core."""
 from .errors import CacheFullError, GGUFError, KVCellsError, StateError
+from .gguf_model import GGUFModelFile, HParams, Weight, load_gguf
 
-__all__ = ["KVCellsError", "CacheFullError", "GGUFError", "StateError"]
+__all__ = ["KVCellsError", "CacheFullError", "GGUFError", "StateError",
+           "load_gguf", "GGUFModelFile", "HParams", "Weight"]
