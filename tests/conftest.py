@@ -17,7 +17,7 @@ def tiny_gguf(tmp_path_factory):
     made = {}
 
     def make(arch="llama", qtype="F32", **kw):
-        key = (arch, qtype.upper(), tuple(sorted(kw.items())))
+        key = (arch, qtype.upper(), repr(sorted(kw.items())))
         if key not in made:
             path = tmp_path_factory.mktemp("gguf") / f"tiny-{arch}-{qtype.lower()}.gguf"
             made[key] = write_tiny_gguf(path, arch, qtype, **kw)
