@@ -265,3 +265,207 @@ def test_real_model_matches_gguf_reader(real, real_model_path):
     ids = [0, 2, 651, 100000, 262143]
     want = gguf.quants.dequantize(t.data[ids], t.tensor_type)
     np.testing.assert_array_equal(real.tensors["token_embd.weight"].rows(ids), want)
+
+
+# --- malformed files ------------------------------------------------------------
+
+def test_missing_empty_and_directory_paths(tmp_path):
+    assert_gguf_error(tmp_path / "nope.gguf", "cannot open")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    assert_gguf_error(tmp_path / "empty.gguf", "empty")
+    assert_gguf_error(tmp_path, "cannot open")
+
+
+def set_u64_at(b, pos, v):
+    return b[:pos] + struct.pack("<Q", v) + b[pos + 8:]
+
+
+def kv_pos(p, key):
+    """Offset of a key-value pair (its key's length field) in p.to_bytes()."""
+    pos = 24
+    for k, raw in p.kvs:
+        if k == key:
+            return pos
+        pos += len(enc_str(k)) + len(raw)
+    raise KeyError(key)
+
+
+HEADER_CASES = {
+    "bad magic": (lambda b, p: b"GGUX" + b[4:], ["not a GGUF file"]),
+    "version 1": (lambda b, p: b[:4] + struct.pack("<I", 1) + b[8:], ["version 1"]),
+    "version 4": (lambda b, p: b[:4] + struct.pack("<I", 4) + b[8:], ["version 4"]),
+    "big-endian": (lambda b, p: b[:4] + struct.pack(">I", 3) + b[8:], ["big-endian"]),
+    "huge tensor count": (lambda b, p: set_u64_at(b, 8, 2**40), ["tensor count"]),
+    "huge kv count": (lambda b, p: set_u64_at(b, 16, 2**60), ["metadata count"]),
+    "kv count one too many": (lambda b, p: set_u64_at(b, 16, len(p.kvs) + 1), []),
+    "kv count one too few": (lambda b, p: set_u64_at(b, 16, len(p.kvs) - 1), []),
+    "tensor count one too many": (lambda b, p: set_u64_at(b, 8, len(p.tensors) + 1), []),
+    "huge key length": (lambda b, p: set_u64_at(b, 24, 2**63), ["truncated"]),
+    "huge string array": (lambda b, p: set_u64_at(
+        b, kv_pos(p, "tokenizer.ggml.tokens") + 8 + 21 + 8, 2**40), ["truncated"]),
+    "huge float array": (lambda b, p: set_u64_at(
+        b, kv_pos(p, "tokenizer.ggml.scores") + 8 + 21 + 8, 2**40), ["truncated"]),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_malformed_header_bytes(parts, tmp_path, case):
+    edit, words = HEADER_CASES[case]
+    path = tmp_path / "m.gguf"
+    path.write_bytes(edit(parts.to_bytes(), parts))
+    assert_gguf_error(path, *words)
+
+
+def _retype(p, name, type_id):
+    p.tensor(name)[2] = type_id
+
+
+def _set_dims(p, name, dims):
+    p.tensor(name)[1] = dims
+
+
+PARTS_CASES = {
+    "unknown value type": (lambda p: p.kvs.append(("x.bad", struct.pack("<I", 99))),
+                           ["unknown value type 99"]),
+    "array of arrays": (lambda p: p.kvs.append(("x.nested", struct.pack("<IIQ", 9, 9, 0))),
+                        ["arrays of arrays"]),
+    "invalid UTF-8 key": (lambda p: p.kvs.append((b"x.\xff\xfe", enc_value(VT.UINT8, 1))),
+                          ["UTF-8"]),
+    "duplicate key": (lambda p: p.kvs.append(p.kvs[3]), ["duplicate metadata key"]),
+    "duplicate tensor": (lambda p: p.tensors.append(list(p.tensors[0])),
+                         ["duplicate tensor"]),
+    "no dimensions": (lambda p: _set_dims(p, "output_norm.weight", []), ["0 dimensions"]),
+    "five dimensions": (lambda p: _set_dims(p, "output_norm.weight", [64, 1, 1, 1, 1]),
+                        ["5 dimensions"]),
+    "three dimensions": (lambda p: _set_dims(p, "blk.0.attn_q.weight", [64, 16, 4]),
+                         ["3 dimensions"]),
+    "zero dimension": (lambda p: _set_dims(p, "blk.0.attn_q.weight", [64, 0]),
+                       ["invalid shape"]),
+    "overflowing shape": (lambda p: _set_dims(p, "blk.0.attn_q.weight", [2**40, 2**40]),
+                          ["invalid shape"]),
+    "unknown tensor type": (lambda p: _retype(p, "blk.0.attn_q.weight", 99),
+                            ["unknown type id 99"]),
+    "unsupported Q2_K": (lambda p: _retype(p, "blk.0.attn_q.weight", QT.Q2_K), ["Q2_K"]),
+    "unsupported IQ4_NL": (lambda p: _retype(p, "blk.0.attn_q.weight", QT.IQ4_NL),
+                           ["IQ4_NL"]),
+    "unsupported I32": (lambda p: _retype(p, "output_norm.weight", QT.I32), ["I32"]),
+    "row not a block multiple": (lambda p: (_retype(p, "blk.0.attn_q.weight", QT.Q8_0),
+                                            _set_dims(p, "blk.0.attn_q.weight", [48, 64])),
+                                 ["block size"]),
+    "data beyond the end": (lambda p: p.tensor("blk.1.ffn_down.weight").__setitem__(
+        3, len(p.data)), ["beyond the end"]),
+    "huge data offset": (lambda p: p.tensor("output_norm.weight").__setitem__(3, 2**63),
+                         ["beyond the end"]),
+    "unaligned data offset": (lambda p: p.tensor("blk.1.ffn_down.weight").__setitem__(
+        3, p.tensor("blk.1.ffn_down.weight")[3] - 4), ["alignment"]),
+    "alignment not a power of two": (lambda p: p.set("general.alignment", VT.UINT32, 24),
+                                     ["power of two"]),
+    "alignment a string": (lambda p: p.set("general.alignment", VT.STRING, "32"),
+                           ["general.alignment"]),
+    # hyperparameters and tensors against them
+    "unknown architecture": (lambda p: p.set("general.architecture", VT.STRING, "gpt2"),
+                             ["unsupported architecture 'gpt2'"]),
+    "no architecture": (lambda p: p.drop("general.architecture"),
+                        ["general.architecture"]),
+    "no block count": (lambda p: p.drop("llama.block_count"),
+                       ["missing metadata key 'llama.block_count'"]),
+    "block count a string": (lambda p: p.set("llama.block_count", VT.STRING, "2"),
+                             ["'llama.block_count'", "int"]),
+    "zero layers": (lambda p: p.set("llama.block_count", VT.UINT32, 0), ["block_count 0"]),
+    "too many layers": (lambda p: p.set("llama.block_count", VT.UINT32, 10**6),
+                        ["block_count"]),
+    "more layers than tensors": (lambda p: p.set("llama.block_count", VT.UINT32, 3),
+                                 ["missing tensor 'blk.2."]),
+    "zero heads": (lambda p: p.set("llama.attention.head_count", VT.UINT32, 0),
+                   ["head_count must be positive"]),
+    "heads not a multiple of kv heads": (
+        lambda p: p.set("llama.attention.head_count_kv", VT.UINT32, 3), ["multiple"]),
+    "per-layer heads differ": (
+        lambda p: p.set("llama.attention.head_count", VT.ARRAY, [4, 2], VT.UINT32),
+        ["differ"]),
+    "partial rotary": (lambda p: p.set("llama.rope.dimension_count", VT.UINT32, 8),
+                       ["partial"]),
+    "yarn rope scaling": (lambda p: p.set("llama.rope.scaling.type", VT.STRING, "yarn"),
+                          ["rope scaling type 'yarn'"]),
+    "NaN norm eps": (lambda p: p.set("llama.attention.layer_norm_rms_epsilon", VT.FLOAT32,
+                                     float("nan")), ["norm_eps"]),
+    "missing tensor": (lambda p: p.tensors.remove(p.tensor("blk.1.ffn_up.weight")),
+                       ["missing tensor 'blk.1.ffn_up.weight'"]),
+    "ffn length against tensors": (lambda p: p.set("llama.feed_forward_length",
+                                                   VT.UINT32, 96),
+                                   ["blk.0.ffn_gate.weight", "shape (128, 64)",
+                                    "expected (96, 64)"]),
+    "transposed tensor": (lambda p: _set_dims(p, "blk.0.ffn_up.weight", [128, 64]),
+                          ["blk.0.ffn_up.weight", "expected (128, 64)"]),
+    "vocabulary against embeddings": (
+        lambda p: p.set("tokenizer.ggml.tokens", VT.ARRAY, tiny_vocab("llama")[0][:-1],
+                        VT.STRING), ["token_embd.weight"]),
+}
+
+
+@pytest.mark.parametrize("case", PARTS_CASES)
+def test_malformed_fields(parts, tmp_path, case):
+    edit, words = PARTS_CASES[case]
+    edit(parts)
+    assert_gguf_error(parts.write(tmp_path / "m.gguf"), *words)
+
+
+def test_gemma3_malformed_window(tiny_gguf, tmp_path):
+    p = GGUFParts(tiny_gguf("gemma3", "F32"))
+    p.set("gemma3.attention.sliding_window", VT.INT32, -1)
+    assert_gguf_error(p.write(tmp_path / "a.gguf"), "sliding window")
+    p = GGUFParts(tiny_gguf("gemma3", "F32"))
+    p.drop("gemma3.attention.layer_norm_rms_epsilon")
+    assert_gguf_error(p.write(tmp_path / "b.gguf"), "layer_norm_rms_epsilon")
+    p = GGUFParts(tiny_gguf("gemma3", "F32"))
+    p.tensors.remove(p.tensor("blk.3.attn_k_norm.weight"))
+    assert_gguf_error(p.write(tmp_path / "c.gguf"), "blk.3.attn_k_norm.weight")
+
+
+def data_end(path):
+    r = gguf.GGUFReader(path)
+    return max(t.data_offset + t.n_bytes for t in r.tensors)
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "Q8_0"), ("gemma3", "Q4_K")])
+def test_truncated_files(tiny_gguf, tmp_path, arch, qtype):
+    src = tiny_gguf(arch, qtype)
+    whole = open(src, "rb").read()
+    end = data_end(src)
+    cuts = sorted(set(range(64)) | set(np.linspace(64, end - 1, 200).astype(int)))
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(GGUFError, match="cut"):
+            load_gguf(path)
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def fuzz_source(tmp_path_factory):
+    from make_tiny_gguf import write_tiny_gguf
+    path = write_tiny_gguf(tmp_path_factory.mktemp("fuzz") / "f.gguf", "gemma3", "Q8_0",
+                           n_layer=2)
+    p = GGUFParts(path)
+    info_start = 24 + sum(len(enc_str(k)) + len(raw) for k, raw in p.kvs)
+    header_end = len(p.to_bytes()) - len(p.data)
+    return open(path, "rb").read(), info_start, header_end, tmp_path_factory.mktemp("fz")
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_header_bytes_never_crash(fuzz_source, data):
+    """Overwriting header bytes either still gives a loadable file or GGUFError."""
+    whole, info_start, header_end, tmp = fuzz_source
+    pos = data.draw(st.one_of(st.integers(0, 400), st.integers(info_start, header_end - 1),
+                              st.integers(0, header_end - 1)))
+    new = data.draw(st.binary(min_size=1, max_size=8))
+    path = tmp / "corrupt.gguf"
+    path.write_bytes(whole[:pos] + new + whole[pos + len(new):])
+    try:
+        m = load_gguf(path)
+    except GGUFError as e:
+        assert str(path) in str(e)
+    else:
+        assert m.arch in ("llama", "gemma3")

@@ -72,8 +72,10 @@ class Weight:
 
 
 def _dequantize_rows(raw, type_name, n_in):
-    out = dequantize(raw, GGMLQuantizationType[type_name])
-    return np.asarray(out, dtype=np.float32).reshape(raw.shape[0], n_in)
+    out = np.asarray(dequantize(raw, GGMLQuantizationType[type_name]), dtype=np.float32)
+    if not out.flags.writeable:  # F32 rows are a view of the read-only file
+        out = out.copy()
+    return out.reshape(raw.shape[0], n_in)
 
 
 @dataclass
@@ -301,7 +303,7 @@ def _load_tensors(path, buf, infos, data_start):
         if len(dims) == 2:
             tensors[name] = Weight(name, type_name, (n_out, n_in), raw)
         else:
-            tensors[name] = _dequantize_rows(raw, type_name, n_in)[0].copy()
+            tensors[name] = _dequantize_rows(raw, type_name, n_in)[0]
     return tensors
 
 
