@@ -2,8 +2,6 @@
 from .cells import CellTable
 from .errors import CacheFullError, GGUFError, KVCellsError, StateError
 from .gguf_model import GGUFModelFile, HParams, Weight, load_gguf
-from .model import Model
 
 __all__ = ["CellTable", "KVCellsError", "CacheFullError", "GGUFError", "StateError",
-           "load_gguf", "GGUFModelFile", "HParams", "Weight",
-           "Model"]
+           "load_gguf", "GGUFModelFile", "HParams", "Weight"]
