@@ -141,3 +141,15 @@ class ReferenceModel:
         x = rms_norm(x, t["output_norm.weight"], eps)
         out = t.get("output.weight", t["token_embd.weight"])
         return (x @ out.T).astype(np.float32)
+
+
+def decode_ubatch(model, mem, tokens, pos, seq_ids, output_rows=None):
+    """Place one ubatch in a kvcells memory and run model.forward on it, as
+    Context.decode does (seq_ids: one int per token; all rows by default)."""
+    pos = np.asarray(pos, dtype=np.int32)
+    seq_ids = [[s] if np.ndim(s) == 0 else list(s) for s in seq_ids]
+    if output_rows is None:
+        output_rows = np.arange(len(tokens))
+    (slot,) = mem.prepare([(pos, seq_ids)])
+    mem.apply(slot, pos, seq_ids)
+    return model.forward(np.asarray(tokens), pos, seq_ids, output_rows, mem)

@@ -1,0 +1,54 @@
+"""Gemma 3: embeddings scaled by sqrt(n_embd), RMSNorm weights as stored in
+the GGUF (the converter already added Gemma's +1), per-head RMSNorm on Q and
+K before NEOX RoPE (base rope_base on global layers, rope_base_swa on
+sliding-window ones), post-attention and post-FFN norms, GELU(tanh)-gated
+feed-forward, output = token embeddings unless the file has its own."""
+import numpy as np
+
+from ..rope import NEOX, rope
+from . import layer_weights, output_logits, rms_norm
+
+WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm",
+           "attn_output", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up",
+           "ffn_down", "post_ffw_norm")
+GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + np.float32(0.044715) * x * x * x)))
+
+
+class Gemma3:
+    rope_mode = NEOX
+
+    def __init__(self, file):
+        self.file = file
+        self.hp = file.hparams
+        self.layers = [layer_weights(file, il, WEIGHTS) for il in range(self.hp.n_layer)]
+
+    def forward(self, tokens, pos, output_rows, mem):
+        hp, eps = self.hp, self.hp.norm_eps
+        n, H, Hkv, d = len(tokens), hp.n_head, hp.n_head_kv, hp.head_dim
+        x = self.file.tensors["token_embd.weight"].rows(tokens) * np.float32(np.sqrt(hp.n_embd))
+        for il, w in enumerate(self.layers):
+            h = rms_norm(x, w["attn_norm"], eps)
+            q = rms_norm(w["attn_q"].matmul(h).reshape(n, H, d), w["attn_q_norm"], eps)
+            k = rms_norm(w["attn_k"].matmul(h).reshape(n, Hkv, d), w["attn_k_norm"], eps)
+            v = w["attn_v"].matmul(h).reshape(n, Hkv, d)
+            swa = hp.swa_layers[il]
+            qk = rope(np.concatenate([q, k], axis=1), pos,
+                      hp.rope_base_swa if swa else hp.rope_base, NEOX,
+                      hp.rope_freq_scale_swa if swa else hp.rope_freq_scale)
+            mem.store(il, qk[:, H:], v)
+            a = mem.attend(il, qk[:, :H], hp.attn_scale).reshape(n, H * d)
+            if il == hp.n_layer - 1:  # only the requested rows go further
+                a, x = a[output_rows], x[output_rows]
+            x = x + rms_norm(w["attn_output"].matmul(a), w["post_attention_norm"], eps)
+            h = rms_norm(x, w["ffn_norm"], eps)
+            f = gelu_tanh(w["ffn_gate"].matmul(h)) * w["ffn_up"].matmul(h)
+            x = x + rms_norm(w["ffn_down"].matmul(f), w["post_ffw_norm"], eps)
+        logits = output_logits(self.file, rms_norm(x, self.file.tensors["output_norm.weight"],
+                                                   eps))
+        if hp.logit_softcap:
+            logits = np.tanh(logits / hp.logit_softcap) * hp.logit_softcap
+        return logits

@@ -1,0 +1,45 @@
+"""llama: RMSNorm, RoPE in the NORM layout, grouped-query attention through
+the KV cache, SwiGLU feed-forward, tied or separate output matrix."""
+import numpy as np
+
+from ..errors import GGUFError
+from ..rope import NORM, rope
+from . import layer_weights, output_logits, rms_norm
+
+WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+           "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class Llama:
+    rope_mode = NORM
+
+    def __init__(self, file):
+        if "rope_freqs.weight" in file.tensors:
+            raise GGUFError(f"{file.path}: per-frequency RoPE factors (rope_freqs.weight) "
+                            "are not supported")
+        self.file = file
+        self.hp = file.hparams
+        self.layers = [layer_weights(file, il, WEIGHTS) for il in range(self.hp.n_layer)]
+
+    def forward(self, tokens, pos, output_rows, mem):
+        hp = self.hp
+        n, H, Hkv, d = len(tokens), hp.n_head, hp.n_head_kv, hp.head_dim
+        x = self.file.tensors["token_embd.weight"].rows(tokens)
+        for il, w in enumerate(self.layers):
+            h = rms_norm(x, w["attn_norm"], hp.norm_eps)
+            q = w["attn_q"].matmul(h).reshape(n, H, d)
+            k = w["attn_k"].matmul(h).reshape(n, Hkv, d)
+            v = w["attn_v"].matmul(h).reshape(n, Hkv, d)
+            qk = rope(np.concatenate([q, k], axis=1), pos, hp.rope_base, NORM,
+                      hp.rope_freq_scale)
+            mem.store(il, qk[:, H:], v)
+            a = mem.attend(il, qk[:, :H], hp.attn_scale).reshape(n, H * d)
+            if il == hp.n_layer - 1:  # only the requested rows go further
+                a, x = a[output_rows], x[output_rows]
+            x = x + w["attn_output"].matmul(a)
+            h = rms_norm(x, w["ffn_norm"], hp.norm_eps)
+            g = w["ffn_gate"].matmul(h)
+            silu = g * (0.5 + 0.5 * np.tanh(0.5 * g))  # g * sigmoid(g), no overflow
+            x = x + w["ffn_down"].matmul(silu * w["ffn_up"].matmul(h))
+        return output_logits(self.file, rms_norm(x, self.file.tensors["output_norm.weight"],
+                                                 hp.norm_eps))
