@@ -194,6 +194,7 @@ def test_llama_hparams_follow_the_file(tiny_gguf):
     (8, None, [True] * 5 + [False] + [True] * 2),
     (5, 2, [True, False, True, False, True]),          # period written in the file
     (3, [False, True, True], [False, True, True]),     # explicit per-layer flags
+    (4, [True, True], [True, True, False, False]),     # short array: the rest full
 ])
 def test_gemma3_swa_layers(tiny_gguf, tmp_path, n_layer, pattern, want):
     hp = load_gguf(tiny_gguf("gemma3", "Q8_0", n_layer=n_layer, n_swa=8,

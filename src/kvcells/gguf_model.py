@@ -427,13 +427,15 @@ def _n_vocab(path, arch, md, tensors):
 
 
 def _swa_pattern(path, md, key, n_layer, default_period):
-    """Per-layer SWA flags: an explicit bool array, or a period n whose last
-    layer of every n is full attention (llama.cpp's set_swa_pattern)."""
+    """Per-layer SWA flags: an explicit flag array (layers past its end are
+    full attention, as in llama.cpp), or a period n whose last layer of every
+    n is full attention (llama.cpp's set_swa_pattern)."""
     v = md.get(key, default_period)
     if isinstance(v, list):
-        if len(v) < n_layer or any(type(x) not in (bool, int) for x in v):
-            raise GGUFError(f"{path}: metadata {key!r} should hold {n_layer} flags")
-        return [bool(x) for x in v[:n_layer]]
+        if len(v) > MAX_LAYERS or any(type(x) not in (bool, int) for x in v):
+            raise GGUFError(f"{path}: metadata {key!r} should hold at most "
+                            f"{MAX_LAYERS} integer or bool flags")
+        return [bool(x) for x in v[:n_layer]] + [False] * (n_layer - len(v))
     if type(v) is not int or v < 0:
         raise GGUFError(f"{path}: metadata {key!r} should be a non-negative integer")
     return [v == 0 or il % v < v - 1 for il in range(n_layer)]
