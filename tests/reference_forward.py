@@ -153,3 +153,13 @@ def decode_ubatch(model, mem, tokens, pos, seq_ids, output_rows=None):
     (slot,) = mem.prepare([(pos, seq_ids)])
     mem.apply(slot, pos, seq_ids)
     return model.forward(np.asarray(tokens), pos, seq_ids, output_rows, mem)
+
+
+def decode_one_by_one(model, tokens, *, n_ctx=64, n_ubatch=16, first=6, type_kv="f32"):
+    """A fresh kvcells memory; the first tokens in one ubatch, then one token
+    per ubatch; the logits of every token."""
+    mem = model.make_memory(n_ctx, 1, n_ubatch, type_kv, type_kv)
+    rows = [decode_ubatch(model, mem, tokens[:first], np.arange(first), [0] * first)]
+    for p in range(first, len(tokens)):
+        rows.append(decode_ubatch(model, mem, tokens[p:p + 1], [p], [0]))
+    return np.concatenate(rows)

@@ -1,19 +1,13 @@
 """Gemma 3 forward pass (kvcells.arch.gemma3) against the dense reference:
 sliding-window layers on the ISWA cache, window reuse, SWA patterns."""
+import os
+
 import numpy as np
 import pytest
-from reference_forward import ReferenceModel, causal_mask, decode_ubatch
+from reference_forward import ReferenceModel, causal_mask, decode_one_by_one
 
 import reference_forward
 from kvcells import Model
-
-
-def decode_one_by_one(model, tokens, n_ctx=64, n_ubatch=16, first=4):
-    mem = model.make_memory(n_ctx, 1, n_ubatch, "f32", "f32")
-    rows = [decode_ubatch(model, mem, tokens[:first], np.arange(first), [0] * first)]
-    for p in range(first, len(tokens)):
-        rows.append(decode_ubatch(model, mem, tokens[p:p + 1], [p], [0]))
-    return np.concatenate(rows)
 
 
 def test_window_8_decoding_40_tokens_equals_dense_windowed_recompute(tiny_gguf):
@@ -33,6 +27,21 @@ def test_window_8_decoding_40_tokens_equals_dense_windowed_recompute(tiny_gguf):
     finally:
         reference_forward.causal_mask = mask
     assert np.abs(unwindowed[8:] - want[8:]).max() > 1e-2
+
+
+def test_window_8_agrees_with_llamacpp(tiny_gguf):
+    """llama.cpp's logits for the same tiny file (tools/make_tiny_gguf.py,
+    gemma3, F32, window 8, seed 0) and 40 tokens: both our cached decoding
+    and the dense reference match them. Recorded with llama-cpp-python
+    0.3.36, f32 KV cache, no flash attention; a window one token wider
+    (positions p-8..p) would differ from them by more than 2."""
+    path = tiny_gguf("gemma3", n_swa=8)
+    data = os.path.join(os.path.dirname(__file__), "data", "tiny_gemma3_swa8_llamacpp_logits.npz")
+    with np.load(data) as f:
+        tokens, want = f["tokens"], f["logits"]
+    got = decode_one_by_one(Model.load(path), tokens)
+    assert np.abs(got - want).max() <= 1e-2
+    assert np.abs(ReferenceModel(path).logits(tokens) - want).max() <= 1e-2
 
 
 def test_sliding_cells_are_reused_past_the_sliding_cache_size(tiny_gguf):

@@ -2,17 +2,9 @@
 quantised weights, untied output, grouped-query shapes."""
 import numpy as np
 import pytest
-from reference_forward import ReferenceModel, decode_ubatch
+from reference_forward import ReferenceModel, decode_one_by_one
 
 from kvcells import Model
-
-
-def decode_one_by_one(model, tokens, type_kv="f32"):
-    mem = model.make_memory(64, 1, 16, type_kv, type_kv)
-    rows = [decode_ubatch(model, mem, tokens[:6], np.arange(6), [0] * 6)]
-    for p in range(6, len(tokens)):
-        rows.append(decode_ubatch(model, mem, tokens[p:p + 1], [p], [0]))
-    return np.concatenate(rows)
 
 
 @pytest.mark.parametrize("qtype,kw", [
@@ -33,5 +25,5 @@ def test_f16_cache_stays_close_to_reference(tiny_gguf):
     model = Model.load(path)
     tokens = np.random.default_rng(8).integers(0, model.hparams.n_vocab, 20)
     want = ReferenceModel(path).logits(tokens)
-    assert np.abs(decode_one_by_one(model, tokens, "f16") - want).max() <= 1e-2
+    assert np.abs(decode_one_by_one(model, tokens, type_kv="f16") - want).max() <= 1e-2
 
