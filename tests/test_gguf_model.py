@@ -109,10 +109,11 @@ def test_reserialised_file_is_byte_identical(tiny_gguf, tmp_path):
     assert GGUFParts(path).to_bytes() == open(path, "rb").read()
 
 
-@pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("gemma3", "Q4_K_M"),
-                                        ("llama", "Q4_1")])
-def test_metadata_and_tensors_match_gguf_reader(tiny_gguf, arch, qtype):
-    path = tiny_gguf(arch, qtype)
+@pytest.mark.parametrize("arch,qtype,kw", [("llama", "F32", {}), ("gemma3", "Q4_K_M", {}),
+                                           ("llama", "Q4_1", {"alignment": 256}),
+                                           ("gemma3", "F16", {"tied": False})])
+def test_metadata_and_tensors_match_gguf_reader(tiny_gguf, arch, qtype, kw):
+    path = tiny_gguf(arch, qtype, **kw)
     m = load_gguf(path)
     r = gguf.GGUFReader(path)
     want = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
@@ -158,6 +159,12 @@ def test_weight_ops_match_gguf_dequantize(tiny_gguf, qtype):
         assert y.dtype == np.float32 and y.shape == (3, w.shape[0])
         ref = x.astype(np.float64) @ full.T.astype(np.float64)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_version_2_files_load(parts, tmp_path):
+    parts.version = 2
+    m = load_gguf(parts.write(tmp_path / "v2.gguf"))
+    assert m.hparams.n_layer == 2
 
 
 def test_weight_rejects_bad_arguments(tiny_gguf):
@@ -470,3 +477,16 @@ def test_corrupted_header_bytes_never_crash(fuzz_source, data):
         assert str(path) in str(e)
     else:
         assert m.arch in ("llama", "gemma3")
+
+
+def test_make_tiny_gguf_command_line(tmp_path, capsys):
+    import make_tiny_gguf
+    out = tmp_path / "t.gguf"
+    make_tiny_gguf.main(["--arch", "gemma3", "--type", "q6_k", "-o", str(out), "--layers", "3"])
+    m = load_gguf(out)
+    assert m.arch == "gemma3" and m.hparams.n_layer == 3 and m.hparams.n_swa == 8
+    assert m.tensors["blk.2.ffn_down.weight"].type == "Q6_K"
+    assert m.metadata["tokenizer.ggml.tokens"] == tiny_vocab("gemma3")[0]
+    for bad in (["--type", "q3_k"], ["--type", "q4_k", "--n-embd", "64"]):
+        with pytest.raises(SystemExit):
+            make_tiny_gguf.main(["-o", str(tmp_path / "bad.gguf")] + bad)

@@ -100,13 +100,14 @@ def encode_matrix(rng, qtype, n_out, n_in):
 def write_tiny_gguf(path, arch="llama", qtype="F32", *, n_layer=None, n_embd=None,
                     n_head=4, n_head_kv=2, head_dim=None, n_ff=None,
                     n_ctx_train=1024, n_swa=8, swa_pattern=None, tied=True,
-                    rope_base=None, norm_eps=1e-6, seed=0):
+                    rope_base=None, norm_eps=1e-6, alignment=None, seed=0):
     """Write a tiny random model and return `path`.
 
     gemma3: n_swa > 0 makes a sliding-window model (n_swa 0: none);
     swa_pattern None leaves the key out (llama.cpp then uses period 6: every
     6th layer global), else it is written as given (int period or bool list).
-    tied=False adds a separate output.weight.
+    tied=False adds a separate output.weight; alignment (a power of two)
+    writes general.alignment and aligns the tensor data to it.
     """
     if arch not in ("llama", "gemma3"):
         raise ValueError(f"unknown arch {arch!r}")
@@ -123,6 +124,8 @@ def write_tiny_gguf(path, arch="llama", qtype="F32", *, n_layer=None, n_embd=Non
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny {arch} {qtype}")
+    if alignment:
+        w.add_custom_alignment(alignment)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
