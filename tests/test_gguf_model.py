@@ -167,6 +167,17 @@ def test_version_2_files_load(parts, tmp_path):
     assert m.hparams.n_layer == 2
 
 
+def test_vocabulary_size_comes_from_the_token_list(parts, tmp_path):
+    n = len(tiny_vocab("llama")[0])
+    parts.set("llama.vocab_size", VT.UINT32, n + 5)      # llama.cpp ignores it here
+    assert load_gguf(parts.write(tmp_path / "a.gguf")).hparams.n_vocab == n
+    parts.drop("tokenizer.ggml.tokens")
+    assert_gguf_error(parts.write(tmp_path / "b.gguf"), "token_embd.weight",
+                      f"expected ({n + 5}, 64)")
+    parts.drop("llama.vocab_size")
+    assert load_gguf(parts.write(tmp_path / "c.gguf")).hparams.n_vocab == n
+
+
 def test_weight_rejects_bad_arguments(tiny_gguf):
     w = load_gguf(tiny_gguf("llama", "Q8_0")).tensors["blk.0.attn_q.weight"]
     for ids in ([w.shape[0]], [-1], [[0, 1]], [0.5]):

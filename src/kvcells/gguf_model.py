@@ -414,11 +414,11 @@ def _read_hparams(path, arch, md, tensors):
 
 def _n_vocab(path, arch, md, tensors):
     """llama.cpp takes the vocabulary size from the token list."""
-    if f"{arch}.vocab_size" in md:
-        return _get(path, md, f"{arch}.vocab_size", "int")
     tokens = md.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and tokens:
         return len(tokens)
+    if f"{arch}.vocab_size" in md:
+        return _get(path, md, f"{arch}.vocab_size", "int")
     embd = tensors.get("token_embd.weight")
     if isinstance(embd, Weight):
         return embd.shape[0]
