@@ -163,3 +163,13 @@ def decode_one_by_one(model, tokens, *, n_ctx=64, n_ubatch=16, first=6, type_kv=
     for p in range(first, len(tokens)):
         rows.append(decode_ubatch(model, mem, tokens[p:p + 1], [p], [0]))
     return np.concatenate(rows)
+
+
+def compare_decoding(model, path, tokens):
+    """(max |one-by-one cached - one-ubatch recompute|, max |one-by-one
+    cached - dense reference|) over the logits of every token."""
+    cached = decode_one_by_one(model, tokens, n_ctx=2 * len(tokens))
+    mem = model.make_memory(2 * len(tokens), 1, len(tokens), "f32", "f32")
+    recomputed = decode_ubatch(model, mem, tokens, np.arange(len(tokens)), [0] * len(tokens))
+    reference = ReferenceModel(path).logits(tokens)
+    return np.abs(cached - recomputed).max(), np.abs(cached - reference).max()

@@ -2,22 +2,34 @@
 quantised weights, untied output, grouped-query shapes."""
 import numpy as np
 import pytest
-from reference_forward import ReferenceModel, decode_one_by_one
+from reference_forward import ReferenceModel, compare_decoding, decode_one_by_one
 
 from kvcells import Model
 
 
+# Weight.matmul may quantise activations to 8 bits per block, as llama.cpp
+# does, for quantised weights: then the f32 reference is only close (logits
+# here lie within about +-6), while cached and recomputed stay equal.
+QUANT_TOL = 0.1
+
+
 @pytest.mark.parametrize("qtype,kw", [
-    ("Q8_0", {}), ("Q4_K_M", {}), ("F16", {"tied": False}),
-    ("F32", {"n_head_kv": 1}), ("F32", {"n_head_kv": 4}),
-    ("F32", {"rope_base": 500000.0}),
+    ("F32", {}), ("F16", {"tied": False}), ("F32", {"n_head_kv": 1}),
+    ("F32", {"n_head_kv": 4}), ("F32", {"rope_base": 500000.0}),
 ])
 def test_cached_decoding_equals_dense_reference(tiny_gguf, qtype, kw):
     path = tiny_gguf("llama", qtype, **kw)
-    model = Model.load(path)
-    tokens = np.random.default_rng(7).integers(0, model.hparams.n_vocab, 20)
-    want = ReferenceModel(path).logits(tokens)
-    assert np.abs(decode_one_by_one(model, tokens) - want).max() <= 1e-4
+    tokens = np.random.default_rng(7).integers(0, 300, 20)
+    to_recomputed, to_reference = compare_decoding(Model.load(path), path, tokens)
+    assert to_recomputed <= 1e-4 and to_reference <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q5_1", "Q4_K_M", "Q5_K"])
+def test_quantised_weights(tiny_gguf, qtype):
+    path = tiny_gguf("llama", qtype)
+    tokens = np.random.default_rng(7).integers(0, 300, 20)
+    to_recomputed, to_reference = compare_decoding(Model.load(path), path, tokens)
+    assert to_recomputed <= 1e-4 and to_reference <= QUANT_TOL
 
 
 def test_f16_cache_stays_close_to_reference(tiny_gguf):

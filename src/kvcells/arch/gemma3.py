@@ -12,10 +12,20 @@ WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_nor
            "attn_output", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up",
            "ffn_down", "post_ffw_norm")
 GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+GELU_C3 = np.float32(np.sqrt(2.0 / np.pi) * 0.044715)
 
 
 def gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + np.float32(0.044715) * x * x * x)))
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place on one temporary."""
+    t = x * x
+    t *= GELU_C3
+    t += GELU_C
+    t *= x
+    np.tanh(t, out=t)
+    t += 1.0
+    t *= x
+    t *= np.float32(0.5)
+    return t
 
 
 class Gemma3:
