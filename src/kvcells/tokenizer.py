@@ -18,6 +18,7 @@ never precedes U+2581 inside a vocab piece. No merge can cross such a cut
 exactly the merges of the whole fragment, and a chunk's ids can be cached.
 """
 import heapq
+import itertools
 import operator
 import re
 
@@ -67,7 +68,6 @@ _EOG_TEXTS = frozenset((
     "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
     "<｜end▁of▁sentence｜>", "[e~["))
 
-_END = ""  # key of a trie node that ends a special token (no character equals "")
 _CACHE_MAX = 1 << 16
 
 
@@ -82,10 +82,12 @@ class Tokenizer:
         if len(scores) < n or len(token_types) < n:
             raise GGUFError("tokenizer: fewer scores or token types than tokens")
         self.n_vocab = n
-        self.pieces = [t if t else "[EMPTY_%d]" % i for i, t in enumerate(tokens)]
-        self.scores = [float(s) for s in scores[:n]]
-        self.attrs = [_ATTR_OF_TYPE.get(int(t), ATTR_UNDEFINED) for t in token_types[:n]]
-        self.piece_to_id = {p: i for i, p in enumerate(self.pieces)}
+        self.pieces = list(tokens)
+        if "" in self.pieces:
+            self.pieces = [t if t else "[EMPTY_%d]" % i for i, t in enumerate(tokens)]
+        self.scores = list(map(float, scores[:n]))
+        self.attrs = list(map(_ATTR_OF_TYPE.get, token_types[:n], itertools.repeat(ATTR_UNDEFINED)))
+        self.piece_to_id = dict(zip(self.pieces, range(n)))
         if len(self.piece_to_id) != n:
             raise GGUFError("tokenizer: duplicate token texts")
         self.add_bos = bool(add_bos)
@@ -97,12 +99,22 @@ class Tokenizer:
         self._byte_ids = [self.piece_to_id.get("<0x%02X>" % b,
                                                self.piece_to_id.get(chr(b)) if b < 128 else None)
                           for b in range(256)]
-        self._special_tries = {special: self._special_trie(special) for special in (False, True)}
-        glue = sorted({p[i - 1] for p in self.pieces if SPACE in p[1:]
-                       for i in range(1, len(p)) if p[i] == SPACE})
+        specials = [i for i, a in enumerate(self.attrs)
+                    if a & (ATTR_CONTROL | ATTR_UNKNOWN | ATTR_USER_DEFINED)]
+        self._specials = {
+            False: self._special_tokens([i for i in specials
+                                         if not self.attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN)]),
+            True: self._special_tokens(specials)}
+        glue = self._chars_before_space()
         lookbehind = "(?<![%s])" % re.escape("".join(glue)) if glue else ""
         self._chunk_re = re.compile(lookbehind + "(?=" + SPACE + ")")
         self._chunk_cache = {}
+
+    def _chars_before_space(self):
+        """Every character that precedes U+2581 inside some piece."""
+        everything = "".join(self.pieces)
+        sep = next(chr(c) for c in range(1, 0x110000) if chr(c) not in everything)
+        return sorted(set(re.findall("([^%s])%s" % (re.escape(sep), SPACE), sep.join(self.pieces))))
 
     @classmethod
     def from_metadata(cls, metadata):
@@ -111,7 +123,7 @@ class Tokenizer:
         if model != "llama":
             raise GGUFError("tokenizer: unsupported tokenizer model %r (only 'llama')" % (model,))
         tokens = metadata.get(_KEY + "tokens")
-        if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) for t in tokens):
+        if not isinstance(tokens, (list, tuple)) or set(map(type, tokens)) - {str}:
             raise GGUFError("tokenizer: missing or invalid %stokens" % _KEY)
         n = len(tokens)
         scores = metadata.get(_KEY + "scores", [0.0] * n)
@@ -166,25 +178,23 @@ class Tokenizer:
             self.attrs[s] = ATTR_NORMAL
         return frozenset(eog)
 
-    def _special_trie(self, special):
-        """Trie over the special tokens matched in raw text, and their matching order.
+    def _special_tokens(self, ids):
+        """The special tokens `ids` matched in raw text, grouped by their first
+        three characters, each with its rank in llama.cpp's matching order; and
+        a character that none of them contains.
 
         llama.cpp tries them longest (in bytes) first; among tokens of the same
         length its order is that of an unstable sort, here taken as id order
-        (it only matters when two same-length tokens overlap in the text).
+        (it only matters when two same-length tokens can overlap in a text).
         """
-        hidden = ATTR_CONTROL | ATTR_UNKNOWN
-        ids = [i for i, a in enumerate(self.attrs)
-               if a & (hidden | ATTR_USER_DEFINED) and (special or not a & hidden)]
-        ids.sort(key=lambda i: (-len(self.pieces[i].encode("utf-8")), i))
-        root = {}
-        for i in ids:
-            node = root
-            for ch in self.pieces[i]:
-                node = node.setdefault(ch, {})
-            node[_END] = i
-        first = re.compile("[%s]" % re.escape("".join(root))) if root else None
-        return root, first, {tid: rank for rank, tid in enumerate(ids)}
+        ids = sorted(ids, key=lambda i: (-len(self.pieces[i].encode("utf-8")), i))
+        groups = {}
+        for rank, i in enumerate(ids):
+            piece = self.pieces[i]
+            groups.setdefault(piece[:3], []).append((rank, piece, i))
+        used = {ch for i in ids for ch in self.pieces[i]}
+        mask = next(chr(c) for c in range(1, 0x110000) if chr(c) not in used)
+        return list(groups.items()), mask
 
     # ---- encoding ----
 
@@ -213,32 +223,29 @@ class Tokenizer:
         return out
 
     def _split_special(self, text, special):
-        """Text fragments (str) and special token ids (int), in order."""
+        """Text fragments (str) and special token ids (int), in order.
+
+        Each token in turn takes its leftmost non-overlapping occurrences in
+        the text left, which are then masked with a character no special token
+        contains: what llama.cpp does fragment by fragment."""
         if not text:
             return []
-        root, first, rank = self._special_tries[special]
-        found = {}  # token id -> start positions, ascending
-        if first is not None:
-            n = len(text)
-            for m in first.finditer(text):
-                p = m.start()
-                node, q = root[text[p]], p + 1
-                while node is not None:
-                    tid = node.get(_END)
-                    if tid is not None:
-                        found.setdefault(tid, []).append(p)
-                    node = node.get(text[q]) if q < n else None
-                    q += 1
-        if not found:
+        groups, mask = self._specials[special]
+        present = sorted(m for prefix, members in groups if prefix in text
+                         for m in members if m[1] in text)
+        if not present:
             return [text]
-        covered = bytearray(len(text))
+        left = text
         taken = []
-        for tid in sorted(found, key=rank.__getitem__):
-            size = len(self.pieces[tid])
-            for p in found[tid]:
-                if covered.find(1, p, p + size) < 0:
-                    covered[p:p + size] = b"\x01" * size
-                    taken.append((p, tid))
+        for _, piece, tid in present:
+            p = left.find(piece)
+            if p < 0:
+                continue
+            size = len(piece)
+            while p >= 0:
+                taken.append((p, tid))
+                p = left.find(piece, p + size)
+            left = left.replace(piece, mask * size)
         taken.sort()
         frags, at = [], 0
         for p, tid in taken:
@@ -264,45 +271,45 @@ class Tokenizer:
             out.extend(ids)
 
     def _merge(self, s):
-        """llama.cpp's SPM merge of one chunk: best-scoring adjacent pair first."""
-        vocab, scores = self.piece_to_id, self.scores
+        """llama.cpp's SPM merge of one chunk: best-scoring adjacent pair first,
+        ties to the leftmost."""
+        get, scores = self.piece_to_id.get, self.scores
+        pop, push = heapq.heappop, heapq.heappush
         n = len(s)
-        size = [1] * n  # symbol i covers s[i:i + size[i]]; 0 once merged away
+        size = [1] * n  # symbol i is s[i:i + size[i]]; 0 once merged into its left neighbour
         prev = list(range(-1, n - 1))
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        heap = []
-        for i in range(n - 1):
-            tid = vocab.get(s[i:i + 2])
-            if tid is not None:
-                heap.append((-scores[tid], i, 2))
+        heap = [(-scores[t], i, 2) for i, t in enumerate(map(get, [s[i:i + 2] for i in range(n - 1)]))
+                if t is not None]
         heapq.heapify(heap)
         while heap:
-            _, left, total = heapq.heappop(heap)
+            _, left, total = pop(heap)
             right = left + size[left]
-            if size[left] == 0 or right >= n or size[right] == 0 or size[left] + size[right] != total:
+            # stale: left merged away or grown since the pair was queued
+            if right >= n or size[left] == 0 or size[left] + size[right] != total:
                 continue
+            after = right + size[right]
             size[left] = total
             size[right] = 0
-            nxt[left] = nxt[right]
-            if nxt[left] >= 0:
-                prev[nxt[left]] = left
-            for a in (prev[left], left):
-                if a >= 0 and nxt[a] >= 0:
-                    b = nxt[a]
-                    tid = vocab.get(s[a:b + size[b]])
-                    if tid is not None:
-                        heapq.heappush(heap, (-scores[tid], a, b + size[b] - a))
+            if after < n:
+                prev[after] = left
+                t = get(s[left:after + size[after]])
+                if t is not None:
+                    push(heap, (-scores[t], left, total + size[after]))
+            before = prev[left]
+            if before >= 0:
+                t = get(s[before:after])
+                if t is not None:
+                    push(heap, (-scores[t], before, after - before))
         ids = []
         i = 0
-        while i >= 0:
+        while i < n:
             piece = s[i:i + size[i]]
-            tid = vocab.get(piece)
-            if tid is None:
+            t = get(piece)
+            if t is None:
                 ids.extend(self._byte_token(b) for b in piece.encode("utf-8"))
             else:
-                ids.append(tid)
-            i = nxt[i]
+                ids.append(t)
+            i += size[i]
         return tuple(ids)
 
     def _byte_token(self, b):
