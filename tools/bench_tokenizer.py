@@ -4,7 +4,8 @@ importable) on the same 100 KB texts, Gemma 3 270M vocab.
     python tools/bench_tokenizer.py
 
 "cold" clears our chunk cache before every run (a text never seen before);
-"warm" encodes the same text again.
+"warm" encodes the same text again. llama.cpp is timed through
+llama-cpp-python's `Llama.tokenize` (add_bos=True, special=False).
 """
 import argparse
 import inspect
@@ -41,6 +42,12 @@ def multilingual():
     return "".join(out)[:SIZE]
 
 
+def no_spaces():
+    """Base64 of random bytes: no space, so one 100 KB chunk (our worst case)."""
+    import base64
+    return base64.b64encode(random.Random(0).randbytes(SIZE * 3 // 4)).decode()
+
+
 def best_of(fn, repeat):
     times = []
     for _ in range(repeat):
@@ -70,7 +77,9 @@ def main(argv=None):
         llm = None
         print("llama_cpp not importable: our figures only")
 
-    for name, text in (("english+code", english_and_code()), ("multilingual", multilingual())):
+    texts = (("english+code", english_and_code()), ("multilingual", multilingual()),
+             ("base64", no_spaces()))
+    for name, text in texts:
         def cold():
             tok._chunk_cache.clear()
             return tok.encode(text)
