@@ -208,8 +208,13 @@ def test_bad_input(tokenizers, vocab_metadata):
     with pytest.raises(ValueError):
         tok.encode("\ud800")  # a lone surrogate cannot be UTF-8
     md = dict(vocab_metadata["tiny-llama"])
+    tokens = md["tokenizer.ggml.tokens"]
+    byte_a = tokens.index("<0x41>")
     for key, value in [("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.tokens", None),
-                       ("tokenizer.ggml.tokens", ["a", "a"]), ("tokenizer.ggml.scores", [0.0])]:
+                       ("tokenizer.ggml.tokens", ["a", "a"]), ("tokenizer.ggml.scores", [0.0]),
+                       ("tokenizer.ggml.scores", ["x"] * len(tokens)),
+                       ("tokenizer.ggml.token_type", 7),
+                       ("tokenizer.ggml.tokens", tokens[:byte_a] + ["<0xZZ>"] + tokens[byte_a + 1:])]:
         bad = dict(md)
         bad[key] = value
         with pytest.raises(GGUFError):

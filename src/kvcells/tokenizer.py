@@ -85,25 +85,39 @@ class Tokenizer:
         self.pieces = list(tokens)
         if "" in self.pieces:
             self.pieces = [t if t else "[EMPTY_%d]" % i for i, t in enumerate(tokens)]
-        self.scores = list(map(float, scores[:n]))
-        self.attrs = list(map(_ATTR_OF_TYPE.get, token_types[:n], itertools.repeat(ATTR_UNDEFINED)))
+        try:
+            self.scores = list(map(float, scores[:n]))
+            self.attrs = list(map(_ATTR_OF_TYPE.get, token_types[:n],
+                                  itertools.repeat(ATTR_UNDEFINED)))
+        except (TypeError, ValueError) as e:
+            raise GGUFError("tokenizer: invalid scores or token types: %s" % e) from None
         self.piece_to_id = dict(zip(self.pieces, range(n)))
         if len(self.piece_to_id) != n:
             raise GGUFError("tokenizer: duplicate token texts")
         self.add_bos = bool(add_bos)
         self.add_eos = bool(add_eos)
         self.add_space_prefix = bool(add_space_prefix)
+        for name, tid in (("bos", bos_id), ("eos", eos_id)):
+            if tid is not None and not 0 <= tid < n:
+                raise GGUFError("tokenizer: %s id %d outside the vocabulary" % (name, tid))
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.eog_ids = self._find_eog(role_ids or {})
+        hidden = ATTR_CONTROL | ATTR_UNKNOWN
+        marked = [i for i, a in enumerate(self.attrs) if a & (hidden | ATTR_USER_DEFINED | ATTR_BYTE)]
+        self._byte_of = {}  # byte token id -> its byte
+        for i in marked:
+            if self.attrs[i] & ATTR_BYTE:
+                if not re.fullmatch("<0x[0-9A-Fa-f]{2}>", self.pieces[i]):
+                    raise GGUFError("tokenizer: byte token %d is %r, not <0xXX>"
+                                    % (i, self.pieces[i]))
+                self._byte_of[i] = bytes((int(self.pieces[i][3:5], 16),))
         self._byte_ids = [self.piece_to_id.get("<0x%02X>" % b,
                                                self.piece_to_id.get(chr(b)) if b < 128 else None)
                           for b in range(256)]
-        specials = [i for i, a in enumerate(self.attrs)
-                    if a & (ATTR_CONTROL | ATTR_UNKNOWN | ATTR_USER_DEFINED)]
+        specials = [i for i in marked if self.attrs[i] & (hidden | ATTR_USER_DEFINED)]
         self._specials = {
-            False: self._special_tokens([i for i in specials
-                                         if not self.attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN)]),
+            False: self._special_tokens([i for i in specials if not self.attrs[i] & hidden]),
             True: self._special_tokens(specials)}
         glue = self._chars_before_space()
         lookbehind = "(?<![%s])" % re.escape("".join(glue)) if glue else ""
@@ -128,6 +142,8 @@ class Tokenizer:
         n = len(tokens)
         scores = metadata.get(_KEY + "scores", [0.0] * n)
         types = metadata.get(_KEY + "token_type", [1] * n)
+        if not isinstance(scores, (list, tuple)) or not isinstance(types, (list, tuple)):
+            raise GGUFError("tokenizer: %sscores and %stoken_type must be arrays" % (_KEY, _KEY))
 
         def token_id(name, default):
             # llama.cpp: an out-of-range default is disabled, an out-of-range value ignored
@@ -338,7 +354,7 @@ class Tokenizer:
         if attr & ATTR_NORMAL:
             return text.replace(SPACE, " ").encode("utf-8")
         if attr & ATTR_BYTE:
-            return bytes((int(text[3:5], 16),))
+            return self._byte_of[token_id]
         return b""
 
     def token_to_piece(self, token_id, special=False):
