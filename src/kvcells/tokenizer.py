@@ -69,6 +69,29 @@ _EOG_TEXTS = frozenset((
     "<｜end▁of▁sentence｜>", "[e~["))
 
 _CACHE_MAX = 1 << 16
+_GROUP_MAX = 16
+
+
+def _prefix_groups(items, depth):
+    """Group (rank, piece, id) items by their first `depth` characters; a group
+    of more than _GROUP_MAX is split again by longer prefixes.
+    Returns [(prefix, items, None) or (prefix, None, subgroups)]."""
+    groups = {}
+    for item in items:
+        groups.setdefault(item[1][:depth], []).append(item)
+    return [(prefix, members, None) if len(members) <= _GROUP_MAX
+            else (prefix, None, _prefix_groups(members, depth + 3))
+            for prefix, members in groups.items()]
+
+
+def _find_present(text, groups, out):
+    """Append to `out` the grouped items whose piece occurs in `text`."""
+    for prefix, members, subgroups in groups:
+        if prefix in text:
+            if members is None:
+                _find_present(text, subgroups, out)
+            else:
+                out.extend(m for m in members if m[1] in text)
 
 
 class Tokenizer:
@@ -204,13 +227,9 @@ class Tokenizer:
         (it only matters when two same-length tokens can overlap in a text).
         """
         ids = sorted(ids, key=lambda i: (-len(self.pieces[i].encode("utf-8")), i))
-        groups = {}
-        for rank, i in enumerate(ids):
-            piece = self.pieces[i]
-            groups.setdefault(piece[:3], []).append((rank, piece, i))
         used = {ch for i in ids for ch in self.pieces[i]}
         mask = next(chr(c) for c in range(1, 0x110000) if chr(c) not in used)
-        return list(groups.items()), mask
+        return _prefix_groups([(rank, self.pieces[i], i) for rank, i in enumerate(ids)], 3), mask
 
     # ---- encoding ----
 
@@ -247,10 +266,11 @@ class Tokenizer:
         if not text:
             return []
         groups, mask = self._specials[special]
-        present = sorted(m for prefix, members in groups if prefix in text
-                         for m in members if m[1] in text)
+        present = []
+        _find_present(text, groups, present)
         if not present:
             return [text]
+        present.sort()
         left = text
         taken = []
         for _, piece, tid in present:
