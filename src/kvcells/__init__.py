@@ -1,8 +1,15 @@
 """kvcells: a llama.cpp-style KV cache engine for Python with a C core."""
+from .batch import Batch
 from .cells import CellTable
+from .context import Context
 from .errors import CacheFullError, GGUFError, KVCellsError, StateError
+from .generate import generate, generate_parallel, serve
 from .gguf_model import GGUFModelFile, HParams, Weight, load_gguf
+from .model import Model
+from .sampling import Sampler
 from .tokenizer import Tokenizer
 
 __all__ = ["CellTable", "KVCellsError", "CacheFullError", "GGUFError", "StateError",
-           "load_gguf", "GGUFModelFile", "HParams", "Weight", "Tokenizer"]
+           "load_gguf", "GGUFModelFile", "HParams", "Weight",
+           "Model", "Tokenizer", "Batch", "Context", "Sampler",
+           "generate", "generate_parallel", "serve"]
