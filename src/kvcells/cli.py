@@ -162,3 +162,7 @@ def report(ctx, load_s, n_prompt, prompt_s, n_gen, gen_s):
                      f"{n_gen / max(gen_s, 1e-9):.1f} generated tokens/s")
     lines.append(f"KV cache: {ctx.kv_bytes / 2**20:.1f} MiB")
     print("\n".join(lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
