@@ -1,0 +1,12 @@
+"""docs/example.py keeps working (run on a tiny model)."""
+import runpy
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "example.py"
+
+
+def test_the_example_runs(tiny_gguf, capsys):
+    runpy.run_path(str(EXAMPLE))["main"](str(tiny_gguf("gemma3", "F32")))
+    out = capsys.readouterr().out
+    assert "sequence 2 holds positions 0 to" in out
+    assert "restored sequence 0 goes on:" in out
