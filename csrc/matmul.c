@@ -24,6 +24,7 @@
 
 #define SPIN_NS 1000000   // how long an idle worker spins before sleeping
 #define CHUNKS_PER_THREAD 8
+#define TOKEN_TILE 64       // tokens per pass over a chunk of rows
 
 typedef struct {
     int type;
@@ -35,30 +36,48 @@ typedef struct {
     dot_f32_fn dot_f32;
     float *y;
     int64_t chunk, next;   // next: first row not yet handed out (atomic)
-    int busy;              // workers still on this job (atomic)
 } job;
+
+// Rows r0..r1 times tokens t0..t1 (x of those tokens stays in cache).
+static void run_tile(const job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = j->w + r * j->row_stride;
+        for (int64_t t = t0; t < t1; t += DOT_MAX_TOKENS) {
+            int nt = t1 - t < DOT_MAX_TOKENS ? (int)(t1 - t) : DOT_MAX_TOKENS;
+            float *out = j->y + t * j->n_out + r;
+            if (j->dot_q8) {
+                j->dot_q8(j->type, row, j->acts + t, nt, j->n_in, out, j->n_out);
+            } else {
+                for (int k = 0; k < nt; k++)
+                    out[k * j->n_out] = j->dot_f32(j->type, row, j->x + (t + k) * j->n_in, j->n_in);
+            }
+        }
+    }
+}
 
 static void run_job(job *j) {
     for (;;) {
         int64_t r0 = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
         if (r0 >= j->n_out) return;
         int64_t r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
-        for (int64_t r = r0; r < r1; r++) {
-            const uint8_t *row = j->w + r * j->row_stride;
-            for (int64_t t = 0; t < j->n; t++)
-                j->y[t * j->n_out + r] = j->dot_q8
-                    ? j->dot_q8(j->type, row, j->acts[t], j->n_in)
-                    : j->dot_f32(j->type, row, j->x + t * j->n_in, j->n_in);
-        }
+        for (int64_t t0 = 0; t0 < j->n; t0 += TOKEN_TILE)
+            run_tile(j, r0, r1, t0, t0 + TOKEN_TILE < j->n ? t0 + TOKEN_TILE : j->n);
     }
 }
 
 // ---- thread pool ----
+//
+// Each worker has a mailbox: the caller posts a job (IDLE -> POSTED), the
+// worker takes it (POSTED -> RUNNING -> IDLE). Once the caller has run out of
+// rows it takes back the posts no worker has picked up (POSTED -> IDLE), so a
+// worker that is slow to wake (asleep, or descheduled on a busy machine)
+// never delays a call; only workers already RUNNING are waited for.
+
+enum { IDLE, POSTED, RUNNING };
 
 typedef struct {
-    unsigned gen;    // bumped (atomic) when job is set for this worker
-    unsigned seen;   // gen when the worker started
-    job *job;
+    int state;   // atomic
+    job *job;    // valid while POSTED or RUNNING
     char pad[64];
 } mailbox;
 
@@ -77,32 +96,30 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static unsigned wait_for_job(mailbox *box, unsigned seen) {
+static void wait_for_post(mailbox *box) {
     int64_t start = now_ns();
-    for (int i = 1;; i++) {
-        unsigned g = __atomic_load_n(&box->gen, __ATOMIC_ACQUIRE);
-        if (g != seen) return g;
+    for (int i = 1; __atomic_load_n(&box->state, __ATOMIC_ACQUIRE) != POSTED; i++) {
         cpu_relax();
         if (i % 256 == 0 && now_ns() - start > SPIN_NS) break;
     }
     pthread_mutex_lock(&pool.mu);
     __atomic_fetch_add(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
-    unsigned g;
-    while ((g = __atomic_load_n(&box->gen, __ATOMIC_SEQ_CST)) == seen)
+    while (__atomic_load_n(&box->state, __ATOMIC_SEQ_CST) != POSTED)
         pthread_cond_wait(&pool.wake, &pool.mu);
     __atomic_fetch_sub(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&pool.mu);
-    return g;
 }
 
 static void *worker_main(void *arg) {
     mailbox *box = arg;
-    unsigned seen = box->seen;
     for (;;) {
-        seen = wait_for_job(box, seen);
-        job *j = box->job;
-        run_job(j);
-        __atomic_fetch_sub(&j->busy, 1, __ATOMIC_RELEASE);
+        wait_for_post(box);
+        int posted = POSTED;
+        if (__atomic_compare_exchange_n(&box->state, &posted, RUNNING, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            run_job(box->job);
+            __atomic_store_n(&box->state, IDLE, __ATOMIC_RELEASE);
+        }
     }
     return NULL;
 }
@@ -134,8 +151,9 @@ static void init(void) {
 static int start_workers(int wanted) {
     while (pool.n_workers < wanted) {
         pthread_t t;
-        pool.box[pool.n_workers].seen = pool.box[pool.n_workers].gen;
-        if (pthread_create(&t, NULL, worker_main, &pool.box[pool.n_workers]) != 0) break;
+        mailbox *box = &pool.box[pool.n_workers];
+        box->state = IDLE;
+        if (pthread_create(&t, NULL, worker_main, box) != 0) break;
         pthread_detach(t);
         pool.n_workers++;
     }
@@ -145,10 +163,9 @@ static int start_workers(int wanted) {
 static void run_on_pool(job *j, int n_threads) {
     pthread_mutex_lock(&pool.call);
     int n_workers = start_workers(n_threads - 1);
-    j->busy = n_workers;
     for (int i = 0; i < n_workers; i++) {
         pool.box[i].job = j;
-        __atomic_fetch_add(&pool.box[i].gen, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&pool.box[i].state, POSTED, __ATOMIC_SEQ_CST);
     }
     if (__atomic_load_n(&pool.sleeping, __ATOMIC_SEQ_CST) > 0) {
         pthread_mutex_lock(&pool.mu);
@@ -156,9 +173,15 @@ static void run_on_pool(job *j, int n_threads) {
         pthread_mutex_unlock(&pool.mu);
     }
     run_job(j);
-    for (int i = 1; __atomic_load_n(&j->busy, __ATOMIC_ACQUIRE) > 0; i++) {
-        cpu_relax();
-        if (i % 1024 == 0) sched_yield();   // a worker may be descheduled
+    for (int i = 0; i < n_workers; i++) {
+        int posted = POSTED;
+        if (__atomic_compare_exchange_n(&pool.box[i].state, &posted, IDLE, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            continue;   // never picked up
+        for (int k = 1; __atomic_load_n(&pool.box[i].state, __ATOMIC_ACQUIRE) != IDLE; k++) {
+            cpu_relax();
+            if (k % 1024 == 0) sched_yield();   // the worker may be descheduled
+        }
     }
     pthread_mutex_unlock(&pool.call);
 }
@@ -210,7 +233,7 @@ int matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
         }
         for (int64_t t = 0; t < n; t++) {
             acts[t] = (act_q8){q + t * n_in, ds + 2 * t * nb, ds + (2 * t + 1) * nb};
-            quant_act_q8(x + t * n_in, n_in, acts[t]);
+            quant_act_q8(x + t * n_in, n_in, acts[t], simd);
         }
         j.acts = acts;
         j.dot_q8 = quant_dot_q8(type, simd);

@@ -65,20 +65,24 @@ int quant_is_integer(int type) {
     return type != QUANT_F32 && type != QUANT_F16 && type != QUANT_BF16;
 }
 
-void quant_act_q8(const float *x, int64_t n, act_q8 a) {
+// Round to nearest, ties to even, like the AVX2 conversion, for |v| < 2^22
+// (here |v| <= 127) and without a libm call.
+static int round_even(float v) { return (int)((v + 12582912.0f) - 12582912.0f); }
+
+static void act_q8_portable(const float *x, int64_t n, act_q8 a) {
     for (int64_t b = 0; b < n / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int i = 0; i < QK; i++) {
-            int q = (int)lrintf(xb[i] * id);
+            int q = round_even(xb[i] * id);
             a.q[b * QK + i] = (int8_t)q;
             sum += q;
         }
-        a.d[b] = d;
-        a.s[b] = d * (float)sum;
+        a.d[b] = amax / 127.0f;
+        a.s[b] = a.d[b] * (float)sum;
     }
 }
 
@@ -184,19 +188,24 @@ void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n) {
     }
 }
 
-static float dot_q8_portable(int type, const uint8_t *row, act_q8 x, int64_t n) {
-    float sum = 0.0f;
+static void dot_q8_portable(int type, const uint8_t *row, const act_q8 *x, int nt,
+                            int64_t n, float *out, int64_t out_stride) {
+    float sum[DOT_MAX_TOKENS] = {0};
     for (int64_t g = 0; g < n / QK; g++) {
-        int q[32], lo = 0, hi = 0;
+        int q[32];
         float a[2], off;
         unpack_group(type, row, g, q, a, &off);
-        for (int l = 0; l < 16; l++) {
-            lo += q[l] * x.q[QK * g + l];
-            hi += q[l + 16] * x.q[QK * g + l + 16];
+        for (int t = 0; t < nt; t++) {
+            const int8_t *xq = x[t].q + QK * g;
+            int lo = 0, hi = 0;
+            for (int l = 0; l < 16; l++) {
+                lo += q[l] * xq[l];
+                hi += q[l + 16] * xq[l + 16];
+            }
+            sum[t] += x[t].d[g] * (a[0] * (float)lo + a[1] * (float)hi) - off * x[t].s[g];
         }
-        sum += x.d[g] * (a[0] * (float)lo + a[1] * (float)hi) - off * x.s[g];
     }
-    return sum;
+    for (int t = 0; t < nt; t++) out[t * out_stride] = sum[t];
 }
 
 static float dot_f32_portable(int type, const uint8_t *row, const float *x, int64_t n) {
@@ -250,83 +259,115 @@ static inline AVX2 __m256i load_x(act_q8 a, int64_t b) {
     return _mm256_loadu_si256((const __m256i *)(a.q + b * QK));
 }
 
-static AVX2 float dot_q8_0_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t nb = n / QK, b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *b0 = row + 34 * b, *b1 = b0 + 34;
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(b1 + 2));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_simd(b0) * a.d[b]), dot_s8_s8(w0, load_x(a, b)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_simd(b1) * a.d[b + 1]), dot_s8_s8(w1, load_x(a, b + 1)), acc1);
-    }
-    for (; b < nb; b++) {
-        const uint8_t *b0 = row + 34 * b;
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(b0 + 2));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_simd(b0) * a.d[b]), dot_s8_s8(w0, load_x(a, b)), acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1));
-}
-
-// Q4_0 and Q5_0 with unsigned q: sum d*(q.x) - offset * sum d*(sum of x).
-static AVX2 float dot_q4_0_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.0f;
+static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < n / QK; b++) {
-        const uint8_t *blk = row + 18 * b;
-        float d = f16_simd(blk);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), dot_u8_s8(nibbles16(blk + 2), load_x(a, b)), acc);
-        offset += d * a.s[b];
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(x + b * QK + 8 * k);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        float max = _mm_cvtss_f32(m), id = max > 0.0f ? 127.0f / max : 0.0f;
+        __m256i q[4], sum = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(id)));
+            sum = _mm256_add_epi32(sum, q[k]);
+        }
+        __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(a.q + b * QK), _mm256_permutevar8x32_epi32(q16, order));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        a.d[b] = max / 127.0f;
+        a.s[b] = a.d[b] * (float)_mm_cvtsi128_si32(s4);
     }
-    return hsum8(acc) - 8.0f * offset;
 }
 
-static AVX2 float dot_q5_0_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.0f;
-    for (int64_t b = 0; b < n / QK; b++) {
-        const uint8_t *blk = row + 22 * b;
-        float d = f16_simd(blk);
-        __m256i hi = _mm256_and_si256(bits_to_bytes(load_u32(blk + 2)), _mm256_set1_epi8(0x10));
-        __m256i q = _mm256_or_si256(nibbles16(blk + 6), hi);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), dot_u8_s8(q, load_x(a, b)), acc);
-        offset += d * a.s[b];
-    }
-    return hsum8(acc) - 16.0f * offset;
+// The quantised kernels below multiply one weight row with nt tokens, nt a
+// compile-time constant after inlining (4, or 1 for the rest), so each weight
+// block is unpacked once for up to 4 tokens.
+#define TILE static inline __attribute__((always_inline)) AVX2
+
+TILE void store_sums(const __m256 *acc, const float *off, int nt, float *out, int64_t stride) {
+    for (int t = 0; t < nt; t++) out[t * stride] = hsum8(acc[t]) - off[t];
 }
 
-static AVX2 float dot_k45_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
-    int five = type == QUANT_Q5_K;
+TILE void q8_0_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride) {
+    __m256 acc[DOT_MAX_TOKENS];
+    float off[DOT_MAX_TOKENS] = {0};
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n / QK; g++) {
+        const uint8_t *blk = row + 34 * g;
+        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), aw = _mm256_abs_epi8(w);
+        float d = f16_simd(blk);
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[g]),
+                                     dot_u8_s8(aw, _mm256_sign_epi8(load_x(x[t], g), w)), acc[t]);
+    }
+    store_sums(acc, off, nt, out, stride);
+}
+
+// Q4_0 and Q5_0 with unsigned q: d*(q.x) - offset * d*(sum of x) per block.
+TILE void q45_0_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride, int five) {
+    __m256 acc[DOT_MAX_TOKENS];
+    float off[DOT_MAX_TOKENS] = {0};
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n / QK; g++) {
+        const uint8_t *blk = row + (five ? 22 : 18) * g;
+        float d = f16_simd(blk);
+        __m256i u = nibbles16(blk + (five ? 6 : 2));
+        if (five) u = _mm256_or_si256(u, _mm256_and_si256(bits_to_bytes(load_u32(blk + 2)), _mm256_set1_epi8(0x10)));
+        for (int t = 0; t < nt; t++) {
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[g]), dot_u8_s8(u, load_x(x[t], g)), acc[t]);
+            off[t] += d * x[t].s[g];
+        }
+    }
+    for (int t = 0; t < nt; t++) off[t] *= five ? 16.0f : 8.0f;
+    store_sums(acc, off, nt, out, stride);
+}
+
+// Q4_K and Q5_K: d*sc*(q.x) - dmin*m*(sum of x) per sub-block of 32.
+TILE void k45_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride, int five) {
     const __m256i low4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-    __m256 acc = _mm256_setzero_ps();
-    float mins = 0.0f;
+    __m256 acc[DOT_MAX_TOKENS];
+    float off[DOT_MAX_TOKENS] = {0};
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t *blk = row + (five ? 176 : 144) * b;
         const uint8_t *qs = blk + (five ? 48 : 16);
         float d = f16_simd(blk), dmin = f16_simd(blk + 2);
         __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
-            int64_t xb = 8 * b + s;
+            int64_t g = 8 * b + s;
             int sc, m;
             k_scale_min(blk + 4, s, &sc, &m);
-            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * (s / 2)));
-            if (s % 2) q = _mm256_srli_epi16(q, 4);
-            q = _mm256_and_si256(q, low4);
+            __m256i u = _mm256_loadu_si256((const __m256i *)(qs + 32 * (s / 2)));
+            if (s % 2) u = _mm256_srli_epi16(u, 4);
+            u = _mm256_and_si256(u, low4);
             if (five) {
-                q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+                u = _mm256_or_si256(u, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
                 qh = _mm256_srli_epi16(qh, 1);
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc * a.d[xb]), dot_u8_s8(q, load_x(a, xb)), acc);
-            mins += dmin * (float)m * a.s[xb];
+            float ds = d * (float)sc, dm = dmin * (float)m;
+            for (int t = 0; t < nt; t++) {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * x[t].d[g]), dot_u8_s8(u, load_x(x[t], g)), acc[t]);
+                off[t] += dm * x[t].s[g];
+            }
         }
     }
-    return hsum8(acc) - mins;
+    store_sums(acc, off, nt, out, stride);
 }
 
-static AVX2 float dot_q6_k_avx2(int type, const uint8_t *row, act_q8 a, int64_t n) {
-    const __m256i low4 = _mm256_set1_epi8(0xF), low2 = _mm256_set1_epi8(3);
-    const __m256i bias = _mm256_set1_epi8(32);
-    __m256 acc = _mm256_setzero_ps();
+// Q6_K: signed q with one scale per 16 values, applied by the int16 madd.
+TILE void q6_k_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride) {
+    const __m256i low4 = _mm256_set1_epi8(0xF), low2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    __m256 acc[DOT_MAX_TOKENS];
+    float off[DOT_MAX_TOKENS] = {0};
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t *blk = row + 210 * b;
         const int8_t *scales = (const int8_t *)(blk + 192);
@@ -336,22 +377,40 @@ static AVX2 float dot_q6_k_avx2(int type, const uint8_t *row, act_q8 a, int64_t 
             __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
             __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
             for (int c = 0; c < 4; c++) {
-                int64_t xb = 8 * b + 4 * h + c;
+                int64_t g = 8 * b + 4 * h + c;
                 __m256i lo = c % 2 ? ql1 : ql0;
                 if (c >= 2) lo = _mm256_srli_epi16(lo, 4);
                 __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), low2);
                 __m256i q = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_slli_epi16(hi, 4));
                 q = _mm256_sub_epi8(q, bias);
-                __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(load_x(a, xb), q));
-                int s0 = scales[8 * h + 2 * c], s1 = scales[8 * h + 2 * c + 1];
-                __m256i sc = _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0));
-                __m256i p32 = _mm256_madd_epi16(p16, sc);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[xb]), _mm256_cvtepi32_ps(p32), acc);
+                __m256i aq = _mm256_abs_epi8(q);
+                __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[8 * h + 2 * c + 1]),
+                                              _mm_set1_epi16(scales[8 * h + 2 * c]));
+                for (int t = 0; t < nt; t++) {
+                    __m256i p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(load_x(x[t], g), q));
+                    __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, sc));
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[g]), p, acc[t]);
+                }
             }
         }
     }
-    return hsum8(acc);
+    store_sums(acc, off, nt, out, stride);
 }
+
+// Runs tile with nt = 4, or token by token.
+#define TILE_ENTRY(name, call)                                                      \
+    static AVX2 void name(int type, const uint8_t *row, const act_q8 *x, int nt,    \
+                          int64_t n, float *out, int64_t stride) {                  \
+        if (nt == DOT_MAX_TOKENS) { const int k = DOT_MAX_TOKENS; call; return; }  \
+        for (int t = 0; t < nt; t++, x++, out += stride) { const int k = 1; call; } \
+    }
+
+TILE_ENTRY(dot_q8_0_avx2, q8_0_tile(row, x, k, n, out, stride))
+TILE_ENTRY(dot_q4_0_avx2, q45_0_tile(row, x, k, n, out, stride, 0))
+TILE_ENTRY(dot_q5_0_avx2, q45_0_tile(row, x, k, n, out, stride, 1))
+TILE_ENTRY(dot_q4_k_avx2, k45_tile(row, x, k, n, out, stride, 0))
+TILE_ENTRY(dot_q5_k_avx2, k45_tile(row, x, k, n, out, stride, 1))
+TILE_ENTRY(dot_q6_k_avx2, q6_k_tile(row, x, k, n, out, stride))
 
 static AVX2 float dot_f32_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -395,6 +454,16 @@ static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, in
 
 #endif  // HAVE_X86
 
+void quant_act_q8(const float *x, int64_t n, act_q8 a, int simd) {
+#ifdef HAVE_X86
+    if (simd) {
+        act_q8_avx2(x, n, a);
+        return;
+    }
+#endif
+    act_q8_portable(x, n, a);
+}
+
 dot_q8_fn quant_dot_q8(int type, int simd) {
     if (!quant_is_integer(type) || quant_row_bytes(type, QK_K) == 0) return NULL;
 #ifdef HAVE_X86
@@ -403,8 +472,9 @@ dot_q8_fn quant_dot_q8(int type, int simd) {
         case QUANT_Q8_0: return dot_q8_0_avx2;
         case QUANT_Q4_0: return dot_q4_0_avx2;
         case QUANT_Q5_0: return dot_q5_0_avx2;
+        case QUANT_Q4_K: return dot_q4_k_avx2;
+        case QUANT_Q5_K: return dot_q5_k_avx2;
         case QUANT_Q6_K: return dot_q6_k_avx2;
-        default: return dot_k45_avx2;
         }
     }
 #endif

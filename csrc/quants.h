@@ -37,12 +37,17 @@ typedef struct {
 } act_q8;
 
 int quant_is_integer(int type);   // 1: dot with act_q8; 0: dot with f32 x
-void quant_act_q8(const float *x, int64_t n, act_q8 a);   // n % 32 == 0
+// n % 32 == 0; both paths give identical blocks (round to nearest even).
+void quant_act_q8(const float *x, int64_t n, act_q8 a, int simd);
 
 void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n);
 
+// One weight row (n values) times nt <= DOT_MAX_TOKENS tokens x[0..nt):
+// out[t * out_stride] = row . x[t].
+#define DOT_MAX_TOKENS 4
+typedef void (*dot_q8_fn)(int type, const uint8_t *row, const act_q8 *x, int nt,
+                          int64_t n, float *out, int64_t out_stride);
 // One weight row (n values) times one token.
-typedef float (*dot_q8_fn)(int type, const uint8_t *row, act_q8 a, int64_t n);
 typedef float (*dot_f32_fn)(int type, const uint8_t *row, const float *x, int64_t n);
 
 dot_q8_fn quant_dot_q8(int type, int simd);

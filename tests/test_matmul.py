@@ -138,6 +138,26 @@ def test_exactly_quantisable_activations_leave_only_float_rounding(name, simd):
     check_matmul(raw, name, 19, n_in, exact_q8_activations(4, n_in, rng), 2, exact_activations=True)
 
 
+def test_activation_quantisation_rounds_half_to_even(simd):
+    """Identity Q8_0 weights expose x^ = d * round(x * 127 / amax) itself."""
+    rng = np.random.default_rng(9)
+    n_in = 96
+    blocks = np.zeros((n_in, n_in // 32, 34), np.uint8)
+    blocks[:, :, 0:2] = np.array([1.0], np.float16).view(np.uint8)
+    for i in range(n_in):
+        blocks[i, i // 32, 2 + i % 32] = 1
+    x = rng.standard_normal((3, n_in)).astype(np.float32)
+    x[0, :32] = np.append(127, np.arange(31) - 15.5)    # amax 127: x * 127/amax has .5 ties
+    x[1, 32:64] = 0                                      # an all-zero block
+    xb = x.reshape(3, -1, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0))
+    want = ((amax / np.float32(127)) * np.rint(xb * inv)).reshape(3, n_in)
+    got = mm.matmul(blocks.reshape(n_in, -1), "Q8_0", n_in, n_in, x, n_threads=2)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("name", QUANTISED + FLOAT)
 def test_simd_and_portable_paths_agree(name):
     if not mm.simd_supported():

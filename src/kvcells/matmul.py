@@ -106,23 +106,33 @@ def _check_threads(n):
     return n
 
 
+_layouts = {}   # (type_name, n_in) -> (type id, row bytes), once validated
+
+
 def _check_raw(raw, type_name, n_out, n_in):
-    """Returns (type id, row stride in bytes) of a valid raw weight matrix."""
-    type_id = _type_id(type_name)
-    n_out, n_in = _check_int(n_out, "n_out"), _check_int(n_in, "n_in")
+    """Returns (type id, row stride in bytes) of a valid raw weight matrix.
+
+    Kept cheap: a decode step calls matmul ~130 times."""
+    layout = _layouts.get((type_name, n_in))
+    if layout is None:
+        layout = _type_id(type_name), row_bytes(type_name, n_in)
+        _layouts[(type_name, n_in)] = layout
+    type_id, nbytes = layout
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
         raise ValueError("raw must be a 2-D np.uint8 array (n_out, row_bytes)")
-    if n_out < 1 or raw.shape[0] != n_out:
+    if raw.shape[0] != _check_int(n_out, "n_out") or n_out < 1:
         raise ValueError(f"raw has {raw.shape[0]} rows, expected n_out={n_out} >= 1")
-    nbytes = row_bytes(type_name, n_in)
     if raw.shape[1] != nbytes:
         raise ValueError(f"{type_name} rows of {n_in} values take {nbytes} bytes, raw has {raw.shape[1]}")
-    if raw.strides[1] != 1 or raw.strides[0] < nbytes:
+    stride = raw.strides
+    if stride[1] != 1 or stride[0] < nbytes:
         raise ValueError("raw rows must be contiguous and not overlap")
-    return type_id, raw.strides[0]
+    return type_id, stride[0]
 
 
 def _ptr(raw):
+    if raw.flags.c_contiguous:
+        return ffi.cast("const uint8_t *", ffi.from_buffer(raw))
     return ffi.cast("const uint8_t *", raw.__array_interface__["data"][0])
 
 
