@@ -1,0 +1,31 @@
+#ifndef KVCELLS_KV_H
+#define KVCELLS_KV_H
+
+#include <stdint.h>
+
+// Attention over K/V rows stored by cell (cells x n_head_kv x head_dim, one
+// row of bytes per cell, in one of the element types below).
+
+// cffi-begin
+#define KV_TYPE_F32 0
+#define KV_TYPE_F16 1
+#define KV_TYPE_Q8_0 2
+#define KV_TYPE_Q4_0 3
+
+#define KV_OK 0
+#define KV_EINVAL -1
+#define KV_ENOMEM -2
+
+// For each token t, attends the cells cells[lo[t]], ..., cells[hi[t] - 1]:
+// out[t, h] = softmax_j(scale * q[t, h] . K[cell_j, h / g]) . V[cell_j, h / g]
+// with g = n_head / n_head_kv. q and out are float32 (n_tokens, n_head,
+// head_dim); k and v hold n_rows rows. A token that sees no cell gets zeros.
+int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+              int64_t n_rows, int n_head_kv, int head_dim,
+              const int32_t *cells, int64_t n_list,
+              int n_tokens, const int32_t *lo, const int32_t *hi,
+              const float *q, int n_head, float scale, float *out,
+              int n_threads);
+// cffi-end
+
+#endif

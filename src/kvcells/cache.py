@@ -1,0 +1,447 @@
+"""The K/V memory: K and V rows per layer on a cell table, attention through
+the cells, K-shift, defrag, state; ISWA as a pair of caches.
+
+Storage: for each layer, K and V are uint8 arrays (n_cells, row_bytes), one
+row per cell holding n_head_kv x head_dim values in the cache's element type
+(kv_quant). A ubatch is placed with the table's find_slot/apply_ubatch, its
+K/V rows are written into its cells, and each token attends the cells of its
+first sequence that it may see (kq_mask semantics), gathered per sequence
+with seq_cells, so a sequence never pays for the length of another.
+"""
+import os
+import struct
+import zlib
+
+import numpy as np
+
+from . import kv_quant
+from ._core import ffi, lib
+from .cells import CellTable
+from .errors import KVCellsError, StateError
+from .rope import NEOX, NORM, rope
+
+_TYPE_CODE = {"f32": lib.KV_TYPE_F32, "f16": lib.KV_TYPE_F16,
+              "q8_0": lib.KV_TYPE_Q8_0, "q4_0": lib.KV_TYPE_Q4_0}
+_SWA_CODE = {"none": 0, "standard": 1, "chunked": 2, "symmetric": 3}
+
+STATE_MAGIC = b"KVCSTATE"
+ISWA_STATE_MAGIC = b"KVCISWA\0"
+STATE_VERSION = 1
+_WHOLE, _SEQUENCE = 0, 1
+
+
+def _seq_lists(seq_ids):
+    return [[int(s)] if np.ndim(s) == 0 else [int(x) for x in s] for s in seq_ids]
+
+
+def _window_start(p1, n_swa, swa_type):
+    """Smallest position a token at p1 may see in a sliding-window cache."""
+    if swa_type == "standard":
+        return p1 - n_swa + 1
+    if swa_type == "chunked":
+        return (p1 // n_swa) * n_swa
+    if swa_type == "symmetric":
+        return p1 - n_swa // 2
+    return np.zeros_like(p1)
+
+
+class KVCache:
+    """K/V rows of the given layers on one cell table."""
+
+    def __init__(self, n_cells, n_seq_max, layers, n_head_kv, head_dim,
+                 type_k="f16", type_v="f16", *, n_swa=0, swa_type="none",
+                 rope_base=10000.0, rope_mode=NEOX, rope_freq_scale=1.0):
+        self.layers = list(range(layers)) if np.ndim(layers) == 0 else [int(i) for i in layers]
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layer ids must be distinct")
+        if n_head_kv <= 0 or head_dim <= 0:
+            raise ValueError("n_head_kv and head_dim must be positive")
+        if rope_mode not in (NEOX, NORM):
+            raise ValueError(f"unknown RoPE mode {rope_mode!r}")
+        for t in (type_k, type_v):
+            kv_quant.check_type(t)
+            if t.startswith("q") and head_dim % kv_quant.BLOCK:
+                raise ValueError(f"{t} needs head_dim divisible by {kv_quant.BLOCK}")
+        if isinstance(rope_base, dict):
+            self.rope_base = {il: float(rope_base[il]) for il in self.layers}
+        else:
+            self.rope_base = {il: float(rope_base) for il in self.layers}
+        self.table = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
+        self.n_cells, self.n_seq_max = n_cells, n_seq_max
+        self.n_swa, self.swa_type = n_swa, swa_type
+        self.n_head_kv, self.head_dim = n_head_kv, head_dim
+        self.type_k, self.type_v = type_k, type_v
+        self.rope_mode, self.rope_freq_scale = rope_mode, float(rope_freq_scale)
+        self.n_threads = os.cpu_count() or 1
+        self.row_k = kv_quant.row_bytes(type_k, n_head_kv * head_dim)
+        self.row_v = kv_quant.row_bytes(type_v, n_head_kv * head_dim)
+        self.k = {il: np.zeros((n_cells, self.row_k), np.uint8) for il in self.layers}
+        self.v = {il: np.zeros((n_cells, self.row_v), np.uint8) for il in self.layers}
+        self._ubatch = None
+
+    @property
+    def kv_bytes(self):
+        return sum(self.k[il].nbytes + self.v[il].nbytes for il in self.layers)
+
+    # ---- placing a ubatch ----
+
+    def prepare(self, ubatches):
+        """One slot (the cells) per ubatch, as if placed one after another;
+        the table itself is not touched. CacheFullError if one does not fit."""
+        sim = self.table.copy()
+        slots = []
+        for pos, seq_ids in ubatches:
+            idxs = sim.find_slot(len(pos))
+            sim.apply_ubatch(idxs, pos, _seq_lists(seq_ids))
+            slots.append(idxs)
+        return slots
+
+    def apply(self, slot, pos, seq_ids):
+        """Place a ubatch in the cells prepare() gave it; store() and attend()
+        then work on it."""
+        seq_lists = _seq_lists(seq_ids)
+        pos = np.asarray(pos, dtype=np.int32)
+        self._ubatch = None
+        self.table.apply_ubatch(slot, pos, seq_lists)
+        self._ubatch = (np.asarray(slot, dtype=np.int32), self._visible(pos, seq_lists))
+
+    def _visible(self, pos, seq_lists):
+        """Per token, the range [lo, hi) of a cell list that it attends: the
+        cells of its first sequence with pos in [window start, p1]."""
+        n = len(pos)
+        first = np.array([s[0] for s in seq_lists], dtype=np.int32)
+        lo, hi = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        lists, offset = [], 0
+        for s in np.unique(first):
+            toks = np.nonzero(first == s)[0]
+            idxs, cpos = self.table.seq_cells(int(s))
+            p1 = pos[toks]
+            start = _window_start(p1, self.n_swa, self.swa_type)
+            lo[toks] = offset + np.searchsorted(cpos, start, side="left")
+            hi[toks] = offset + np.searchsorted(cpos, p1, side="right")
+            lists.append(idxs)
+            offset += len(idxs)
+        cells = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
+        return cells, lo, hi
+
+    def _check(self, layer, arr, n_heads, what):
+        """The applied ubatch's cells, after checking layer and arr's shape."""
+        if self._ubatch is None:
+            raise KVCellsError("no ubatch applied (or the cache changed since apply)")
+        if layer not in self.k:
+            raise ValueError(f"layer {layer} is not in this cache")
+        idxs = self._ubatch[0]
+        shape = (len(idxs), n_heads, self.head_dim)
+        if arr.shape != shape:
+            raise ValueError(f"{what} must have shape {shape}, got {arr.shape}")
+        return idxs
+
+    def store(self, layer, k, v):
+        """Write the K/V rows (n_tokens, n_head_kv, head_dim) of the applied ubatch."""
+        k = np.ascontiguousarray(k, dtype=np.float32)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        idxs = self._check(layer, k, self.n_head_kv, "k")
+        self._check(layer, v, self.n_head_kv, "v")
+        self.k[layer][idxs] = kv_quant.quantize(k.reshape(len(idxs), -1), self.type_k)
+        self.v[layer][idxs] = kv_quant.quantize(v.reshape(len(idxs), -1), self.type_v)
+
+    def attend(self, layer, q, scale):
+        """Attention output (n_tokens, n_head, head_dim) for the applied ubatch."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        n_head = q.shape[1] if q.ndim == 3 else 0
+        if n_head == 0 or n_head % self.n_head_kv:
+            raise ValueError(f"q must be (n_tokens, n_head, {self.head_dim}) with n_head "
+                             f"a multiple of n_head_kv = {self.n_head_kv}")
+        self._check(layer, q, n_head, "q")
+        cells, lo, hi = self._ubatch[1]
+        out = np.empty_like(q)
+        rc = lib.kv_attend(
+            _TYPE_CODE[self.type_k], ffi.from_buffer(self.k[layer]),
+            _TYPE_CODE[self.type_v], ffi.from_buffer(self.v[layer]),
+            self.n_cells, self.n_head_kv, self.head_dim,
+            ffi.from_buffer("int32_t[]", cells), len(cells),
+            len(q), ffi.from_buffer("int32_t[]", lo), ffi.from_buffer("int32_t[]", hi),
+            ffi.from_buffer("float[]", q), n_head, float(scale),
+            ffi.from_buffer("float[]", out, require_writable=True), self.n_threads)
+        if rc == lib.KV_ENOMEM:
+            raise MemoryError("kv_attend: out of memory")
+        if rc != lib.KV_OK:
+            raise KVCellsError(f"kv_attend rejected its arguments ({rc})")
+        return out
+
+    # ---- sequence operations (API.md semantics) ----
+
+    def seq_rm(self, seq_id, p0=-1, p1=-1):
+        self._ubatch = None
+        return self.table.seq_rm(seq_id, p0, p1)
+
+    def seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1):
+        self._ubatch = None
+        self.table.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+
+    def seq_keep(self, seq_id):
+        self._ubatch = None
+        self.table.seq_keep(seq_id)
+
+    def seq_add(self, seq_id, p0, p1, delta):
+        self._ubatch = None
+        self.table.seq_add(seq_id, p0, p1, delta)
+        self._shift_k()
+
+    def seq_div(self, seq_id, p0, p1, d):
+        self._ubatch = None
+        self.table.seq_div(seq_id, p0, p1, d)
+        self._shift_k()
+
+    def seq_pos_min(self, seq_id):
+        return self.table.seq_pos_min(seq_id)
+
+    def seq_pos_max(self, seq_id):
+        return self.table.seq_pos_max(seq_id)
+
+    def clear(self):
+        self._ubatch = None
+        self.table.clear()
+
+    def _shift_k(self):
+        """Re-rotate the K rows of shifted cells by their shift: RoPE by p
+        then by delta equals RoPE by p + delta."""
+        if not self.table.has_shift:
+            return
+        shifts = self.table.take_shifts()
+        cells = np.nonzero(shifts)[0]
+        if len(cells) == 0:
+            return
+        shape = (len(cells), self.n_head_kv, self.head_dim)
+        for il in self.layers:
+            k = kv_quant.dequantize(self.k[il][cells], self.type_k, self.n_head_kv * self.head_dim)
+            k = rope(k.reshape(shape), shifts[cells], self.rope_base[il], self.rope_mode,
+                     self.rope_freq_scale)
+            self.k[il][cells] = kv_quant.quantize(k.reshape(len(cells), -1), self.type_k)
+
+    def defrag(self):
+        """Compact the used cells to [0, used); K and V rows follow their cells."""
+        self._ubatch = None
+        moves = self.table.defrag()
+        if len(moves) == 0:
+            return
+        src, dst = moves[:, 0], moves[:, 1]
+        for il in self.layers:
+            self.k[il][dst] = self.k[il][src]
+            self.v[il][dst] = self.v[il][src]
+
+    # ---- state ----
+
+    def _shape(self):
+        """What a saved sequence must agree on with the cache it loads into."""
+        return struct.pack(f"<7i{len(self.layers)}i", self.n_swa, _SWA_CODE[self.swa_type],
+                           _TYPE_CODE[self.type_k], _TYPE_CODE[self.type_v], self.n_head_kv,
+                           self.head_dim, len(self.layers), *self.layers)
+
+    def _header(self, kind):
+        return (struct.pack("<8sIIii", STATE_MAGIC, STATE_VERSION, kind, self.n_cells,
+                            self.n_seq_max) + self._shape())
+
+    def state_bytes(self, seq_id=None):
+        """The whole cache, or one sequence's cells, positions and K/V rows."""
+        if seq_id is None:
+            body = self._header(_WHOLE)
+            table = self.table.to_bytes()
+            rows = np.arange(self.table.used_max_p1)
+            body += struct.pack("<q", len(table)) + table
+        else:
+            body = self._header(_SEQUENCE)
+            rows, pos = self._saved_cells(seq_id)
+            body += struct.pack("<ii", seq_id, len(rows)) + pos.astype("<i4").tobytes()
+        parts = [body]
+        for il in self.layers:
+            parts += [self.k[il][rows].tobytes(), self.v[il][rows].tobytes()]
+        body = b"".join(parts)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    def _saved_cells(self, seq_id):
+        """The sequence's cells by position, without those its window has
+        left behind for good (as llama.cpp saves a sequence)."""
+        idxs, pos = self.table.seq_cells(seq_id)
+        if self.swa_type != "none" and len(pos):
+            keep = pos >= _window_start(pos.max() + 1, self.n_swa, self.swa_type)
+            idxs, pos = idxs[keep], pos[keep]
+        return idxs, pos
+
+    def load_state_bytes(self, b, seq_id=None):
+        """Load a state_bytes() image. A sequence image loads into free cells
+        (find_slot) under seq_id (default: its own id), replacing that
+        sequence; a whole image replaces everything. StateError (or
+        CacheFullError) and no change when it cannot be loaded."""
+        self._plan_load(b, seq_id)()
+
+    def _plan_load(self, b, seq_id):
+        """Check and stage a load; returns the function that commits it."""
+        r = _Reader(b)
+        magic, version, kind, n_cells, n_seq_max = struct.unpack("<8sIIii", r.take(24))
+        if magic != STATE_MAGIC or version != STATE_VERSION:
+            raise StateError("not a kvcells cache state of this version")
+        if r.take(len(self._shape())) != self._shape():
+            raise StateError("the state was saved from a cache of another type or shape")
+        if kind == _WHOLE:
+            if (n_cells, n_seq_max) != (self.n_cells, self.n_seq_max):
+                raise StateError(f"the state was saved from a cache of {n_cells} cells and "
+                                 f"{n_seq_max} sequences, this one has {self.n_cells} and "
+                                 f"{self.n_seq_max}")
+            if seq_id is not None:
+                raise StateError("a whole-cache state cannot be loaded as one sequence")
+            table = CellTable.from_bytes(r.take(r.int("<q")))
+            if (table.n_cells, table.n_seq_max, table.n_swa, table.swa_type) != (
+                    self.n_cells, self.n_seq_max, self.n_swa, self.swa_type):
+                raise StateError("the saved cell table does not match the state's header")
+            rows = np.arange(table.used_max_p1)
+        elif kind == _SEQUENCE:
+            saved_id, n = r.int("<i"), r.int("<i")
+            dest = saved_id if seq_id is None else seq_id
+            if not 0 <= dest < self.n_seq_max:
+                raise (StateError if seq_id is None else ValueError)(
+                    f"sequence id {dest} outside [0, {self.n_seq_max})")
+            if not 0 <= n <= self.n_cells:
+                raise StateError(f"a sequence of {n} cells does not fit {self.n_cells} cells")
+            pos = np.frombuffer(r.take(4 * n), "<i4").astype(np.int32)
+            if np.any(pos < 0):
+                raise StateError("negative position in a saved sequence")
+            table = self.table.copy()
+            table.seq_rm(dest)
+            rows = table.find_slot(n) if n else np.zeros(0, np.int32)
+            if n:
+                table.apply_ubatch(rows, pos, [[dest]] * n)
+        else:
+            raise StateError(f"unknown state kind {kind}")
+        data = [(r.rows(len(rows), self.row_k), r.rows(len(rows), self.row_v)) for _ in self.layers]
+        r.finish()
+
+        def commit():
+            self._ubatch = None
+            self.table = table
+            for il, (k, v) in zip(self.layers, data):
+                self.k[il][rows] = k
+                self.v[il][rows] = v
+        return commit
+
+
+class _Reader:
+    """Reads a state image after checking its trailing CRC-32."""
+
+    def __init__(self, b):
+        b = bytes(b)
+        if len(b) < 4 or zlib.crc32(b[:-4]) != struct.unpack("<I", b[-4:])[0]:
+            raise StateError("state checksum mismatch: the data is corrupt or truncated")
+        self.b, self.off = b[:-4], 0
+
+    def take(self, n):
+        if n < 0 or self.off + n > len(self.b):
+            raise StateError("state truncated")
+        self.off += n
+        return self.b[self.off - n:self.off]
+
+    def int(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def rows(self, n, row_bytes):
+        return np.frombuffer(self.take(n * row_bytes), np.uint8).reshape(n, row_bytes)
+
+    def finish(self):
+        if self.off != len(self.b):
+            raise StateError("state has trailing bytes")
+
+
+class ISWACache:
+    """Interleaved sliding-window attention: full-attention layers in one
+    cache, sliding-window layers in a smaller one whose cells are reused once
+    the window has passed them. Both always hold the same ubatches."""
+
+    def __init__(self, n_ctx, n_seq_max, n_ubatch, swa_layers, n_head_kv, head_dim,
+                 type_k="f16", type_v="f16", *, n_swa, swa_type="standard",
+                 rope_base=10000.0, rope_base_swa=10000.0, rope_mode=NEOX,
+                 rope_freq_scale=1.0):
+        if n_swa <= 0 or swa_type == "none":
+            raise ValueError("ISWACache needs n_swa > 0 and a sliding-window type")
+        self.swa_layers = [bool(x) for x in swa_layers]
+        full = [il for il, s in enumerate(self.swa_layers) if not s]
+        swa = [il for il, s in enumerate(self.swa_layers) if s]
+        # llama.cpp's size: the window of every sequence plus one ubatch, padded to 256
+        n_swa_cells = min(n_ctx, -(-(n_swa * n_seq_max + n_ubatch) // 256) * 256)
+        common = dict(n_head_kv=n_head_kv, head_dim=head_dim, type_k=type_k, type_v=type_v,
+                      rope_mode=rope_mode, rope_freq_scale=rope_freq_scale)
+        self.base = KVCache(n_ctx, n_seq_max, full, rope_base=rope_base, **common)
+        self.swa = KVCache(n_swa_cells, n_seq_max, swa, n_swa=n_swa, swa_type=swa_type,
+                           rope_base=rope_base_swa, **common)
+        self.halves = (self.base, self.swa)
+
+    def _half(self, layer):
+        if not 0 <= layer < len(self.swa_layers):
+            raise ValueError(f"layer {layer} is not in this cache")
+        return self.swa if self.swa_layers[layer] else self.base
+
+    @property
+    def kv_bytes(self):
+        return self.base.kv_bytes + self.swa.kv_bytes
+
+    def prepare(self, ubatches):
+        ubatches = list(ubatches)
+        return list(zip(self.base.prepare(ubatches), self.swa.prepare(ubatches)))
+
+    def apply(self, slot, pos, seq_ids):
+        self.base.apply(slot[0], pos, seq_ids)
+        self.swa.apply(slot[1], pos, seq_ids)
+
+    def store(self, layer, k, v):
+        self._half(layer).store(layer, k, v)
+
+    def attend(self, layer, q, scale):
+        return self._half(layer).attend(layer, q, scale)
+
+    def seq_rm(self, seq_id, p0=-1, p1=-1):
+        return all([h.seq_rm(seq_id, p0, p1) for h in self.halves])
+
+    def seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1):
+        for h in self.halves:
+            h.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+
+    def seq_keep(self, seq_id):
+        for h in self.halves:
+            h.seq_keep(seq_id)
+
+    def seq_add(self, seq_id, p0, p1, delta):
+        for h in self.halves:
+            h.seq_add(seq_id, p0, p1, delta)
+
+    def seq_div(self, seq_id, p0, p1, d):
+        for h in self.halves:
+            h.seq_div(seq_id, p0, p1, d)
+
+    # as llama.cpp: the SWA cache holds a subset of the positions of the full one
+    def seq_pos_min(self, seq_id):
+        return self.swa.seq_pos_min(seq_id)
+
+    def seq_pos_max(self, seq_id):
+        return self.swa.seq_pos_max(seq_id)
+
+    def clear(self):
+        for h in self.halves:
+            h.clear()
+
+    def defrag(self):
+        for h in self.halves:
+            h.defrag()
+
+    def state_bytes(self, seq_id=None):
+        base, swa = self.base.state_bytes(seq_id), self.swa.state_bytes(seq_id)
+        body = ISWA_STATE_MAGIC + struct.pack("<Iq", STATE_VERSION, len(base)) + base + swa
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    def load_state_bytes(self, b, seq_id=None):
+        r = _Reader(b)
+        if r.take(8) != ISWA_STATE_MAGIC or r.int("<I") != STATE_VERSION:
+            raise StateError("not a kvcells ISWA cache state of this version")
+        base = r.take(r.int("<q"))
+        swa = r.take(len(r.b) - r.off)
+        commits = [self.base._plan_load(base, seq_id), self.swa._plan_load(swa, seq_id)]
+        for commit in commits:
+            commit()

@@ -1,0 +1,631 @@
+"""The K/V memory against independent truths: naive dense attention over the
+table's kq_mask, attention recomputed from scratch at shifted positions, the
+DESIGN.md size formula, and a plain model of which tokens each sequence holds
+(hypothesis state machine at the end)."""
+import numpy as np
+import pytest
+from cells_reference import is_masked_swa
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from kvcells import CacheFullError, KVCellsError, StateError, kv_quant
+from kvcells.cache import ISWACache, KVCache
+from kvcells.rope import NEOX, NORM, rope
+
+TYPES = ["f32", "f16", "q8_0", "q4_0"]
+N_HEAD_KV, HEAD_DIM, N_HEAD = 2, 32, 4
+SCALE = HEAD_DIM ** -0.5
+
+
+def rows(seed, n, n_heads=N_HEAD_KV):
+    return np.random.default_rng(seed).standard_normal((n, n_heads, HEAD_DIM)).astype(np.float32)
+
+
+def naive_attention(q, k, v, mask, scale):
+    """Dense softmax(q.K^T * scale + mask).V in float64, GQA by head // g."""
+    g = q.shape[1] // k.shape[1]
+    out = np.zeros(q.shape)
+    for t in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            s = k[:, h // g].astype(np.float64) @ q[t, h] * scale + mask[t]
+            if np.isneginf(s).all():
+                continue
+            p = np.exp(s - s.max())
+            out[t, h] = p / p.sum() @ v[:, h // g]
+    return out
+
+
+def dense(cache, layer):
+    """Every cell's K and V, widened to float32."""
+    n = N_HEAD_KV * HEAD_DIM
+    k = kv_quant.dequantize(cache.k[layer], cache.type_k, n)
+    v = kv_quant.dequantize(cache.v[layer], cache.type_v, n)
+    return k.reshape(-1, N_HEAD_KV, HEAD_DIM), v.reshape(-1, N_HEAD_KV, HEAD_DIM)
+
+
+def decode(mem, pos, seq_ids, layers, seed):
+    """Place one ubatch, store random K/V in `layers`, return {layer: (q, out)}."""
+    pos = np.asarray(pos, dtype=np.int32)
+    slot, = mem.prepare([(pos, seq_ids)])
+    mem.apply(slot, pos, seq_ids)
+    result = {}
+    for il in layers:
+        mem.store(il, rows(seed + 1000 * il, len(pos)), rows(seed + 1000 * il + 1, len(pos)))
+        q = rows(seed + 1000 * il + 2, len(pos), N_HEAD)
+        result[il] = q, mem.attend(il, q, SCALE)
+    return result
+
+
+def check_against_mask(cache, pos, seq_ids, result, atol=1e-5):
+    """attend() equals naive attention over all cells with the table's kq_mask."""
+    mask = cache.table.kq_mask(pos, seq_ids, cache.n_cells)
+    for il, (q, out) in result.items():
+        k, v = dense(cache, il)
+        np.testing.assert_allclose(out, naive_attention(q, k, v, mask, SCALE), atol=atol)
+
+
+def fill_shared_prefix(mem, layers, n_prompt=6):
+    """Seq 0 gets a prompt; seqs 1 and 2 share its first cells (seq_cp), then
+    each decodes on its own; returns the number of tokens placed."""
+    decode(mem, np.arange(n_prompt), [[0]] * n_prompt, layers, 1)
+    mem.seq_cp(0, 1, 0, 4)
+    mem.seq_cp(0, 2)
+    decode(mem, [4, 5, n_prompt], [[1], [1], [2]], layers, 2)
+    return n_prompt + 3
+
+
+@pytest.mark.parametrize("type_k,type_v", [(t, t) for t in TYPES] + [("q8_0", "f16")])
+def test_attend_matches_dense_masked_attention(type_k, type_v):
+    mem = KVCache(40, 3, [0, 3], N_HEAD_KV, HEAD_DIM, type_k, type_v)
+    fill_shared_prefix(mem, [0, 3])
+    # one ubatch mixing sequences, one token in two sequences at once
+    pos = np.array([7, 8, 6, 7, 9])
+    seqs = [[1], [1], [0, 2], [2], [0]]
+    result = decode(mem, pos, seqs, [0, 3], 3)
+    check_against_mask(mem, pos, seqs, result)
+
+
+@pytest.mark.parametrize("swa_type", ["standard", "chunked", "symmetric"])
+def test_sliding_window_attend_matches_dense(swa_type):
+    mem = KVCache(24, 2, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=5, swa_type=swa_type)
+    nxt = [0, 0]
+    for step in range(14):       # far beyond the cells: masked cells get reused
+        seqs = [[step % 2], [step % 2]] if step % 3 else [[0], [1]]
+        pos = []
+        for (s,) in seqs:
+            pos.append(nxt[s])
+            nxt[s] += 1
+        result = decode(mem, pos, seqs, [0], 10 + step)
+        check_against_mask(mem, pos, seqs, result)
+    assert mem.table.used <= 24
+
+
+def test_attention_reads_only_the_sequence_own_cells():
+    """Rows of other sequences and of unused cells are NaN: a read of any of
+    them would turn the output into NaN."""
+    mem = KVCache(64, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16")
+    decode(mem, np.arange(20), [[1]] * 20, [0], 5)
+    decode(mem, np.arange(6), [[0]] * 6, [0], 6)
+    decode(mem, np.arange(10), [[2]] * 10, [0], 7)
+    mine = mem.table.seq_cells(0)[0]
+    poison = np.setdiff1d(np.arange(64), mine)
+    k_nan = kv_quant.quantize(np.full((len(poison), N_HEAD_KV * HEAD_DIM), np.nan), "f16")
+    mem.k[0][poison] = k_nan
+    mem.v[0][poison] = k_nan
+    result = decode(mem, [6], [[0]], [0], 8)
+    assert np.isfinite(result[0][1]).all()
+    hidden = np.setdiff1d(np.arange(64), mem.table.seq_cells(0)[0])
+    mem.k[0][hidden] = 0   # the truth needs finite numbers where the mask hides them
+    mem.v[0][hidden] = 0
+    check_against_mask(mem, [6], [[0]], result)
+
+
+@pytest.mark.parametrize("mode", [NORM, NEOX])
+@pytest.mark.parametrize("type_k,atol", [("f32", 2e-5), ("f16", 3e-3), ("q8_0", 4e-2)])
+def test_k_shift_equals_recomputation_at_new_positions(mode, type_k, atol):
+    """K stored at old positions, shifted by seq_add/seq_div, attends like K
+    computed from scratch at the new positions (per-layer RoPE base)."""
+    bases = {0: 10000.0, 1: 1e6}
+    kw = dict(rope_base=bases, rope_mode=mode, rope_freq_scale=0.5)
+    shifted = KVCache(32, 1, [0, 1], N_HEAD_KV, HEAD_DIM, type_k, "f32", **kw)
+    fresh = KVCache(32, 1, [0, 1], N_HEAD_KV, HEAD_DIM, type_k, "f32", **kw)
+    n = 12
+    old = np.arange(n)
+    new = old.copy()
+    new[3:] += 7              # seq_add(0, 3, 100, 7)
+    new = np.where((new >= 10) & (new < 30), new // 3, new)   # seq_div(0, 10, 30, 3)
+    k_raw = {il: rows(20 + il, n) for il in bases}
+    v = {il: rows(30 + il, n) for il in bases}
+
+    def fill(mem, pos):
+        slot, = mem.prepare([(pos, [[0]] * n)])
+        mem.apply(slot, pos, [[0]] * n)
+        for il in bases:
+            mem.store(il, rope(k_raw[il], pos, bases[il], mode, 0.5), v[il])
+
+    fill(shifted, old)
+    shifted.seq_add(0, 3, 100, 7)
+    shifted.seq_div(0, 10, 30, 3)
+    fill(fresh, new)
+    p_next = int(new.max()) + 1
+    for mem in (shifted, fresh):
+        assert mem.seq_pos_max(0) == p_next - 1
+    a = decode(shifted, [p_next], [[0]], [0, 1], 40)
+    b = decode(fresh, [p_next], [[0]], [0, 1], 40)
+    for il in bases:
+        np.testing.assert_allclose(a[il][1], b[il][1], atol=atol)
+
+
+@pytest.mark.parametrize("type_k", TYPES)
+def test_defrag_keeps_attention_identical(type_k):
+    def build():
+        mem = KVCache(48, 3, [0, 1], N_HEAD_KV, HEAD_DIM, type_k, type_k)
+        fill_shared_prefix(mem, [0, 1])
+        decode(mem, np.arange(10), [[1]] * 3 + [[2]] * 7, [0, 1], 9)  # oddly mixed seqs
+        mem.seq_rm(1, 2, 5)
+        mem.seq_rm(0, 0, 3)
+        return mem
+
+    mem, twin = build(), build()
+    used = mem.table.used
+    mem.defrag()
+    assert mem.table.used_max_p1 == used
+    for s in range(3):
+        np.testing.assert_array_equal(mem.table.seq_cells(s)[1], twin.table.seq_cells(s)[1])
+    pos, seqs = [20, 21, 30], [[0], [1], [2]]
+    a = decode(mem, pos, seqs, [0, 1], 50)
+    b = decode(twin, pos, seqs, [0, 1], 50)
+    for il in (0, 1):
+        np.testing.assert_array_equal(a[il][1], b[il][1])
+
+
+BYTES_PER_ELEMENT = {"f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+@pytest.mark.parametrize("type_k,type_v", [(t, t) for t in TYPES] + [("f16", "q4_0")])
+def test_kv_bytes_is_the_design_formula_and_what_is_allocated(type_k, type_v):
+    n_layer, n_head_kv, head_dim, n_cells = 3, 2, 64, 100
+    mem = KVCache(n_cells, 2, n_layer, n_head_kv, head_dim, type_k, type_v)
+    per_token = n_layer * n_head_kv * head_dim * (BYTES_PER_ELEMENT[type_k]
+                                                  + BYTES_PER_ELEMENT[type_v])
+    assert mem.kv_bytes == per_token * n_cells
+    assert mem.kv_bytes == sum(a.nbytes for a in [*mem.k.values(), *mem.v.values()])
+    # Gemma 3 270M shapes: 18 x 1 x 256 x 2 x 2 = 18,432 bytes per token in f16
+    gemma = KVCache(10, 1, 18, 1, 256, "f16", "f16")
+    assert gemma.kv_bytes == 18432 * 10
+
+
+def test_iswa_sizes_and_bytes():
+    swa_layers = [True] * 5 + [False]
+    mem = ISWACache(4096, 4, 512, swa_layers, 1, 256, "q8_0", "q8_0", n_swa=512)
+    # llama.cpp: the window of every sequence plus a ubatch, padded to 256
+    assert mem.swa.n_cells == 2560 and mem.base.n_cells == 4096
+    per_cell = 2 * 256 * 34 / 32
+    assert mem.kv_bytes == per_cell * (5 * 2560 + 1 * 4096)
+    small = ISWACache(300, 1, 8, swa_layers, 1, 256, n_swa=512)
+    assert small.swa.n_cells == 300
+
+
+def test_q8_0_and_q4_0_attention_stay_close_to_f32():
+    """Quantised K/V change the attention output by no more than a stated
+    tolerance: with unit-normal K, V and q, q8_0 errors of ~1/254 of each
+    block's range move the output by < 0.02, q4_0's ~1/16 by < 0.3."""
+    outs = {}
+    for t in ("f32", "q8_0", "q4_0"):
+        mem = KVCache(300, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
+        decode(mem, np.arange(256), [[0]] * 256, [0], 60)
+        outs[t] = decode(mem, [256], [[0]], [0], 61)[0][1]
+    assert np.abs(outs["q8_0"] - outs["f32"]).max() < 0.02
+    assert np.abs(outs["q4_0"] - outs["f32"]).max() < 0.3
+
+
+def snapshot(mem):
+    halves = mem.halves if isinstance(mem, ISWACache) else (mem,)
+    return [h.table.to_bytes() for h in halves] + [mem.state_bytes()]
+
+
+def test_prepare_leaves_the_tables_as_they_were_and_plans_in_order():
+    mem = KVCache(64, 2, [0], N_HEAD_KV, HEAD_DIM)
+    decode(mem, np.arange(5), [[0]] * 5, [0], 1)
+    mem.seq_rm(0, 1, 3)       # holes are reused by the plan
+    before = snapshot(mem)
+    ubatches = [(np.arange(5, 9), [[0]] * 4), (np.arange(4), [[1]] * 4),
+                (np.arange(9, 12), [[0], [0], [0]])]
+    slots = mem.prepare(ubatches)
+    assert snapshot(mem) == before
+    for (pos, seqs), slot in zip(ubatches, slots):
+        np.testing.assert_array_equal(slot, mem.table.find_slot(len(pos)))
+        mem.apply(slot, pos, seqs)
+    assert sorted(mem.table.seq_cells(1)[1]) == [0, 1, 2, 3]
+
+
+def test_cache_full_changes_nothing():
+    mem = KVCache(8, 1, [0], N_HEAD_KV, HEAD_DIM)
+    decode(mem, np.arange(6), [[0]] * 6, [0], 1)
+    before = snapshot(mem)
+    with pytest.raises(CacheFullError):
+        mem.prepare([(np.arange(6, 8), [[0]] * 2), (np.arange(8, 10), [[0]] * 2)])
+    assert snapshot(mem) == before
+
+
+def test_iswa_ubatch_that_fits_one_half_only_changes_neither():
+    swa_layers = [False, True]
+    # the sliding-window half (256 cells) cannot take 300 new tokens at once
+    mem = ISWACache(1024, 1, 8, swa_layers, N_HEAD_KV, HEAD_DIM, n_swa=4)
+    assert mem.swa.n_cells == 256
+    before = snapshot(mem)
+    with pytest.raises(CacheFullError):
+        mem.prepare([(np.arange(300), [[0]] * 300)])
+    assert snapshot(mem) == before
+    # the full half runs out first when the window half reuses its cells
+    mem = ISWACache(256, 1, 8, swa_layers, N_HEAD_KV, HEAD_DIM, n_swa=4)
+    for start in range(0, 256, 64):
+        decode(mem, np.arange(start, start + 64), [[0]] * 64, [0, 1], start)
+    mem.swa.prepare([([256], [[0]])])  # the window half alone would take it
+    before = snapshot(mem)
+    with pytest.raises(CacheFullError):
+        mem.prepare([([256], [[0]])])
+    assert snapshot(mem) == before
+
+
+def test_iswa_routes_layers_and_reuses_window_cells():
+    swa_layers = [False, True, True]
+    mem = ISWACache(600, 1, 16, swa_layers, N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=8)
+    assert mem.swa.n_cells == 256
+    for start in range(0, 560, 16):
+        pos = np.arange(start, start + 16)
+        result = decode(mem, pos, [[0]] * 16, [0, 1, 2], start)
+        check_against_mask(mem.base, pos, [[0]] * 16, {0: result[0]})
+        check_against_mask(mem.swa, pos, [[0]] * 16, {il: result[il] for il in (1, 2)})
+    assert mem.base.table.used == 560 and mem.swa.table.used <= 256
+    assert mem.seq_pos_max(0) == 559 and mem.seq_pos_min(0) > 0
+
+
+# ---- state ----
+
+def test_whole_state_round_trip_is_bit_exact():
+    mem = KVCache(48, 3, [0, 2], N_HEAD_KV, HEAD_DIM, "q8_0", "f16")
+    fill_shared_prefix(mem, [0, 2])
+    mem.seq_rm(0, 1, 2)
+    saved = mem.state_bytes()
+    other = KVCache(48, 3, [0, 2], N_HEAD_KV, HEAD_DIM, "q8_0", "f16")
+    decode(other, np.arange(3), [[2]] * 3, [0, 2], 70)   # whatever was there goes
+    other.load_state_bytes(saved)
+    assert other.state_bytes() == saved
+    assert other.table.to_bytes() == mem.table.to_bytes()
+    a = decode(mem, [6], [[0]], [0, 2], 71)
+    b = decode(other, [6], [[0]], [0, 2], 71)
+    for il in (0, 2):
+        np.testing.assert_array_equal(a[il][1], b[il][1])
+
+
+def test_sequence_state_loads_into_a_partly_used_cache_under_another_id():
+    src = KVCache(48, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16")
+    fill_shared_prefix(src, [0])
+    saved = src.state_bytes(1)            # seq 1: 4 shared cells + 2 of its own
+    dst = KVCache(32, 2, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16")
+    decode(dst, np.arange(7), [[0]] * 7, [0], 80)
+    decode(dst, np.arange(3), [[1]] * 3, [0], 81)   # replaced by the load
+    seq0 = dst.table.seq_cells(0)
+    dst.load_state_bytes(saved, seq_id=1)
+    np.testing.assert_array_equal(dst.table.seq_cells(0)[1], seq0[1])
+    idxs, pos = dst.table.seq_cells(1)
+    np.testing.assert_array_equal(pos, src.table.seq_cells(1)[1])
+    a = decode(src, [6], [[1]], [0], 82)
+    b = decode(dst, [6], [[1]], [0], 82)
+    np.testing.assert_array_equal(a[0][1], b[0][1])
+
+
+def test_iswa_state_round_trip():
+    mem = ISWACache(300, 2, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    decode(mem, np.arange(12), [[0]] * 12, [0, 1], 90)
+    decode(mem, np.arange(3), [[1]] * 3, [0, 1], 91)
+    whole, seq0 = mem.state_bytes(), mem.state_bytes(0)
+    other = ISWACache(300, 2, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    other.load_state_bytes(whole)
+    assert other.state_bytes() == whole
+    third = ISWACache(300, 2, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    third.load_state_bytes(seq0, seq_id=1)
+    assert third.seq_pos_max(1) == 11
+    # the window half saves only what the window can still see (llama.cpp):
+    # a token at 12 sees 9..12
+    assert list(third.swa.table.seq_cells(1)[1]) == [9, 10, 11]
+    assert len(third.base.table.seq_cells(1)[0]) == 12
+    a = decode(mem, [12], [[0]], [0, 1], 92)
+    b = decode(third, [12], [[1]], [0, 1], 92)
+    for il in (0, 1):
+        np.testing.assert_array_equal(a[il][1], b[il][1])
+
+
+def corruptions(b):
+    yield b[:-1]                                   # truncated
+    yield b[: len(b) // 2]
+    yield b""
+    flipped = bytearray(b)
+    flipped[len(b) // 2] ^= 0x10                  # a flipped bit
+    yield bytes(flipped)
+    yield b + b"\0"                                # trailing data
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KVCache(32, 2, [0], N_HEAD_KV, HEAD_DIM, "q8_0", "q8_0"),
+    lambda: ISWACache(300, 2, 8, [False, True], N_HEAD_KV, HEAD_DIM, "q8_0", "q8_0", n_swa=4),
+])
+def test_bad_states_raise_state_error_and_change_nothing(make):
+    mem = make()
+    decode(mem, np.arange(5), [[0]] * 5, [0], 100)
+    for seq_id in (None, 0):
+        good = mem.state_bytes(seq_id)
+        target = make()
+        decode(target, np.arange(4), [[1]] * 4, [0], 101)
+        before = snapshot(target)
+        for bad in corruptions(good):
+            with pytest.raises(StateError):
+                target.load_state_bytes(bad, seq_id)
+            assert snapshot(target) == before
+    if isinstance(mem, ISWACache):
+        return
+    for other in (KVCache(32, 2, [0], N_HEAD_KV, HEAD_DIM, "f16", "q8_0"),     # type
+                  KVCache(32, 2, [0], N_HEAD_KV, 64, "q8_0", "q8_0"),          # head_dim
+                  KVCache(32, 2, [1], N_HEAD_KV, HEAD_DIM, "q8_0", "q8_0"),    # layers
+                  KVCache(40, 2, [0], N_HEAD_KV, HEAD_DIM, "q8_0", "q8_0")):   # n_cells
+        before = snapshot(other)
+        with pytest.raises(StateError):
+            other.load_state_bytes(mem.state_bytes())
+        assert snapshot(other) == before
+    with pytest.raises(StateError):                # a whole image is not a sequence
+        make().load_state_bytes(mem.state_bytes(), seq_id=0)
+
+
+def test_sequence_state_that_does_not_fit_changes_nothing():
+    src = KVCache(32, 1, [0], N_HEAD_KV, HEAD_DIM)
+    decode(src, np.arange(10), [[0]] * 10, [0], 110)
+    dst = KVCache(12, 2, [0], N_HEAD_KV, HEAD_DIM)
+    decode(dst, np.arange(8), [[0]] * 8, [0], 111)
+    before = snapshot(dst)
+    with pytest.raises(CacheFullError):
+        dst.load_state_bytes(src.state_bytes(0), seq_id=1)
+    assert snapshot(dst) == before
+
+
+# ---- bad input ----
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        KVCache(8, 1, [0], 1, 40, "q8_0", "f16")        # blocks would straddle heads
+    with pytest.raises(ValueError):
+        KVCache(8, 1, [0], 1, 32, "q5_0", "f16")
+    with pytest.raises(ValueError):
+        KVCache(8, 1, [0, 0], 1, 32)
+    mem = KVCache(8, 2, [0], N_HEAD_KV, HEAD_DIM)
+    with pytest.raises(KVCellsError):
+        mem.store(0, rows(0, 1), rows(1, 1))           # nothing applied yet
+    slot, = mem.prepare([([0, 1], [[0], [0]])])
+    mem.apply(slot, [0, 1], [[0], [0]])
+    with pytest.raises(ValueError):
+        mem.store(1, rows(0, 2), rows(1, 2))           # not a layer of this cache
+    with pytest.raises(ValueError):
+        mem.store(0, rows(0, 3), rows(1, 3))           # 3 rows for 2 tokens
+    with pytest.raises(ValueError):
+        mem.attend(0, rows(0, 2, 3), SCALE)            # 3 heads over 2 kv heads
+    with pytest.raises(ValueError):
+        mem.seq_rm(5)
+    with pytest.raises(ValueError):
+        mem.prepare([([0], [[7]])])
+    with pytest.raises(ValueError):
+        mem.load_state_bytes(mem.state_bytes(0), seq_id=9)
+    mem.seq_rm(0, 1, -1)
+    with pytest.raises(KVCellsError):
+        mem.attend(0, rows(0, 2, 4), SCALE)            # the cache changed since apply
+
+
+# ---- the state machine ----
+
+class Tokens:
+    """The truth: which tokens (key -> [position, sequences, uid]) the cache
+    holds, edited with the API's sequence semantics and nothing about cells.
+    K of a token is RoPE(k_raw(uid), its current position), whatever shifts
+    it saw; a loaded copy of a token has a new key and the same uid."""
+
+    def __init__(self, n_swa=0, swa_type="none"):
+        self.t, self.n_swa, self.swa_type = {}, n_swa, swa_type
+
+    def in_range(self, s, p0, p1):
+        p0, p1 = max(p0, 0), (2**31 if p1 < 0 else p1)
+        return [u for u, (p, ss, _) in self.t.items() if (s == -1 or s in ss) and p0 <= p < p1]
+
+    def seq_rm(self, s, p0, p1):
+        for u in self.in_range(s, p0, p1):
+            ss = self.t[u][1]
+            ss.difference_update(ss if s == -1 else {s})
+            if not ss:
+                del self.t[u]
+
+    def seq_cp(self, src, dst, p0, p1):
+        for u in self.in_range(src, p0, p1):
+            self.t[u][1].add(dst)
+
+    def seq_keep(self, s):
+        for u in list(self.t):
+            if s in self.t[u][1]:
+                self.t[u][1] = {s}
+            else:
+                del self.t[u]
+
+    def seq_add(self, s, p0, p1, delta):
+        for u in self.in_range(s, p0, p1):
+            self.t[u][0] += delta
+            if self.t[u][0] < 0:
+                del self.t[u]
+
+    def seq_div(self, s, p0, p1, d):
+        for u in self.in_range(s, p0, p1):
+            self.t[u][0] //= d
+
+    def positions(self, s):
+        return sorted(p for p, ss, _ in self.t.values() if s in ss)
+
+    def visible(self, s, p1):
+        return [(u, p) for p, ss, u in self.t.values()
+                if s in ss and p <= p1 and not is_masked_swa(self.n_swa, self.swa_type, p, p1)]
+
+    def forget_reused(self, table, n_seq):
+        """A sliding-window cache overwrites cells the window has left and
+        drops the older positions of their sequence; follow what the table
+        kept (positions below its seq_pos_min are gone)."""
+        for s in range(n_seq):
+            lowest = table.seq_pos_min(s)
+            for u, (p, ss, _) in list(self.t.items()):
+                if s in ss and (lowest < 0 or p < lowest):
+                    ss.discard(s)
+                    if not ss:
+                        del self.t[u]
+
+
+def raw(uid, layer, what):
+    return rows(4 * uid + 2 * layer + (what == "v"), 1)[0]
+
+
+class MemoryMachine(RuleBasedStateMachine):
+    N_SEQ = 3
+    BASES = {0: 10000.0, 1: 500.0}
+
+    @initialize(kind=st.sampled_from(["full", "swa", "iswa"]),
+                mode=st.sampled_from([NORM, NEOX]))
+    def setup(self, kind, mode):
+        kw = dict(rope_mode=mode)
+        if kind == "iswa":
+            self.mem = ISWACache(40, self.N_SEQ, 8, [False, True], N_HEAD_KV, HEAD_DIM,
+                                 "f32", "f32", n_swa=3, rope_base=self.BASES[0],
+                                 rope_base_swa=self.BASES[1], **kw)
+            self.parts = [(self.mem.base, [0]), (self.mem.swa, [1])]
+        elif kind == "swa":
+            self.mem = KVCache(20, self.N_SEQ, [0, 1], N_HEAD_KV, HEAD_DIM, "f32", "f32",
+                               n_swa=4, swa_type="standard", rope_base=self.BASES, **kw)
+            self.parts = [(self.mem, [0, 1])]
+        else:
+            self.mem = KVCache(40, self.N_SEQ, [0, 1], N_HEAD_KV, HEAD_DIM, "f32", "f32",
+                               rope_base=self.BASES, **kw)
+            self.parts = [(self.mem, [0, 1])]
+        self.kind, self.mode = kind, mode
+        self.truth = [Tokens(c.n_swa, c.swa_type) for c, _ in self.parts]
+        self.uid = self.n_copies = 0
+
+    def k_at(self, uid, layer, p):
+        return rope(raw(uid, layer, "k")[None], [p], self.BASES[layer], self.mode)[0]
+
+    def seq_op(self, name, *args):
+        getattr(self.mem, name)(*args)
+        for tokens in self.truth:
+            getattr(tokens, name)(*args)
+
+    @rule(chunks=st.lists(st.tuples(st.integers(0, N_SEQ - 1), st.sets(st.integers(0, N_SEQ - 1)),
+                                    st.integers(1, 3)), min_size=1, max_size=3))
+    def decode(self, chunks):
+        pos, seqs = [], []
+        nxt = {s: self.mem.seq_pos_max(s) + 1 for s in range(self.N_SEQ)}
+        for s, extra, n in chunks:
+            ss = [s] + sorted(extra - {s})
+            start = max(nxt[x] for x in ss)
+            for p in range(start, start + n):
+                pos.append(p)
+                seqs.append(ss)
+            for x in ss:
+                nxt[x] = start + n
+        before = snapshot(self.mem)
+        try:
+            slot, = self.mem.prepare([(np.array(pos), seqs)])
+        except CacheFullError:
+            assert snapshot(self.mem) == before
+            return
+        assert snapshot(self.mem) == before
+        self.mem.apply(slot, pos, seqs)
+        uids = list(range(self.uid, self.uid + len(pos)))
+        self.uid += len(pos)
+        for (cache, layers), tokens in zip(self.parts, self.truth):
+            for u, p, ss in zip(uids, pos, seqs):
+                tokens.t[u] = [p, set(ss), u]
+            if cache.swa_type != "none":
+                tokens.forget_reused(cache.table, self.N_SEQ)
+            for il in layers:
+                k = np.stack([self.k_at(u, il, p) for u, p in zip(uids, pos)])
+                v = np.stack([raw(u, il, "v") for u in uids])
+                self.mem.store(il, k, v)
+                q = rows(self.uid * 7 + il, len(pos), N_HEAD)
+                out = self.mem.attend(il, q, SCALE)
+                for t, (p1, ss) in enumerate(zip(pos, seqs)):
+                    vis = tokens.visible(ss[0], p1)
+                    kk = np.stack([self.k_at(u, il, p) for u, p in vis])
+                    vv = np.stack([raw(u, il, "v") for u, _ in vis])
+                    want = naive_attention(q[t:t + 1], kk, vv, np.zeros((1, len(vis))), SCALE)
+                    np.testing.assert_allclose(out[t:t + 1], want, atol=1e-4)
+
+    ranges = st.tuples(st.integers(-1, 12), st.integers(-1, 14))
+
+    @rule(s=st.integers(-1, N_SEQ - 1), r=ranges)
+    def seq_rm(self, s, r):
+        self.seq_op("seq_rm", s, *r)
+
+    @rule(src=st.integers(0, N_SEQ - 1), dst=st.integers(0, N_SEQ - 1), r=ranges)
+    def seq_cp(self, src, dst, r):
+        if src != dst:
+            self.seq_op("seq_cp", src, dst, *r)
+
+    @rule(s=st.integers(0, N_SEQ - 1))
+    def seq_keep(self, s):
+        self.seq_op("seq_keep", s)
+
+    @rule(s=st.integers(0, N_SEQ - 1), r=ranges, delta=st.integers(-6, 6))
+    def seq_add(self, s, r, delta):
+        self.seq_op("seq_add", s, *r, delta)
+
+    @rule(s=st.integers(0, N_SEQ - 1), r=ranges, d=st.integers(1, 3))
+    def seq_div(self, s, r, d):
+        self.seq_op("seq_div", s, *r, d)
+
+    @rule()
+    def defrag(self):
+        self.mem.defrag()
+
+    @rule()
+    def whole_state_round_trip(self):
+        saved = self.mem.state_bytes()
+        self.mem.clear()
+        self.mem.load_state_bytes(saved)
+        assert self.mem.state_bytes() == saved
+
+    @rule(src=st.integers(0, N_SEQ - 1), dst=st.integers(0, N_SEQ - 1))
+    def sequence_state_copy(self, src, dst):
+        saved = self.mem.state_bytes(src)
+        before = snapshot(self.mem)
+        try:
+            self.mem.load_state_bytes(saved, seq_id=dst)
+        except CacheFullError:
+            assert snapshot(self.mem) == before
+            return
+        for (cache, _), tokens in zip(self.parts, self.truth):
+            kept = tokens.positions(src)
+            horizon = (kept[-1] + 1) if kept else 0
+            copied = [(p, u) for p, ss, u in tokens.t.values() if src in ss and not
+                      is_masked_swa(cache.n_swa, cache.swa_type, p, horizon)]
+            tokens.seq_rm(dst, -1, -1)
+            for p, u in copied:
+                self.n_copies += 1
+                tokens.t[("copy", self.n_copies)] = [p, {dst}, u]
+            if cache.swa_type != "none":
+                tokens.forget_reused(cache.table, self.N_SEQ)
+
+    @invariant()
+    def tables_hold_the_truth(self):
+        if not hasattr(self, "mem"):
+            return
+        for (cache, _), tokens in zip(self.parts, self.truth):
+            cache.table.check()
+            for s in range(self.N_SEQ):
+                assert list(cache.table.seq_cells(s)[1]) == tokens.positions(s)
+
+
+TestMemoryMachine = MemoryMachine.TestCase
+TestMemoryMachine.settings = settings(max_examples=30, stateful_step_count=25, deadline=None,
+                                      suppress_health_check=[HealthCheck.too_slow])
