@@ -1,5 +1,6 @@
 """kvcells: a llama.cpp-style KV cache engine for Python with a C core."""
 from .batch import Batch
+from .cache import ISWACache, KVCache
 from .cells import CellTable
 from .context import Context
 from .errors import CacheFullError, GGUFError, KVCellsError, StateError
@@ -9,7 +10,7 @@ from .model import Model
 from .sampling import Sampler
 from .tokenizer import Tokenizer
 
-__all__ = ["CellTable", "KVCellsError", "CacheFullError", "GGUFError", "StateError",
+__all__ = ["CellTable", "KVCache", "ISWACache", "KVCellsError", "CacheFullError", "GGUFError", "StateError",
            "load_gguf", "GGUFModelFile", "HParams", "Weight",
            "Model", "Tokenizer", "Batch", "Context", "Sampler",
            "generate", "generate_parallel", "serve"]
