@@ -62,10 +62,11 @@ def test_search_wraps_around_like_a_ring():
 def test_search_restarts_at_zero_when_head_is_far_beyond_used():
     # head > used + 2 * n_tokens: start from cell 0
     t = CellTable(16)
-    t.apply_ubatch([9], [0], [0])
-    assert t.head == 10 and t.used == 1
-    assert list(t.find_slot(2)) == [0, 1]          # 10 > 1 + 4
-    assert list(t.find_slot(5)) == [10, 11, 12, 13, 14]  # 10 <= 1 + 10
+    t.apply_ubatch([10], [0], [0])
+    assert t.head == 11 and t.used == 1
+    assert list(t.find_slot(4)) == [0, 1, 2, 3]            # 11 > 1 + 8
+    assert list(t.find_slot(5)) == [11, 12, 13, 14, 15]    # 11 == 1 + 10
+    assert list(t.find_slot(6)) == [11, 12, 13, 14, 15, 0]
 
 
 def test_cont_needs_consecutive_cells():

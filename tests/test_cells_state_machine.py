@@ -1,0 +1,232 @@
+"""CellTable against the plain reference model, driven by hypothesis.
+
+Random placement (find_slot + apply_ubatch, one or several sequences per
+token, cont both ways), writes anywhere, sequence operations, shifts,
+defrag, clear, copies and byte round trips, on tiny tables (full-cache paths,
+wraparound) with every SWA type and n_seq_max from 1 to 256. After every step
+all observables are compared and check() is called.
+
+KVCELLS_HYPOTHESIS=long explores far more.
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from cells_reference import RefCells
+from kvcells import CacheFullError, CellTable
+
+LONG = os.environ.get("KVCELLS_HYPOTHESIS") == "long"
+
+SWA = st.one_of(
+    st.just(("none", 0)),
+    st.tuples(st.sampled_from(["standard", "chunked", "symmetric"]), st.integers(1, 10)),
+)
+N_CELLS = st.one_of(st.integers(1, 8), st.integers(9, 40))
+N_SEQ_MAX = st.one_of(st.integers(1, 4), st.sampled_from([63, 64, 65, 130, 256]))
+POS = st.integers(0, 40)
+BOUND = st.integers(-1, 44)  # a range end; negative means "open"
+
+
+class CellTableMachine(RuleBasedStateMachine):
+    @initialize(n_cells=N_CELLS, n_seq_max=N_SEQ_MAX, swa=SWA)
+    def create(self, n_cells, n_seq_max, swa):
+        swa_type, n_swa = swa
+        self.t = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
+        self.ref = RefCells(n_cells, n_seq_max, n_swa, swa_type)
+
+    def seq(self, data):
+        n = self.ref.n_seq_max
+        return data.draw(st.one_of(st.integers(0, min(n, 3) - 1), st.integers(0, n - 1)))
+
+    def seq_list(self, data):
+        if data.draw(st.integers(0, 3)):
+            return [self.seq(data)]
+        return sorted({self.seq(data) for _ in range(data.draw(st.integers(1, 3)))})
+
+    def ubatch(self, data, n_tokens):
+        """positions and sequence lists for n_tokens, mostly each sequence's next positions."""
+        seqs = [self.seq_list(data) for _ in range(n_tokens)]
+        if data.draw(st.integers(0, 3)) == 0:
+            return [data.draw(POS) for _ in seqs], seqs
+        nxt, pos = {}, []
+        for token in seqs:
+            p = max(nxt.get(s, self.ref.seq_pos_max(s) + 1) for s in token)
+            pos.append(p)
+            nxt.update((s, p + 1) for s in token)
+        return pos, seqs
+
+    def apply_both(self, data, idxs, pos, seqs):
+        self.ref.apply_ubatch(idxs, pos, seqs)
+        form = data.draw(st.sampled_from(["numpy", "lists", "iterables"]))
+        if all(len(s) == 1 for s in seqs) and form != "iterables":
+            flat = [s[0] for s in seqs]
+            if form == "numpy":
+                self.t.apply_ubatch(np.array(idxs, np.int32), np.array(pos, np.int64),
+                                    np.array(flat, np.int32))
+            else:
+                self.t.apply_ubatch(list(idxs), pos, flat)
+        else:
+            self.t.apply_ubatch(idxs, pos, [tuple(s) for s in seqs])
+
+    # ------------------------------------------------------------ placement
+
+    @rule(data=st.data(), cont=st.booleans())
+    def place(self, data, cont):
+        n_tokens = data.draw(st.integers(1, min(self.ref.n_cells, 12) + 1))
+        want = self.ref.find_slot(n_tokens, cont)
+        if want is None:
+            before = self.t.to_bytes()
+            with pytest.raises(CacheFullError):
+                self.t.find_slot(n_tokens, cont=cont)
+            assert self.t.to_bytes() == before
+            return
+        idxs = self.t.find_slot(n_tokens, cont=cont)
+        assert idxs.tolist() == want
+        pos, seqs = self.ubatch(data, n_tokens)
+        self.apply_both(data, idxs.tolist(), pos, seqs)
+
+    @rule(data=st.data())
+    def write_anywhere(self, data):
+        r = self.ref
+        free = [i for i in range(r.n_cells) if len(r.seq[i]) <= 1]
+        if not free:
+            return
+        idxs = data.draw(st.lists(st.sampled_from(free), min_size=1, max_size=6, unique=True))
+        pos, seqs = self.ubatch(data, len(idxs))
+        self.apply_both(data, idxs, pos, seqs)
+
+    # ------------------------------------------------------------ sequence operations
+
+    @rule(data=st.data(), p0=BOUND, p1=BOUND)
+    def seq_rm(self, data, p0, p1):
+        s = -1 if data.draw(st.integers(0, 5)) == 0 else self.seq(data)
+        assert self.t.seq_rm(s, p0, p1) is True
+        self.ref.seq_rm(s, p0, p1)
+
+    @rule(data=st.data(), p0=BOUND, p1=BOUND)
+    def seq_cp(self, data, p0, p1):
+        src, dst = self.seq(data), self.seq(data)
+        self.t.seq_cp(src, dst, p0, p1)
+        self.ref.seq_cp(src, dst, p0, p1)
+
+    @rule(data=st.data())
+    def seq_keep(self, data):
+        s = self.seq(data)
+        self.t.seq_keep(s)
+        self.ref.seq_keep(s)
+
+    @rule(data=st.data(), p0=BOUND, p1=BOUND, delta=st.integers(-20, 20))
+    def seq_add(self, data, p0, p1, delta):
+        s = self.seq(data)
+        self.t.seq_add(s, p0, p1, delta)
+        self.ref.seq_add(s, p0, p1, delta)
+
+    @rule(data=st.data(), p0=BOUND, p1=BOUND, d=st.integers(1, 4))
+    def seq_div(self, data, p0, p1, d):
+        s = self.seq(data)
+        self.t.seq_div(s, p0, p1, d)
+        self.ref.seq_div(s, p0, p1, d)
+
+    # ------------------------------------------------------------ maintenance
+
+    @rule()
+    def take_shifts(self):
+        assert self.t.take_shifts().tolist() == self.ref.take_shifts()
+
+    @rule()
+    def defrag(self):
+        assert self.t.defrag().tolist() == [list(m) for m in self.ref.defrag()]
+
+    @rule()
+    def clear(self):
+        self.t.clear()
+        self.ref.clear()
+
+    @rule()
+    def round_trip(self):
+        b = self.t.to_bytes()
+        self.t = CellTable.from_bytes(b)
+        assert self.t.to_bytes() == b
+
+    @rule()
+    def copy(self):
+        old = self.t
+        self.t = old.copy()
+        old.clear()  # the copy shares nothing with it
+
+    @rule(data=st.data())
+    def kq_mask(self, data):
+        n_tokens = data.draw(st.integers(0, 4))
+        pos = [data.draw(POS) for _ in range(n_tokens)]
+        seqs = [self.seq_list(data) for _ in range(n_tokens)]
+        n_kv = data.draw(st.integers(0, self.ref.n_cells))
+        self.compare_mask(pos, seqs, n_kv)
+
+    @rule(data=st.data())
+    def bad_call_changes_nothing(self, data):
+        r, t = self.ref, self.t
+        shared = [i for i in range(r.n_cells) if len(r.seq[i]) > 1]
+        calls = [
+            lambda: t.seq_rm(r.n_seq_max),
+            lambda: t.seq_cp(0, -1),
+            lambda: t.seq_add(0, 0, -1, 2**31 - 1) if r.seq_pos_max(0) >= 1 else t.seq_keep(-1),
+            lambda: t.seq_div(0, 0, -1, 0),
+            lambda: t.apply_ubatch([0, 0], [1, 2], [0, 0]),
+            lambda: t.apply_ubatch([r.n_cells - 1, r.n_cells], [0, 1], [0, 0]),
+            lambda: t.apply_ubatch([shared[0] if shared else -1], [0], [0]),
+            lambda: t.apply_ubatch([0], [0], [[0, 0]]),
+            lambda: t.kq_mask([0], [0], r.n_cells + 1),
+            lambda: t.find_slot(0),
+        ]
+        before = t.to_bytes()
+        with pytest.raises(ValueError):
+            data.draw(st.sampled_from(calls))()
+        assert t.to_bytes() == before
+
+    # ------------------------------------------------------------ comparison
+
+    def compare_mask(self, pos, seqs, n_kv):
+        got = self.t.kq_mask(pos, seqs, n_kv)
+        want = self.ref.kq_mask(pos, [s[0] for s in seqs], n_kv)
+        assert got.shape == (len(pos), n_kv)
+        assert ((got == 0.0) == np.array(want, bool).reshape(len(pos), n_kv)).all()
+        assert np.isin(got, [0.0, -np.inf]).all()
+
+    @invariant()
+    def same_as_reference(self):
+        t, r = self.t, self.ref
+        assert t.positions().tolist() == r.pos
+        held = np.zeros((r.n_cells, r.n_seq_max), bool)
+        for i, seqs in enumerate(r.seq):
+            held[i, list(seqs)] = True
+        assert (t.seq_matrix() == held).all()
+        assert (t.used, t.head, t.used_max_p1, t.has_shift) == (
+            r.used, r.head, r.used_max_p1, r.has_shift)
+        mins, maxs = t.seq_pos_bounds()
+        active = np.flatnonzero(held.any(axis=0)).tolist()
+        for s in range(r.n_seq_max):
+            if s not in active:
+                assert mins[s] == maxs[s] == -1
+        for s in set(active) | {0, r.n_seq_max - 1}:
+            assert (mins[s], maxs[s]) == (r.seq_pos_min(s), r.seq_pos_max(s))
+            assert (t.seq_pos_min(s), t.seq_pos_max(s)) == (mins[s], maxs[s])
+            idxs, pos = t.seq_cells(s)
+            assert list(zip(idxs.tolist(), pos.tolist())) == r.seq_cells(s)
+        if active:
+            pos = [max(r.seq_pos_max(s), 0) + k for s in active for k in (0, 1)]
+            self.compare_mask(pos, [[s] for s in active for k in (0, 1)], r.n_cells)
+        t.check()
+
+
+CellTableMachine.TestCase.settings = settings(
+    max_examples=4000 if LONG else 150,
+    stateful_step_count=80 if LONG else 40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much],
+)
+TestCellTable = CellTableMachine.TestCase
