@@ -223,8 +223,8 @@ class CellTableMachine(RuleBasedStateMachine):
 
 
 CellTableMachine.TestCase.settings = settings(
-    max_examples=4000 if LONG else 150,
-    stateful_step_count=80 if LONG else 40,
+    max_examples=4000 if LONG else 400,
+    stateful_step_count=80 if LONG else 50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much],
