@@ -101,6 +101,21 @@ def test_sliding_window_attend_matches_dense(swa_type):
     assert mem.table.used <= 24
 
 
+@pytest.mark.parametrize("swa_type", ["none", "standard", "chunked"])
+@pytest.mark.parametrize("type_k", ["f32", "q8_0"])
+def test_prompt_ubatch_matches_dense(swa_type, type_k):
+    """A sequence with many tokens in a ubatch (matrix-product path) next to
+    sequences with few (C kernel path) in the same ubatch."""
+    mem = KVCache(128, 3, [0], N_HEAD_KV, HEAD_DIM, type_k, "f16", n_swa=16,
+                  swa_type=swa_type)
+    decode(mem, np.arange(20), [[0]] * 20, [0], 1)
+    decode(mem, np.arange(5), [[1]] * 5, [0], 2)
+    pos = np.concatenate([np.arange(20, 60), [5, 6], np.arange(50)])
+    seqs = [[0]] * 40 + [[1], [1, 2]] + [[2]] * 50
+    result = decode(mem, pos, seqs, [0], 3)
+    check_against_mask(mem, pos, seqs, result)
+
+
 def test_attention_reads_only_the_sequence_own_cells():
     """Rows of other sequences and of unused cells are NaN: a read of any of
     them would turn the output into NaN."""
@@ -155,6 +170,25 @@ def test_k_shift_equals_recomputation_at_new_positions(mode, type_k, atol):
     b = decode(fresh, [p_next], [[0]], [0, 1], 40)
     for il in bases:
         np.testing.assert_allclose(a[il][1], b[il][1], atol=atol)
+
+
+def test_iswa_k_shift_uses_each_half_rope():
+    kw = dict(rope_base=1e4, rope_base_swa=50.0, rope_freq_scale=0.25, rope_freq_scale_swa=1.0)
+    rot = {0: (1e4, 0.25), 1: (50.0, 1.0)}
+    old, new = np.arange(8), np.r_[0:3, 8:13]
+    mems = []
+    for pos in (old, new):
+        mem = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32",
+                        n_swa=16, **kw)
+        slot, = mem.prepare([(pos, [[0]] * 8)])
+        mem.apply(slot, pos, [[0]] * 8)
+        for il, (base, fs) in rot.items():
+            mem.store(il, rope(rows(il, 8), pos, base, NEOX, fs), rows(il + 5, 8))
+        mems.append(mem)
+    mems[0].seq_add(0, 3, -1, 5)
+    a, b = (decode(m, [13], [[0]], [0, 1], 7) for m in mems)
+    for il in rot:
+        np.testing.assert_allclose(a[il][1], b[il][1], atol=2e-5)
 
 
 @pytest.mark.parametrize("type_k", TYPES)

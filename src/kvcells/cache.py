@@ -28,6 +28,9 @@ STATE_MAGIC = b"KVCSTATE"
 ISWA_STATE_MAGIC = b"KVCISWA\0"
 STATE_VERSION = 1
 _WHOLE, _SEQUENCE = 0, 1
+# a sequence with at least this many tokens in a ubatch attends with matrix
+# products (dense over its cells' range) instead of the per-token C kernel
+MATMUL_TOKENS = 32
 
 
 def _seq_lists(seq_ids):
@@ -88,13 +91,24 @@ class KVCache:
     def prepare(self, ubatches):
         """One slot (the cells) per ubatch, as if placed one after another;
         the table itself is not touched. CacheFullError if one does not fit."""
+        ubatches = [(pos, self._checked_seqs(pos, seq_ids)) for pos, seq_ids in ubatches]
+        if len(ubatches) == 1:   # find_slot is a pure query: no copy of the table
+            return [self.table.find_slot(len(ubatches[0][0]))]
         sim = self.table.copy()
         slots = []
-        for pos, seq_ids in ubatches:
+        for pos, seq_lists in ubatches:
             idxs = sim.find_slot(len(pos))
-            sim.apply_ubatch(idxs, pos, _seq_lists(seq_ids))
+            sim.apply_ubatch(idxs, pos, seq_lists)
             slots.append(idxs)
         return slots
+
+    def _checked_seqs(self, pos, seq_ids):
+        seq_lists = _seq_lists(seq_ids)
+        if len(seq_lists) != len(pos) or not all(seq_lists):
+            raise ValueError("a ubatch needs one non-empty list of sequence ids per position")
+        if not all(0 <= s < self.n_seq_max for ss in seq_lists for s in ss):
+            raise ValueError(f"sequence id outside [0, {self.n_seq_max})")
+        return seq_lists
 
     def apply(self, slot, pos, seq_ids):
         """Place a ubatch in the cells prepare() gave it; store() and attend()
@@ -103,15 +117,16 @@ class KVCache:
         pos = np.asarray(pos, dtype=np.int32)
         self._ubatch = None
         self.table.apply_ubatch(slot, pos, seq_lists)
-        self._ubatch = (np.asarray(slot, dtype=np.int32), self._visible(pos, seq_lists))
+        self._ubatch = _Ubatch(np.asarray(slot, dtype=np.int32), *self._visible(pos, seq_lists))
 
     def _visible(self, pos, seq_lists):
-        """Per token, the range [lo, hi) of a cell list that it attends: the
-        cells of its first sequence with pos in [window start, p1]."""
+        """A list of cells and, per token, the range [lo, hi) of it that the
+        token attends: the cells of its first sequence with positions in
+        [window start, p1]. Also the tokens of each sequence."""
         n = len(pos)
         first = np.array([s[0] for s in seq_lists], dtype=np.int32)
         lo, hi = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        lists, offset = [], 0
+        lists, groups, offset = [], [], 0
         for s in np.unique(first):
             toks = np.nonzero(first == s)[0]
             idxs, cpos = self.table.seq_cells(int(s))
@@ -120,9 +135,10 @@ class KVCache:
             lo[toks] = offset + np.searchsorted(cpos, start, side="left")
             hi[toks] = offset + np.searchsorted(cpos, p1, side="right")
             lists.append(idxs)
+            groups.append(toks)
             offset += len(idxs)
         cells = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
-        return cells, lo, hi
+        return cells, lo, hi, groups
 
     def _check(self, layer, arr, n_heads, what):
         """The applied ubatch's cells, after checking layer and arr's shape."""
@@ -130,7 +146,7 @@ class KVCache:
             raise KVCellsError("no ubatch applied (or the cache changed since apply)")
         if layer not in self.k:
             raise ValueError(f"layer {layer} is not in this cache")
-        idxs = self._ubatch[0]
+        idxs = self._ubatch.idxs
         shape = (len(idxs), n_heads, self.head_dim)
         if arr.shape != shape:
             raise ValueError(f"{what} must have shape {shape}, got {arr.shape}")
@@ -146,27 +162,71 @@ class KVCache:
         self.v[layer][idxs] = kv_quant.quantize(v.reshape(len(idxs), -1), self.type_v)
 
     def attend(self, layer, q, scale):
-        """Attention output (n_tokens, n_head, head_dim) for the applied ubatch."""
+        """Attention output (n_tokens, n_head, head_dim) for the applied ubatch:
+        the C kernel for sequences with few tokens in the ubatch (decoding),
+        matrix products for those with many (prompts)."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         n_head = q.shape[1] if q.ndim == 3 else 0
         if n_head == 0 or n_head % self.n_head_kv:
             raise ValueError(f"q must be (n_tokens, n_head, {self.head_dim}) with n_head "
                              f"a multiple of n_head_kv = {self.n_head_kv}")
         self._check(layer, q, n_head, "q")
-        cells, lo, hi = self._ubatch[1]
+        ub, scale = self._ubatch, float(scale)
+        if len(ub.few) == len(q):
+            return self._attend_c(layer, q, ub.cells, ub.lo, ub.hi, scale)
+        out = np.empty_like(q)
+        if len(ub.few):
+            few = ub.few
+            out[few] = self._attend_c(layer, q[few], ub.cells, ub.lo[few], ub.hi[few], scale)
+        for toks in ub.many:
+            out[toks] = self._attend_matmul(layer, q[toks], ub.cells, ub.lo[toks], ub.hi[toks],
+                                            scale)
+        return out
+
+    def _attend_c(self, layer, q, cells, lo, hi, scale):
         out = np.empty_like(q)
         rc = lib.kv_attend(
             _TYPE_CODE[self.type_k], ffi.from_buffer(self.k[layer]),
             _TYPE_CODE[self.type_v], ffi.from_buffer(self.v[layer]),
             self.n_cells, self.n_head_kv, self.head_dim,
             ffi.from_buffer("int32_t[]", cells), len(cells),
-            len(q), ffi.from_buffer("int32_t[]", lo), ffi.from_buffer("int32_t[]", hi),
-            ffi.from_buffer("float[]", q), n_head, float(scale),
+            len(q), ffi.from_buffer("int32_t[]", np.ascontiguousarray(lo)),
+            ffi.from_buffer("int32_t[]", np.ascontiguousarray(hi)),
+            ffi.from_buffer("float[]", q), q.shape[1], scale,
             ffi.from_buffer("float[]", out, require_writable=True), self.n_threads)
         if rc == lib.KV_ENOMEM:
             raise MemoryError("kv_attend: out of memory")
         if rc != lib.KV_OK:
             raise KVCellsError(f"kv_attend rejected its arguments ({rc})")
+        return out
+
+    def _attend_matmul(self, layer, q, cells, lo, hi, scale):
+        """The same attention for many tokens of one sequence: the cells they
+        see, widened once, against blocks of tokens as matrix products."""
+        a, b = int(lo.min()), int(hi.max())
+        m, (n, n_head, d), h_kv = b - a, q.shape, self.n_head_kv
+        g = n_head // h_kv
+        rows = cells[a:b]
+        k = kv_quant.dequantize(self.k[layer][rows], self.type_k, h_kv * d)
+        v = kv_quant.dequantize(self.v[layer][rows], self.type_v, h_kv * d)
+        k = k.reshape(m, h_kv, d).transpose(1, 2, 0)      # (h_kv, d, m)
+        v = v.reshape(m, h_kv, d).transpose(1, 0, 2)      # (h_kv, m, d)
+        out = np.empty_like(q)
+        j = np.arange(m)
+        block = max(1, (1 << 22) // max(1, n_head * m))   # scores of ~16 MB at a time
+        for t0 in range(0, n, block):
+            t1 = min(n, t0 + block)
+            qb = q[t0:t1].reshape(t1 - t0, h_kv, g, d).transpose(1, 0, 2, 3)
+            s = (qb.reshape(h_kv, -1, d) @ k).reshape(h_kv, t1 - t0, g, m) * np.float32(scale)
+            seen = (j >= lo[t0:t1, None] - a) & (j < hi[t0:t1, None] - a)
+            s = np.where(seen[None, :, None, :], s, np.float32(-np.inf))
+            top = s.max(axis=-1, keepdims=True)
+            p = np.exp(s - np.where(np.isfinite(top), top, 0))
+            total = p.sum(axis=-1, keepdims=True)
+            p /= np.where(total > 0, total, 1)
+            o = p.reshape(h_kv, -1, m) @ v                  # (h_kv, tokens * g, d)
+            out[t0:t1] = o.reshape(h_kv, t1 - t0, g, d).transpose(1, 0, 2, 3).reshape(
+                t1 - t0, n_head, d)
         return out
 
     # ---- sequence operations (API.md semantics) ----
@@ -220,15 +280,15 @@ class KVCache:
             self.k[il][cells] = kv_quant.quantize(k.reshape(len(cells), -1), self.type_k)
 
     def defrag(self):
-        """Compact the used cells to [0, used); K and V rows follow their cells."""
+        """Compact the used cells to [0, used); K and V rows follow their
+        cells. Returns the number of cells moved."""
         self._ubatch = None
         moves = self.table.defrag()
-        if len(moves) == 0:
-            return
         src, dst = moves[:, 0], moves[:, 1]
         for il in self.layers:
             self.k[il][dst] = self.k[il][src]
             self.v[il][dst] = self.v[il][src]
+        return len(moves)
 
     # ---- state ----
 
@@ -325,6 +385,16 @@ class KVCache:
         return commit
 
 
+class _Ubatch:
+    """The applied ubatch: its cells, and what each token attends (cells[lo:hi])."""
+
+    def __init__(self, idxs, cells, lo, hi, groups):
+        self.idxs, self.cells, self.lo, self.hi = idxs, cells, lo, hi
+        self.many = [toks for toks in groups if len(toks) >= MATMUL_TOKENS]
+        few = [toks for toks in groups if len(toks) < MATMUL_TOKENS]
+        self.few = np.concatenate(few) if few else np.zeros(0, np.int64)
+
+
 class _Reader:
     """Reads a state image after checking its trailing CRC-32."""
 
@@ -359,7 +429,7 @@ class ISWACache:
     def __init__(self, n_ctx, n_seq_max, n_ubatch, swa_layers, n_head_kv, head_dim,
                  type_k="f16", type_v="f16", *, n_swa, swa_type="standard",
                  rope_base=10000.0, rope_base_swa=10000.0, rope_mode=NEOX,
-                 rope_freq_scale=1.0):
+                 rope_freq_scale=1.0, rope_freq_scale_swa=None):
         if n_swa <= 0 or swa_type == "none":
             raise ValueError("ISWACache needs n_swa > 0 and a sliding-window type")
         self.swa_layers = [bool(x) for x in swa_layers]
@@ -367,11 +437,15 @@ class ISWACache:
         swa = [il for il, s in enumerate(self.swa_layers) if s]
         # llama.cpp's size: the window of every sequence plus one ubatch, padded to 256
         n_swa_cells = min(n_ctx, -(-(n_swa * n_seq_max + n_ubatch) // 256) * 256)
+        if rope_freq_scale_swa is None:
+            rope_freq_scale_swa = rope_freq_scale
         common = dict(n_head_kv=n_head_kv, head_dim=head_dim, type_k=type_k, type_v=type_v,
-                      rope_mode=rope_mode, rope_freq_scale=rope_freq_scale)
-        self.base = KVCache(n_ctx, n_seq_max, full, rope_base=rope_base, **common)
+                      rope_mode=rope_mode)
+        self.base = KVCache(n_ctx, n_seq_max, full, rope_base=rope_base,
+                            rope_freq_scale=rope_freq_scale, **common)
         self.swa = KVCache(n_swa_cells, n_seq_max, swa, n_swa=n_swa, swa_type=swa_type,
-                           rope_base=rope_base_swa, **common)
+                           rope_base=rope_base_swa, rope_freq_scale=rope_freq_scale_swa,
+                           **common)
         self.halves = (self.base, self.swa)
 
     def _half(self, layer):
@@ -428,8 +502,7 @@ class ISWACache:
             h.clear()
 
     def defrag(self):
-        for h in self.halves:
-            h.defrag()
+        return sum(h.defrag() for h in self.halves)
 
     def state_bytes(self, seq_id=None):
         base, swa = self.base.state_bytes(seq_id), self.swa.state_bytes(seq_id)
