@@ -24,7 +24,7 @@
 
 #define SPIN_NS 1000000   // how long an idle worker spins before sleeping
 #define CHUNKS_PER_THREAD 8
-#define TOKEN_TILE 64       // tokens per pass over a chunk of rows
+#define TOKEN_TILE 16       // tokens per pass over a chunk of rows: their x stays in L1
 
 typedef struct {
     int type;

