@@ -110,7 +110,8 @@ def bench_ranged():
     ref = {n: ranged(RefCells, n) for n in (small, large)}
     for op in ("seq_cp", "seq_rm", "seq_pos_max"):
         for n in (small, large):
-            row(f"(b) {op} of 64 positions, {n} cells", c[n][op], ref[n][op])
+            what = op if op == "seq_pos_max" else f"{op} of 64 positions"
+            row(f"(b) {what}, {n} cells", c[n][op], ref[n][op])
         print(f"    {op}: {large} vs {small} cells: C x{c[large][op] / c[small][op]:.2f} "
               f"(target <= 2), reference x{ref[large][op] / ref[small][op]:.1f}")
 
