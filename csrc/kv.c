@@ -72,96 +72,140 @@ static void axpy_plain(float a, const float *x, float *y, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-// ---- AVX2 inner loops (head_dim is a multiple of 8 on this path) ----
+// ---- AVX2 passes, specialised per element type (head_dim % 16 == 0) ----
 
 #ifdef KV_X86
-__attribute__((target("avx2,fma,f16c")))
-static void widen_avx2(int type, const uint8_t *src, int n, float *dst) {
+#define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+// elements i .. i+7 of a row (i % 8 == 0), widened to float
+AVX2 __m256 load8(int type, const uint8_t *row, int i) {
     switch (type) {
-    case KV_TYPE_F32:
-        memcpy(dst, src, (size_t)n * 4);
-        break;
     case KV_TYPE_F16:
-        for (int i = 0; i < n; i += 8) {
-            __m128i h = _mm_loadu_si128((const __m128i *)(src + 2 * i));
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-        }
-        break;
-    case KV_TYPE_Q8_0:
-        for (int b = 0; b < n / QK; b++, src += 2 + QK) {
-            const __m256 d = _mm256_set1_ps(f16_to_f32(src));
-            for (int i = 0; i < QK; i += 8) {
-                __m128i q8 = _mm_loadl_epi64((const __m128i *)(src + 2 + i));
-                __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
-                _mm256_storeu_ps(dst + b * QK + i, _mm256_mul_ps(d, x));
-            }
-        }
-        break;
-    case KV_TYPE_Q4_0:
-        for (int b = 0; b < n / QK; b++, src += 2 + QK / 2) {
-            const __m256 d = _mm256_set1_ps(f16_to_f32(src));
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)(src + 2));
-            const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-            __m128i lo = _mm_sub_epi8(_mm_and_si128(bytes, mask), eight);
-            __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), eight);
-            __m128i halves[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int k = 0; k < 4; k++) {
-                __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(halves[k]));
-                _mm256_storeu_ps(dst + b * QK + 8 * k, _mm256_mul_ps(d, x));
-            }
-        }
-        break;
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)));
+    case KV_TYPE_Q8_0: {
+        const uint8_t *b = row + i / QK * (2 + QK);
+        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64((const __m128i *)(b + 2 + i % QK))));
+        return _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b)), x);
+    }
+    case KV_TYPE_Q4_0: {
+        const uint8_t *b = row + i / QK * (2 + QK / 2);
+        const int j = i % QK;  // low nibbles hold elements 0..15, high ones 16..31
+        __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + (j & 15)));
+        if (j >= 16) q = _mm_srli_epi16(q, 4);
+        q = _mm_sub_epi8(_mm_and_si128(q, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
+        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+        return _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b)), x);
+    }
+    default:
+        return _mm256_loadu_ps((const float *)row + i);
     }
 }
 
-__attribute__((target("avx2,fma")))
-static float dot_avx2(const float *a, const float *b, int n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i < n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    __m256 s = _mm256_add_ps(s0, s1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+AVX2 float hsum(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
 
-__attribute__((target("avx2,fma")))
-static void axpy_avx2(float a, const float *x, float *y, int n) {
-    const __m256 va = _mm256_set1_ps(a);
-    for (int i = 0; i < n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+// s[k * n + j] = scale * q_k . K_j for nh (1 or 4) query heads q_k = q + k * d
+AVX2 void scores_body(int type, int nh, const uint8_t *const *rows, int64_t n,
+                      const float *q, int d, float scale, float *s) {
+    for (int64_t j = 0; j < n; j++) {
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps()};
+        __m256 b[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps()};
+        for (int i = 0; i < d; i += 16) {
+            __m256 k0 = load8(type, rows[j], i), k1 = load8(type, rows[j], i + 8);
+            for (int k = 0; k < nh; k++) {
+                a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i), k0, a[k]);
+                b[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i + 8), k1, b[k]);
+            }
+        }
+        for (int k = 0; k < nh; k++) s[k * n + j] = scale * hsum(_mm256_add_ps(a[k], b[k]));
+    }
+}
+
+// out_k += sum_j p[k * n + j] V_j for nh (1 or 4) heads out_k = out + k * d;
+// V rows are summed TILE at a time so the sums stay in registers
+#define TILE 16
+AVX2 void values_body(int type, int nh, const uint8_t *const *rows, int64_t n,
+                      const float *p, int d, float *out) {
+    for (int64_t j0 = 0; j0 < n; j0 += TILE) {
+        const int64_t j1 = j0 + TILE < n ? j0 + TILE : n;
+        for (int i = 0; i < d; i += 8) {
+            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                           _mm256_setzero_ps()};
+            for (int64_t j = j0; j < j1; j++) {
+                __m256 v = load8(type, rows[j], i);
+                for (int k = 0; k < nh; k++)
+                    a[k] = _mm256_fmadd_ps(_mm256_set1_ps(p[k * n + j]), v, a[k]);
+            }
+            for (int k = 0; k < nh; k++)
+                _mm256_storeu_ps(out + k * d + i, _mm256_add_ps(_mm256_loadu_ps(out + k * d + i), a[k]));
+        }
+    }
+}
+
+// one instance per (type, nh): the compiler keeps the sums in registers
+#define KV_CASES(body, ...)                                                          \
+    switch (type * 8 + nh) {                                                         \
+    case KV_TYPE_F32 * 8 + 1: body(KV_TYPE_F32, 1, __VA_ARGS__); break;              \
+    case KV_TYPE_F32 * 8 + 4: body(KV_TYPE_F32, 4, __VA_ARGS__); break;              \
+    case KV_TYPE_F16 * 8 + 1: body(KV_TYPE_F16, 1, __VA_ARGS__); break;              \
+    case KV_TYPE_F16 * 8 + 4: body(KV_TYPE_F16, 4, __VA_ARGS__); break;              \
+    case KV_TYPE_Q8_0 * 8 + 1: body(KV_TYPE_Q8_0, 1, __VA_ARGS__); break;            \
+    case KV_TYPE_Q8_0 * 8 + 4: body(KV_TYPE_Q8_0, 4, __VA_ARGS__); break;            \
+    case KV_TYPE_Q4_0 * 8 + 1: body(KV_TYPE_Q4_0, 1, __VA_ARGS__); break;            \
+    case KV_TYPE_Q4_0 * 8 + 4: body(KV_TYPE_Q4_0, 4, __VA_ARGS__); break;            \
+    }
+
+__attribute__((target("avx2,fma,f16c")))
+static void scores_avx2(int type, int nh, const uint8_t *const *rows, int64_t n,
+                        const float *q, int d, float scale, float *s) {
+    KV_CASES(scores_body, rows, n, q, d, scale, s)
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void values_avx2(int type, int nh, const uint8_t *const *rows, int64_t n,
+                        const float *p, int d, float *out) {
+    KV_CASES(values_body, rows, n, p, d, out)
 }
 #endif
 
-typedef struct {
-    void (*widen)(int, const uint8_t *, int, float *);
-    float (*dot)(const float *, const float *, int);
-    void (*axpy)(float, const float *, float *, int);
-} kernels;
-
-static kernels pick_kernels(int head_dim) {
-    kernels kn = {widen_plain, dot_plain, axpy_plain};
+static int have_avx2(int head_dim) {
 #ifdef KV_X86
     __builtin_cpu_init();
-    if (head_dim % 8 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-        && __builtin_cpu_supports("f16c")) {
-        kn.widen = widen_avx2;
-        kn.dot = dot_avx2;
-        kn.axpy = axpy_avx2;
-    }
+    return head_dim % 16 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+        && __builtin_cpu_supports("f16c");
+#else
+    return 0;
 #endif
-    return kn;
+}
+
+// ---- plain C passes ----
+
+static void scores_plain(int type, int nh, const uint8_t *const *rows, int64_t n,
+                         const float *q, int d, float scale, float *s, float *row) {
+    for (int64_t j = 0; j < n; j++) {
+        widen_plain(type, rows[j], d, row);
+        for (int k = 0; k < nh; k++) s[k * n + j] = scale * dot_plain(q + k * d, row, d);
+    }
+}
+
+static void values_plain(int type, int nh, const uint8_t *const *rows, int64_t n,
+                         const float *p, int d, float *out, float *row) {
+    for (int64_t j = 0; j < n; j++) {
+        widen_plain(type, rows[j], d, row);
+        for (int k = 0; k < nh; k++) axpy_plain(p[k * n + j], row, out + k * d, d);
+    }
 }
 
 // ---- attention ----
 
 typedef struct {
-    int type_k, type_v, n_head_kv, head_dim, n_head;
+    int type_k, type_v, n_head_kv, head_dim, n_head, avx2;
     const uint8_t *k, *v;
     int64_t row_k, row_v, hb_k, hb_v;
     const int32_t *cells;
@@ -169,12 +213,21 @@ typedef struct {
     const float *q;
     float scale;
     float *out;
-    kernels kn;
     int64_t item0, item1;  // work items [item0, item1): token * n_head_kv + kv head
-    float *scores;         // scratch: g * (longest visible list)
+    float *scores;         // scratch: 4 * (longest visible list)
+    const uint8_t **rows;  // scratch: 2 * (longest visible list)
     float *row;            // scratch: head_dim
-    int status;
 } job;
+
+static void softmax(float *s, int64_t n) {
+    float mx = s[0], sum = 0.0f;
+    for (int64_t j = 1; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    for (int64_t j = 0; j < n; j++) s[j] /= sum;
+}
 
 static void attend_item(job *jb, int t, int h) {
     const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
@@ -182,26 +235,31 @@ static void attend_item(job *jb, int t, int h) {
     const int32_t *cells = jb->cells + jb->lo[t];
     const float *q = jb->q + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
     float *out = jb->out + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
-    float *s = jb->scores;
+    const uint8_t **krows = jb->rows, **vrows = jb->rows + n;
 
     memset(out, 0, sizeof(float) * (size_t)g * d);
     if (n == 0) return;
     for (int64_t j = 0; j < n; j++) {
-        jb->kn.widen(jb->type_k, jb->k + cells[j] * jb->row_k + h * jb->hb_k, d, jb->row);
-        for (int i = 0; i < g; i++) s[i * n + j] = jb->scale * jb->kn.dot(q + i * d, jb->row, d);
+        krows[j] = jb->k + cells[j] * jb->row_k + h * jb->hb_k;
+        vrows[j] = jb->v + cells[j] * jb->row_v + h * jb->hb_v;
     }
-    for (int i = 0; i < g; i++) {
-        float *si = s + i * n, mx = si[0], sum = 0.0f;
-        for (int64_t j = 1; j < n; j++) mx = si[j] > mx ? si[j] : mx;
-        for (int64_t j = 0; j < n; j++) {
-            si[j] = expf(si[j] - mx);
-            sum += si[j];
-        }
-        for (int64_t j = 0; j < n; j++) si[j] /= sum;
-    }
-    for (int64_t j = 0; j < n; j++) {
-        jb->kn.widen(jb->type_v, jb->v + cells[j] * jb->row_v + h * jb->hb_v, d, jb->row);
-        for (int i = 0; i < g; i++) jb->kn.axpy(s[i * n + j], jb->row, out + i * d, d);
+    // the query heads of this kv head, four at a time (then one at a time)
+    for (int g0 = 0; g0 < g;) {
+        const int nh = g - g0 >= 4 ? 4 : 1;
+        const float *qh = q + g0 * d;
+        float *oh = out + g0 * d;
+#ifdef KV_X86
+        if (jb->avx2) scores_avx2(jb->type_k, nh, krows, n, qh, d, jb->scale, jb->scores);
+        else
+#endif
+            scores_plain(jb->type_k, nh, krows, n, qh, d, jb->scale, jb->scores, jb->row);
+        for (int k = 0; k < nh; k++) softmax(jb->scores + k * n, n);
+#ifdef KV_X86
+        if (jb->avx2) values_avx2(jb->type_v, nh, vrows, n, jb->scores, d, oh);
+        else
+#endif
+            values_plain(jb->type_v, nh, vrows, n, jb->scores, d, oh, jb->row);
+        g0 += nh;
     }
 }
 
@@ -250,7 +308,7 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
     job *jobs = calloc((size_t)n_threads, sizeof(job));
     pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));
     int status = jobs && tids ? KV_OK : KV_ENOMEM;
-    const int g = n_head / n_head_kv;
+    const int avx2 = have_avx2(head_dim);
     for (int i = 0; status == KV_OK && i < n_threads; i++) {
         job *jb = &jobs[i];
         jb->type_k = type_k, jb->type_v = type_v, jb->n_head_kv = n_head_kv;
@@ -258,11 +316,12 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
         jb->k = k, jb->v = v, jb->cells = cells, jb->lo = lo, jb->hi = hi, jb->q = q;
         jb->hb_k = head_bytes(type_k, head_dim), jb->hb_v = head_bytes(type_v, head_dim);
         jb->row_k = jb->hb_k * n_head_kv, jb->row_v = jb->hb_v * n_head_kv;
-        jb->scale = scale, jb->out = out, jb->kn = pick_kernels(head_dim);
+        jb->scale = scale, jb->out = out, jb->avx2 = avx2;
         jb->item0 = n_items * i / n_threads, jb->item1 = n_items * (i + 1) / n_threads;
-        jb->scores = malloc(sizeof(float) * (size_t)(g * longest));
+        jb->scores = malloc(sizeof(float) * (size_t)(4 * longest));
+        jb->rows = malloc(sizeof(uint8_t *) * (size_t)(2 * longest));
         jb->row = malloc(sizeof(float) * (size_t)head_dim);
-        if (!jb->scores || !jb->row) status = KV_ENOMEM;
+        if (!jb->scores || !jb->rows || !jb->row) status = KV_ENOMEM;
     }
     if (status == KV_OK) {
         int started = 1;
@@ -274,6 +333,7 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
     }
     for (int i = 0; jobs && i < n_threads; i++) {
         free(jobs[i].scores);
+        free(jobs[i].rows);
         free(jobs[i].row);
     }
     free(jobs);
