@@ -6,7 +6,7 @@ call (best of several, the machine may be shared), GFLOP/s (2 * n_out * n_in
 f32 bytes for numpy), for n = 1 (decode) and n = 64 (a prompt ubatch), ours
 on 1 and 2 threads. numpy uses its BLAS with its default threads.
 
-Then: the f32-activation alternative (the same matrix as F16, multiplied
+Also the error against a float64 matmul. Then: the f32-activation alternative (the same matrix as F16, multiplied
 with f32 x by on-the-fly conversion and FMA), the per-call overhead, and the
 matmul time of a whole decode step / prompt token on this model.
 
@@ -65,6 +65,10 @@ def bench_shape(w, what, ns, budget):
             times[n, threads] = t
             print("   ", row(f"ours, {threads} thread{'s' * (threads > 1)}", t, flops, w.raw.nbytes),
                   f" {t_np / t:5.2f}x numpy")
+    exact = x.astype(np.float64) @ f32.T.astype(np.float64)
+    err = mm.matmul(w.raw, w.type, n_out, n_in, x) - exact
+    print(f"  accuracy, n={n} gaussian x: relative RMS error {np.sqrt((err ** 2).mean() / (exact ** 2).mean()):.1e}"
+          f" (numpy f32: {np.sqrt(((x @ f32.T - exact) ** 2).mean() / (exact ** 2).mean()):.1e})")
     return times
 
 
