@@ -3,8 +3,10 @@
 //   Q8_0  (32 values, 34): f16 d, int8 q[32]                      x = d*q
 //   Q4_0  (32 values, 18): f16 d, q[16] nibbles (low: 0..15, high: 16..31)
 //                                                                 x = d*(q-8)
+//   Q4_1  (32 values, 20): f16 d, f16 m, q[16] as Q4_0            x = d*q + m
 //   Q5_0  (32 values, 22): f16 d, u32 qh (5th bits), q[16] nibbles as Q4_0
 //                                                                 x = d*(q-16)
+//   Q5_1  (32 values, 24): f16 d, f16 m, qh, q[16] as Q5_0        x = d*q + m
 //   Q4_K (256 values, 144): f16 d, f16 dmin, 12 bytes of 6-bit scale/min
 //         pairs for 8 sub-blocks of 32, q[128]: 32 bytes per 64 values, low
 //         nibbles the first sub-block, high the second   x = d*sc*q - dmin*m
@@ -50,7 +52,9 @@ size_t quant_row_bytes(int type, int64_t n) {
     case QUANT_F32: block = 1; bytes = 4; break;
     case QUANT_F16: case QUANT_BF16: block = 1; bytes = 2; break;
     case QUANT_Q4_0: block = QK; bytes = 18; break;
+    case QUANT_Q4_1: block = QK; bytes = 20; break;
     case QUANT_Q5_0: block = QK; bytes = 22; break;
+    case QUANT_Q5_1: block = QK; bytes = 24; break;
     case QUANT_Q8_0: block = QK; bytes = 34; break;
     case QUANT_Q4_K: block = QK_K; bytes = 144; break;
     case QUANT_Q5_K: block = QK_K; bytes = 176; break;
@@ -128,21 +132,17 @@ static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], flo
         a[0] = a[1] = load_f16(blk);
         for (int i = 0; i < QK; i++) q[i] = (int8_t)blk[2 + i];
         return;
-    case QUANT_Q4_0:
-        blk = row + 18 * g;
+    case QUANT_Q4_0: case QUANT_Q4_1: case QUANT_Q5_0: case QUANT_Q5_1: {
+        int five = type == QUANT_Q5_0 || type == QUANT_Q5_1, has_min = type == QUANT_Q4_1 || type == QUANT_Q5_1;
+        int bias = has_min ? 0 : five ? 16 : 8;
+        blk = row + (18 + 2 * has_min + 4 * five) * g;
+        const uint8_t *qs = blk + 2 + 2 * has_min + 4 * five;
+        uint32_t qh = five ? load_u32(blk + 2 + 2 * has_min) : 0;
         a[0] = a[1] = load_f16(blk);
+        if (has_min) *off = -load_f16(blk + 2);
         for (int j = 0; j < 16; j++) {
-            q[j] = (blk[2 + j] & 0xF) - 8;
-            q[j + 16] = (blk[2 + j] >> 4) - 8;
-        }
-        return;
-    case QUANT_Q5_0: {
-        blk = row + 22 * g;
-        a[0] = a[1] = load_f16(blk);
-        uint32_t qh = load_u32(blk + 2);
-        for (int j = 0; j < 16; j++) {
-            q[j] = ((blk[6 + j] & 0xF) | (int)(((qh >> j) & 1) << 4)) - 16;
-            q[j + 16] = ((blk[6 + j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4)) - 16;
+            q[j] = ((qs[j] & 0xF) | (int)(((qh >> j) & 1) << 4)) - bias;
+            q[j + 16] = ((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4)) - bias;
         }
         return;
     }
@@ -311,22 +311,27 @@ TILE void q8_0_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, floa
     store_sums(acc, off, nt, out, stride);
 }
 
-// Q4_0 and Q5_0 with unsigned q: d*(q.x) - offset * d*(sum of x) per block.
-TILE void q45_0_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride, int five) {
+// Q4_0, Q4_1, Q5_0, Q5_1 with unsigned q: d*(q.x) + o*(sum of x) per block,
+// o = -8d, -16d or the block's min m.
+TILE void q45_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride,
+                   int five, int has_min) {
     __m256 acc[DOT_MAX_TOKENS];
     float off[DOT_MAX_TOKENS] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n / QK; g++) {
-        const uint8_t *blk = row + (five ? 22 : 18) * g;
+        const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * g;
         float d = f16_simd(blk);
-        __m256i u = nibbles16(blk + (five ? 6 : 2));
-        if (five) u = _mm256_or_si256(u, _mm256_and_si256(bits_to_bytes(load_u32(blk + 2)), _mm256_set1_epi8(0x10)));
+        float o = has_min ? -f16_simd(blk + 2) : (five ? 16.0f : 8.0f) * d;
+        __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
+        if (five) {
+            __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
+            u = _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
+        }
         for (int t = 0; t < nt; t++) {
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[g]), dot_u8_s8(u, load_x(x[t], g)), acc[t]);
-            off[t] += d * x[t].s[g];
+            off[t] += o * x[t].s[g];
         }
     }
-    for (int t = 0; t < nt; t++) off[t] *= five ? 16.0f : 8.0f;
     store_sums(acc, off, nt, out, stride);
 }
 
@@ -406,8 +411,10 @@ TILE void q6_k_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, floa
     }
 
 TILE_ENTRY(dot_q8_0_avx2, q8_0_tile(row, x, k, n, out, stride))
-TILE_ENTRY(dot_q4_0_avx2, q45_0_tile(row, x, k, n, out, stride, 0))
-TILE_ENTRY(dot_q5_0_avx2, q45_0_tile(row, x, k, n, out, stride, 1))
+TILE_ENTRY(dot_q4_0_avx2, q45_tile(row, x, k, n, out, stride, 0, 0))
+TILE_ENTRY(dot_q4_1_avx2, q45_tile(row, x, k, n, out, stride, 0, 1))
+TILE_ENTRY(dot_q5_0_avx2, q45_tile(row, x, k, n, out, stride, 1, 0))
+TILE_ENTRY(dot_q5_1_avx2, q45_tile(row, x, k, n, out, stride, 1, 1))
 TILE_ENTRY(dot_q4_k_avx2, k45_tile(row, x, k, n, out, stride, 0))
 TILE_ENTRY(dot_q5_k_avx2, k45_tile(row, x, k, n, out, stride, 1))
 TILE_ENTRY(dot_q6_k_avx2, q6_k_tile(row, x, k, n, out, stride))
@@ -471,7 +478,9 @@ dot_q8_fn quant_dot_q8(int type, int simd) {
         switch (type) {
         case QUANT_Q8_0: return dot_q8_0_avx2;
         case QUANT_Q4_0: return dot_q4_0_avx2;
+        case QUANT_Q4_1: return dot_q4_1_avx2;
         case QUANT_Q5_0: return dot_q5_0_avx2;
+        case QUANT_Q5_1: return dot_q5_1_avx2;
         case QUANT_Q4_K: return dot_q4_k_avx2;
         case QUANT_Q5_K: return dot_q5_k_avx2;
         case QUANT_Q6_K: return dot_q6_k_avx2;

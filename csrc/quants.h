@@ -16,7 +16,9 @@
 #define QUANT_F32 0
 #define QUANT_F16 1
 #define QUANT_Q4_0 2
+#define QUANT_Q4_1 3
 #define QUANT_Q5_0 6
+#define QUANT_Q5_1 7
 #define QUANT_Q8_0 8
 #define QUANT_Q4_K 12
 #define QUANT_Q5_K 13

@@ -20,10 +20,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from kvcells import matmul as mm
 
 EPS = float(np.finfo(np.float32).eps)
-QUANTISED = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+QUANTISED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 FLOAT = ("F32", "F16", "BF16")
 # f16 scale fields (byte offsets in a block) of each quantised type
-SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_K": (0, 2),
+SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
                 "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
@@ -76,6 +76,9 @@ def term_magnitude(raw, name, n_in):
     f16 = lambda off: b[..., off:off + 2].copy().view(np.float16)[..., 0].astype(np.float64)  # noqa: E731
     if name in ("Q8_0", "Q4_0", "Q5_0"):
         per_block = np.abs(f16(0)) * {"Q8_0": 128, "Q4_0": 15 + 8, "Q5_0": 31 + 16}[name]
+        return np.repeat(per_block, 32, axis=1)
+    if name in ("Q4_1", "Q5_1"):
+        per_block = np.abs(f16(0)) * (15 if name == "Q4_1" else 31) + np.abs(f16(2))
         return np.repeat(per_block, 32, axis=1)
     if name == "Q6_K":
         sc = b[..., 192:208].view(np.int8).astype(np.float64)

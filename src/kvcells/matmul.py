@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 
 from ._core import ffi, lib
 
-TYPE_NAMES = ("F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+TYPE_NAMES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 TYPES = {name: int(GGMLQuantizationType[name]) for name in TYPE_NAMES}
 
 _num_threads = len(os.sched_getaffinity(0))
