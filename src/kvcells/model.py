@@ -41,7 +41,8 @@ class Model:
                              hp.head_dim, type_k, type_v, n_swa=hp.n_swa,
                              swa_type=hp.swa_type, rope_base=hp.rope_base,
                              rope_base_swa=hp.rope_base_swa, rope_mode=hp.rope_mode,
-                             rope_freq_scale=hp.rope_freq_scale)
+                             rope_freq_scale=hp.rope_freq_scale,
+                             rope_freq_scale_swa=hp.rope_freq_scale_swa)
         layers = list(range(hp.n_layer))
         return KVCache(n_ctx, n_seq_max, layers, hp.n_head_kv, hp.head_dim, type_k, type_v,
                        rope_base={il: hp.rope_base for il in layers},
