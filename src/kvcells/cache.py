@@ -265,19 +265,23 @@ class KVCache:
 
     def _shift_k(self):
         """Re-rotate the K rows of shifted cells by their shift: RoPE by p
-        then by delta equals RoPE by p + delta."""
+        then by delta equals RoPE by p + delta. Layers with the same base are
+        rotated together, as extra heads, so the angles are computed once."""
         if not self.table.has_shift:
             return
         shifts = self.table.take_shifts()
         cells = np.nonzero(shifts)[0]
         if len(cells) == 0:
             return
-        shape = (len(cells), self.n_head_kv, self.head_dim)
-        for il in self.layers:
-            k = kv_quant.dequantize(self.k[il][cells], self.type_k, self.n_head_kv * self.head_dim)
-            k = rope(k.reshape(shape), shifts[cells], self.rope_base[il], self.rope_mode,
-                     self.rope_freq_scale)
-            self.k[il][cells] = kv_quant.quantize(k.reshape(len(cells), -1), self.type_k)
+        n, row = len(cells), self.n_head_kv * self.head_dim
+        for base in set(self.rope_base.values()):
+            layers = [il for il in self.layers if self.rope_base[il] == base]
+            k = np.stack([kv_quant.dequantize(self.k[il][cells], self.type_k, row)
+                          for il in layers], axis=1)
+            k = rope(k.reshape(n, -1, self.head_dim), shifts[cells], base, self.rope_mode,
+                     self.rope_freq_scale).reshape(n, len(layers), row)
+            for i, il in enumerate(layers):
+                self.k[il][cells] = kv_quant.quantize(k[:, i], self.type_k)
 
     def defrag(self):
         """Compact the used cells to [0, used); K and V rows follow their
