@@ -17,6 +17,7 @@
 #endif
 
 #define QK 32
+#define CELLS_PER_THREAD 16384
 
 static int64_t head_bytes(int type, int head_dim) {
     switch (type) {
@@ -299,11 +300,15 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
                     n_tokens, lo, hi, q, n_head, out))
         return KV_EINVAL;
     const int64_t n_items = (int64_t)n_tokens * n_head_kv;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > n_items) n_threads = n_items > 0 ? (int)n_items : 1;
-    int64_t longest = 1;
-    for (int t = 0; t < n_tokens; t++)
+    int64_t longest = 1, visits = 0;
+    for (int t = 0; t < n_tokens; t++) {
         if (hi[t] - lo[t] > longest) longest = hi[t] - lo[t];
+        visits += (int64_t)(hi[t] - lo[t]) * n_head_kv;
+    }
+    // a thread is worth starting for about a millisecond of work or more
+    if (n_threads > visits / CELLS_PER_THREAD + 1) n_threads = (int)(visits / CELLS_PER_THREAD + 1);
+    if (n_threads > n_items) n_threads = (int)n_items;
+    if (n_threads < 1) n_threads = 1;
 
     job *jobs = calloc((size_t)n_threads, sizeof(job));
     pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));

@@ -101,6 +101,18 @@ def test_sliding_window_attend_matches_dense(swa_type):
     assert mem.table.used <= 24
 
 
+def test_many_sequences_decoding_on_two_threads_matches_dense():
+    """Enough work (20 sequences x 500 cells x 2 kv heads) for kv_attend to
+    split the tokens over two threads."""
+    mem = KVCache(20 * 501, 20, [0], N_HEAD_KV, HEAD_DIM, "f16", "q8_0")
+    mem.n_threads = 2
+    for s in range(20):
+        decode(mem, np.arange(500), [[s]] * 500, [0], s)
+    pos, seqs = [500] * 20, [[s] for s in range(20)]
+    result = decode(mem, pos, seqs, [0], 99)
+    check_against_mask(mem, pos, seqs, result)
+
+
 @pytest.mark.parametrize("swa_type", ["none", "standard", "chunked"])
 @pytest.mark.parametrize("type_k", ["f32", "q8_0"])
 def test_prompt_ubatch_matches_dense(swa_type, type_k):
@@ -243,15 +255,17 @@ def test_iswa_sizes_and_bytes():
 
 def test_q8_0_and_q4_0_attention_stay_close_to_f32():
     """Quantised K/V change the attention output by no more than a stated
-    tolerance: with unit-normal K, V and q, q8_0 errors of ~1/254 of each
-    block's range move the output by < 0.02, q4_0's ~1/16 by < 0.3."""
+    tolerance. Unit-normal K, V and q over 257 cells give outputs of up to
+    ~0.3; q8_0 (steps of 1/127 of a block's largest value) stays within
+    0.01 of f32 (measured 0.0023), q4_0 (steps of 1/8) within 0.1
+    (measured 0.028)."""
     outs = {}
     for t in ("f32", "q8_0", "q4_0"):
         mem = KVCache(300, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
         decode(mem, np.arange(256), [[0]] * 256, [0], 60)
         outs[t] = decode(mem, [256], [[0]], [0], 61)[0][1]
-    assert np.abs(outs["q8_0"] - outs["f32"]).max() < 0.02
-    assert np.abs(outs["q4_0"] - outs["f32"]).max() < 0.3
+    assert np.abs(outs["q8_0"] - outs["f32"]).max() < 0.01
+    assert np.abs(outs["q4_0"] - outs["f32"]).max() < 0.1
 
 
 def snapshot(mem):
