@@ -11,6 +11,7 @@ Tolerances are bounds, not fitted numbers:
   the result by at most sum over blocks of d/2 * sum |w_i| over the block.
 """
 import os
+import time
 import zlib
 
 import numpy as np
@@ -335,3 +336,24 @@ def test_environment_variable_forces_the_portable_path():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVCELLS_NO_SIMD": "1"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_pool_works_in_a_forked_child():
+    # only the forking thread survives fork(): the child must not wait for the parent's workers
+    rng = np.random.default_rng(10)
+    raw = make_raw("Q8_0", 64, 64, rng)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    want = mm.matmul(raw, "Q8_0", 64, 64, x, n_threads=2)
+    pid = os.fork()
+    if pid == 0:
+        ok = np.array_equal(mm.matmul(raw, "Q8_0", 64, 64, x, n_threads=2), want)
+        os._exit(0 if ok else 1)
+    for _ in range(1000):   # up to 10 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("matmul hung in a forked child")
