@@ -116,8 +116,7 @@ def test_many_sequences_decoding_on_two_threads_matches_dense():
 @pytest.mark.parametrize("swa_type", ["none", "standard", "chunked"])
 @pytest.mark.parametrize("type_k", ["f32", "q8_0"])
 def test_prompt_ubatch_matches_dense(swa_type, type_k):
-    """A sequence with many tokens in a ubatch (matrix-product path) next to
-    sequences with few (C kernel path) in the same ubatch."""
+    """A prompt of one sequence next to single tokens of others, in one ubatch."""
     mem = KVCache(128, 3, [0], N_HEAD_KV, HEAD_DIM, type_k, "f16", n_swa=16,
                   swa_type=swa_type)
     decode(mem, np.arange(20), [[0]] * 20, [0], 1)

@@ -9,7 +9,7 @@ Prints, for f16 and q8_0 K/V:
     store, attend) for 1 and 16 sequences holding 512, 4096 and 16384
     cached tokens each, per layer;
   - whether one sequence's step time depends on the others' lengths;
-  - prefill attention of a 512-token ubatch;
+  - attention of a 512-token prompt ubatch;
   - the cost of a K-shift (seq_add over 4096 cells) and of a defrag.
 """
 import argparse
@@ -105,11 +105,13 @@ def independence(types, long):
 
 
 def prefill(types):
-    print("\nprefill: attend() of one 512-token ubatch on an empty sequence, one layer")
+    print("\nprompt: attend() of a 512-token ubatch after 0 or 3584 cached tokens, one layer")
     for t in types:
-        mem = KVCache(1024, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
-        place(mem, np.arange(512), [[0]] * 512)
-        print(f"{t:>5} {attend_time(mem, 512, repeat=3) * 1e3:>8.2f}ms")
+        for before in (0, 3584):
+            mem = KVCache(4096, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
+            fill(mem, [before])
+            place(mem, np.arange(before, before + 512), [[0]] * 512)
+            print(f"{t:>5} {before:>5} cached {attend_time(mem, 512, repeat=3) * 1e3:>8.2f}ms")
 
 
 def shift_and_defrag(types, n_layers=18):

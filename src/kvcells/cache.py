@@ -28,9 +28,6 @@ STATE_MAGIC = b"KVCSTATE"
 ISWA_STATE_MAGIC = b"KVCISWA\0"
 STATE_VERSION = 1
 _WHOLE, _SEQUENCE = 0, 1
-# a sequence with at least this many tokens in a ubatch attends with matrix
-# products (dense over its cells' range) instead of the per-token C kernel
-MATMUL_TOKENS = 32
 
 
 def _seq_lists(seq_ids):
@@ -122,11 +119,11 @@ class KVCache:
     def _visible(self, pos, seq_lists):
         """A list of cells and, per token, the range [lo, hi) of it that the
         token attends: the cells of its first sequence with positions in
-        [window start, p1]. Also the tokens of each sequence."""
+        [window start, p1]."""
         n = len(pos)
         first = np.array([s[0] for s in seq_lists], dtype=np.int32)
         lo, hi = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        lists, groups, offset = [], [], 0
+        lists, offset = [], 0
         for s in np.unique(first):
             toks = np.nonzero(first == s)[0]
             idxs, cpos = self.table.seq_cells(int(s))
@@ -135,10 +132,9 @@ class KVCache:
             lo[toks] = offset + np.searchsorted(cpos, start, side="left")
             hi[toks] = offset + np.searchsorted(cpos, p1, side="right")
             lists.append(idxs)
-            groups.append(toks)
             offset += len(idxs)
         cells = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
-        return cells, lo, hi, groups
+        return cells, lo, hi
 
     def _check(self, layer, arr, n_heads, what):
         """The applied ubatch's cells, after checking layer and arr's shape."""
@@ -162,71 +158,27 @@ class KVCache:
         self.v[layer][idxs] = kv_quant.quantize(v.reshape(len(idxs), -1), self.type_v)
 
     def attend(self, layer, q, scale):
-        """Attention output (n_tokens, n_head, head_dim) for the applied ubatch:
-        the C kernel for sequences with few tokens in the ubatch (decoding),
-        matrix products for those with many (prompts)."""
+        """Attention output (n_tokens, n_head, head_dim) for the applied ubatch."""
         q = np.ascontiguousarray(q, dtype=np.float32)
         n_head = q.shape[1] if q.ndim == 3 else 0
         if n_head == 0 or n_head % self.n_head_kv:
             raise ValueError(f"q must be (n_tokens, n_head, {self.head_dim}) with n_head "
                              f"a multiple of n_head_kv = {self.n_head_kv}")
         self._check(layer, q, n_head, "q")
-        ub, scale = self._ubatch, float(scale)
-        if len(ub.few) == len(q):
-            return self._attend_c(layer, q, ub.cells, ub.lo, ub.hi, scale)
-        out = np.empty_like(q)
-        if len(ub.few):
-            few = ub.few
-            out[few] = self._attend_c(layer, q[few], ub.cells, ub.lo[few], ub.hi[few], scale)
-        for toks in ub.many:
-            out[toks] = self._attend_matmul(layer, q[toks], ub.cells, ub.lo[toks], ub.hi[toks],
-                                            scale)
-        return out
-
-    def _attend_c(self, layer, q, cells, lo, hi, scale):
+        ub = self._ubatch
         out = np.empty_like(q)
         rc = lib.kv_attend(
             _TYPE_CODE[self.type_k], ffi.from_buffer(self.k[layer]),
             _TYPE_CODE[self.type_v], ffi.from_buffer(self.v[layer]),
             self.n_cells, self.n_head_kv, self.head_dim,
-            ffi.from_buffer("int32_t[]", cells), len(cells),
-            len(q), ffi.from_buffer("int32_t[]", np.ascontiguousarray(lo)),
-            ffi.from_buffer("int32_t[]", np.ascontiguousarray(hi)),
-            ffi.from_buffer("float[]", q), q.shape[1], scale,
+            ffi.from_buffer("int32_t[]", ub.cells), len(ub.cells),
+            len(q), ffi.from_buffer("int32_t[]", ub.lo), ffi.from_buffer("int32_t[]", ub.hi),
+            ffi.from_buffer("float[]", q), n_head, float(scale),
             ffi.from_buffer("float[]", out, require_writable=True), self.n_threads)
         if rc == lib.KV_ENOMEM:
             raise MemoryError("kv_attend: out of memory")
         if rc != lib.KV_OK:
             raise KVCellsError(f"kv_attend rejected its arguments ({rc})")
-        return out
-
-    def _attend_matmul(self, layer, q, cells, lo, hi, scale):
-        """The same attention for many tokens of one sequence: the cells they
-        see, widened once, against blocks of tokens as matrix products."""
-        a, b = int(lo.min()), int(hi.max())
-        m, (n, n_head, d), h_kv = b - a, q.shape, self.n_head_kv
-        g = n_head // h_kv
-        rows = cells[a:b]
-        k = kv_quant.dequantize(self.k[layer][rows], self.type_k, h_kv * d)
-        v = kv_quant.dequantize(self.v[layer][rows], self.type_v, h_kv * d)
-        k = k.reshape(m, h_kv, d).transpose(1, 2, 0)      # (h_kv, d, m)
-        v = v.reshape(m, h_kv, d).transpose(1, 0, 2)      # (h_kv, m, d)
-        out = np.empty_like(q)
-        j = np.arange(m)
-        block = max(1, (1 << 22) // max(1, n_head * m))   # scores of ~16 MB at a time
-        for t0 in range(0, n, block):
-            t1 = min(n, t0 + block)
-            qb = q[t0:t1].reshape(t1 - t0, h_kv, g, d).transpose(1, 0, 2, 3)
-            s = (qb.reshape(h_kv, -1, d) @ k).reshape(h_kv, t1 - t0, g, m) * np.float32(scale)
-            seen = (j >= lo[t0:t1, None] - a) & (j < hi[t0:t1, None] - a)
-            s = np.where(seen[None, :, None, :], s, np.float32(-np.inf))
-            top = s.max(axis=-1, keepdims=True)
-            p = np.exp(s - np.where(np.isfinite(top), top, 0))
-            total = p.sum(axis=-1, keepdims=True)
-            p /= np.where(total > 0, total, 1)
-            o = p.reshape(h_kv, -1, m) @ v                  # (h_kv, tokens * g, d)
-            out[t0:t1] = o.reshape(h_kv, t1 - t0, g, d).transpose(1, 0, 2, 3).reshape(
-                t1 - t0, n_head, d)
         return out
 
     # ---- sequence operations (API.md semantics) ----
@@ -392,11 +344,8 @@ class KVCache:
 class _Ubatch:
     """The applied ubatch: its cells, and what each token attends (cells[lo:hi])."""
 
-    def __init__(self, idxs, cells, lo, hi, groups):
+    def __init__(self, idxs, cells, lo, hi):
         self.idxs, self.cells, self.lo, self.hi = idxs, cells, lo, hi
-        self.many = [toks for toks in groups if len(toks) >= MATMUL_TOKENS]
-        few = [toks for toks in groups if len(toks) < MATMUL_TOKENS]
-        self.few = np.concatenate(few) if few else np.zeros(0, np.int64)
 
 
 class _Reader:
