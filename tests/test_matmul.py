@@ -357,3 +357,36 @@ def test_pool_works_in_a_forked_child():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("matmul hung in a forked child")
+
+
+def test_the_gil_is_released_during_a_call():
+    # While one thread is inside a long C call, a Python loop in another
+    # thread keeps running. With the GIL held it could not run at all: the
+    # long switch interval keeps the calling thread from being asked to drop
+    # the GIL between reading the counter and entering C.
+    import sys
+    import threading
+    w = np.ones((2048, 2048), np.float32).view(np.uint8)
+    x = np.ones((1, 2048), np.float32)
+    count, seen = [0], []
+    done = threading.Event()
+
+    def call():
+        before = count[0]
+        mm.matmul(w, "F32", 2048, 2048, x, n_threads=1)
+        seen.append(count[0] - before)
+        done.set()
+
+    mm.set_simd(False)   # the portable kernel: a call of several milliseconds
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.1)
+    try:
+        t = threading.Thread(target=call)
+        t.start()
+        while not done.is_set():
+            count[0] += 1
+        t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        mm.set_simd(True)
+    assert seen[0] > 100
