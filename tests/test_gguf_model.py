@@ -158,7 +158,17 @@ def test_weight_ops_match_gguf_dequantize(tiny_gguf, qtype):
         y = w.matmul(x)
         assert y.dtype == np.float32 and y.shape == (3, w.shape[0])
         ref = x.astype(np.float64) @ full.T.astype(np.float64)
-        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        bound = activation_rounding_bound(x, full) if qtype.startswith("Q") else 0.0
+        assert np.all(np.abs(y - ref) <= bound + 1e-4 * np.abs(ref).max())
+
+
+def activation_rounding_bound(x, w):
+    """Quantised weights multiply int8 activations: each block of 32 values is
+    rounded to steps of max|x|/127, so an output moves by at most half a step
+    times the block's sum of |w| (docs/benchmarks.md, "Accuracy")."""
+    half_step = np.abs(x.reshape(len(x), -1, 32)).max(axis=2) / 127 / 2
+    w_abs = np.abs(w.astype(np.float64)).reshape(len(w), -1, 32).sum(axis=2)
+    return half_step @ w_abs.T
 
 
 def test_version_2_files_load(parts, tmp_path):

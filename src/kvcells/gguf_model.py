@@ -16,6 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
 from .errors import GGUFError
+from . import matmul
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
                    "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -42,7 +43,6 @@ class Weight:
         self.type = type_name
         self.shape = shape
         self.raw = raw
-        self._f32 = None
 
     def __repr__(self):
         return f"Weight({self.name!r}, {self.type}, shape={self.shape})"
@@ -53,22 +53,12 @@ class Weight:
 
     def rows(self, ids):
         """Rows `ids` as float32 (len(ids), n_in); only those rows are decoded."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"{self.name}: row ids must be a 1-D integer sequence")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
-            raise ValueError(f"{self.name}: row id out of range [0, {self.shape[0]})")
-        return _dequantize_rows(self.raw[ids.astype(np.intp)], self.type, self.shape[1])
+        return matmul.dequantize_rows(self.raw, self.type, self.shape[1], ids)
 
     def matmul(self, x):
-        """x @ W.T for x float32 (n, n_in) -> float32 (n, n_out)."""
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != self.shape[1]:
-            raise ValueError(f"{self.name}: expected input of shape (n, {self.shape[1]}), "
-                             f"got {x.shape}")
-        if self._f32 is None:
-            self._f32 = self.dequantize()
-        return x @ self._f32.T
+        """x @ W.T for x float32 (n, n_in) -> float32 (n, n_out), by the C
+        kernels on the weights in their file type."""
+        return matmul.matmul(self.raw, self.type, self.shape[0], self.shape[1], x)
 
 
 def _dequantize_rows(raw, type_name, n_in):
