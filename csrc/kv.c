@@ -78,28 +78,36 @@ static void axpy_plain(float a, const float *x, float *y, int n) {
 #ifdef KV_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
-// elements i .. i+7 of a row (i % 8 == 0), widened to float
-AVX2 __m256 load8(int type, const uint8_t *row, int i) {
+// elements i .. i+15 of a row (i % 16 == 0, so one quantised block), widened
+// to float in x[0] (i .. i+7) and x[1] (i+8 .. i+15)
+AVX2 void load16(int type, const uint8_t *row, int i, __m256 x[2]) {
     switch (type) {
     case KV_TYPE_F16:
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)));
+        x[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)));
+        x[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i + 16)));
+        break;
     case KV_TYPE_Q8_0: {
         const uint8_t *b = row + i / QK * (2 + QK);
-        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-            _mm_loadl_epi64((const __m128i *)(b + 2 + i % QK))));
-        return _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b)), x);
+        const __m256 d = _mm256_set1_ps(f16_to_f32(b));
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2 + i % QK));
+        x[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+        x[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
+        break;
     }
     case KV_TYPE_Q4_0: {
         const uint8_t *b = row + i / QK * (2 + QK / 2);
-        const int j = i % QK;  // low nibbles hold elements 0..15, high ones 16..31
-        __m128i q = _mm_loadl_epi64((const __m128i *)(b + 2 + (j & 15)));
-        if (j >= 16) q = _mm_srli_epi16(q, 4);
+        const __m256 d = _mm256_set1_ps(f16_to_f32(b));
+        // the low nibbles hold elements 0..15 of the block, the high ones 16..31
+        __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+        if (i % QK) q = _mm_srli_epi16(q, 4);
         q = _mm_sub_epi8(_mm_and_si128(q, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
-        __m256 x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-        return _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(b)), x);
+        x[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+        x[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
+        break;
     }
     default:
-        return _mm256_loadu_ps((const float *)row + i);
+        x[0] = _mm256_loadu_ps((const float *)row + i);
+        x[1] = _mm256_loadu_ps((const float *)row + i + 8);
     }
 }
 
@@ -118,10 +126,11 @@ AVX2 void scores_body(int type, int nh, const uint8_t *const *rows, int64_t n,
         __m256 b[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                        _mm256_setzero_ps()};
         for (int i = 0; i < d; i += 16) {
-            __m256 k0 = load8(type, rows[j], i), k1 = load8(type, rows[j], i + 8);
+            __m256 x[2];
+            load16(type, rows[j], i, x);
             for (int k = 0; k < nh; k++) {
-                a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i), k0, a[k]);
-                b[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i + 8), k1, b[k]);
+                a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i), x[0], a[k]);
+                b[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i + 8), x[1], b[k]);
             }
         }
         for (int k = 0; k < nh; k++) s[k * n + j] = scale * hsum(_mm256_add_ps(a[k], b[k]));
@@ -135,16 +144,25 @@ AVX2 void values_body(int type, int nh, const uint8_t *const *rows, int64_t n,
                       const float *p, int d, float *out) {
     for (int64_t j0 = 0; j0 < n; j0 += TILE) {
         const int64_t j1 = j0 + TILE < n ? j0 + TILE : n;
-        for (int i = 0; i < d; i += 8) {
+        for (int i = 0; i < d; i += 16) {
             __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                            _mm256_setzero_ps()};
+            __m256 b[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                           _mm256_setzero_ps()};
             for (int64_t j = j0; j < j1; j++) {
-                __m256 v = load8(type, rows[j], i);
-                for (int k = 0; k < nh; k++)
-                    a[k] = _mm256_fmadd_ps(_mm256_set1_ps(p[k * n + j]), v, a[k]);
+                __m256 x[2];
+                load16(type, rows[j], i, x);
+                for (int k = 0; k < nh; k++) {
+                    const __m256 pk = _mm256_set1_ps(p[k * n + j]);
+                    a[k] = _mm256_fmadd_ps(pk, x[0], a[k]);
+                    b[k] = _mm256_fmadd_ps(pk, x[1], b[k]);
+                }
             }
-            for (int k = 0; k < nh; k++)
-                _mm256_storeu_ps(out + k * d + i, _mm256_add_ps(_mm256_loadu_ps(out + k * d + i), a[k]));
+            for (int k = 0; k < nh; k++) {
+                float *o = out + k * d + i;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a[k]));
+                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), b[k]));
+            }
         }
     }
 }
