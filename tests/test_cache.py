@@ -445,6 +445,16 @@ def test_bad_arguments():
         KVCache(8, 1, [0], 1, 32, "q5_0", "f16")
     with pytest.raises(ValueError):
         KVCache(8, 1, [0, 0], 1, 32)
+    for bad in (dict(n_head_kv=0), dict(head_dim=-32), dict(head_dim=32.5),
+                dict(rope_base={1: 1e4}), dict(rope_mode="yarn"), dict(n_cells=0)):
+        args = dict(n_cells=8, n_seq_max=1, layers=[0], n_head_kv=1, head_dim=32) | bad
+        with pytest.raises(ValueError):
+            KVCache(**args)
+    for bad in (dict(n_swa=0), dict(swa_type="none"), dict(n_ubatch=0)):
+        args = dict(n_ctx=64, n_seq_max=1, n_ubatch=8, swa_layers=[True], n_head_kv=1,
+                    head_dim=32, n_swa=4) | bad
+        with pytest.raises(ValueError):
+            ISWACache(**args)
     mem = KVCache(8, 2, [0], N_HEAD_KV, HEAD_DIM)
     with pytest.raises(KVCellsError):
         mem.store(0, rows(0, 1), rows(1, 1))           # nothing applied yet

@@ -8,6 +8,7 @@ K/V rows are written into its cells, and each token attends the cells of its
 first sequence that it may see (kq_mask semantics), gathered per sequence
 with seq_cells, so a sequence never pays for the length of another.
 """
+import operator
 import os
 import struct
 import zlib
@@ -34,6 +35,16 @@ def _seq_lists(seq_ids):
     return [[int(s)] if np.ndim(s) == 0 else [int(x) for x in s] for s in seq_ids]
 
 
+def _positive(x, name, lo=1):
+    try:
+        x = operator.index(x)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {x!r}") from None
+    if x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    return x
+
+
 def _window_start(p1, n_swa, swa_type):
     """Smallest position a token at p1 may see in a sliding-window cache."""
     if swa_type == "standard":
@@ -51,11 +62,12 @@ class KVCache:
     def __init__(self, n_cells, n_seq_max, layers, n_head_kv, head_dim,
                  type_k="f16", type_v="f16", *, n_swa=0, swa_type="none",
                  rope_base=10000.0, rope_mode=NEOX, rope_freq_scale=1.0):
-        self.layers = list(range(layers)) if np.ndim(layers) == 0 else [int(i) for i in layers]
+        if np.ndim(layers) == 0:
+            layers = range(_positive(layers, "layers", 0))
+        self.layers = [_positive(il, "layer id", 0) for il in layers]
         if len(set(self.layers)) != len(self.layers):
             raise ValueError("layer ids must be distinct")
-        if n_head_kv <= 0 or head_dim <= 0:
-            raise ValueError("n_head_kv and head_dim must be positive")
+        n_head_kv, head_dim = _positive(n_head_kv, "n_head_kv"), _positive(head_dim, "head_dim")
         if rope_mode not in (NEOX, NORM):
             raise ValueError(f"unknown RoPE mode {rope_mode!r}")
         for t in (type_k, type_v):
@@ -63,12 +75,14 @@ class KVCache:
             if t.startswith("q") and head_dim % kv_quant.BLOCK:
                 raise ValueError(f"{t} needs head_dim divisible by {kv_quant.BLOCK}")
         if isinstance(rope_base, dict):
+            if any(il not in rope_base for il in self.layers):
+                raise ValueError("rope_base needs a base for every layer of the cache")
             self.rope_base = {il: float(rope_base[il]) for il in self.layers}
         else:
             self.rope_base = {il: float(rope_base) for il in self.layers}
         self.table = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
-        self.n_cells, self.n_seq_max = n_cells, n_seq_max
-        self.n_swa, self.swa_type = n_swa, swa_type
+        self.n_cells, self.n_seq_max = self.table.n_cells, self.table.n_seq_max
+        self.n_swa, self.swa_type = self.table.n_swa, self.table.swa_type
         self.n_head_kv, self.head_dim = n_head_kv, head_dim
         self.type_k, self.type_v = type_k, type_v
         self.rope_mode, self.rope_freq_scale = rope_mode, float(rope_freq_scale)
@@ -383,8 +397,10 @@ class ISWACache:
                  type_k="f16", type_v="f16", *, n_swa, swa_type="standard",
                  rope_base=10000.0, rope_base_swa=10000.0, rope_mode=NEOX,
                  rope_freq_scale=1.0, rope_freq_scale_swa=None):
-        if n_swa <= 0 or swa_type == "none":
-            raise ValueError("ISWACache needs n_swa > 0 and a sliding-window type")
+        n_ctx, n_seq_max = _positive(n_ctx, "n_ctx"), _positive(n_seq_max, "n_seq_max")
+        n_ubatch, n_swa = _positive(n_ubatch, "n_ubatch"), _positive(n_swa, "n_swa")
+        if swa_type == "none":
+            raise ValueError("ISWACache needs a sliding-window type")
         self.swa_layers = [bool(x) for x in swa_layers]
         full = [il for il, s in enumerate(self.swa_layers) if not s]
         swa = [il for il, s in enumerate(self.swa_layers) if s]
