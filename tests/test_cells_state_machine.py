@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cells_reference import RefCells
+from cells_reference import INT32_MAX, RefCells
 from kvcells import CacheFullError, CellTable
 
 LONG = os.environ.get("KVCELLS_HYPOTHESIS") == "long"
@@ -27,16 +27,24 @@ SWA = st.one_of(
 )
 N_CELLS = st.one_of(st.integers(1, 8), st.integers(9, 40))
 N_SEQ_MAX = st.one_of(st.integers(1, 4), st.sampled_from([63, 64, 65, 130, 256]))
-POS = st.integers(0, 40)
-BOUND = st.integers(-1, 44)  # a range end; negative means "open"
+OFFSET = st.integers(0, 40)
+BASES = st.sampled_from([0, INT32_MAX - 47])  # small positions, or up against int32's end
 
 
 class CellTableMachine(RuleBasedStateMachine):
-    @initialize(n_cells=N_CELLS, n_seq_max=N_SEQ_MAX, swa=SWA)
-    def create(self, n_cells, n_seq_max, swa):
+    @initialize(n_cells=N_CELLS, n_seq_max=N_SEQ_MAX, swa=SWA, base=BASES)
+    def create(self, n_cells, n_seq_max, swa, base):
         swa_type, n_swa = swa
+        self.base = base
         self.t = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
         self.ref = RefCells(n_cells, n_seq_max, n_swa, swa_type)
+
+    def pos(self, data):
+        return self.base + data.draw(OFFSET)
+
+    def bound(self, data):
+        """a range end; -1 means open"""
+        return data.draw(st.one_of(st.just(-1), OFFSET.map(lambda x: self.base + x)))
 
     def seq(self, data):
         n = self.ref.n_seq_max
@@ -51,10 +59,12 @@ class CellTableMachine(RuleBasedStateMachine):
         """positions and sequence lists for n_tokens, mostly each sequence's next positions."""
         seqs = [self.seq_list(data) for _ in range(n_tokens)]
         if data.draw(st.integers(0, 3)) == 0:
-            return [data.draw(POS) for _ in seqs], seqs
+            return [self.pos(data) for _ in seqs], seqs
         nxt, pos = {}, []
         for token in seqs:
-            p = max(nxt.get(s, self.ref.seq_pos_max(s) + 1) for s in token)
+            p = max(nxt.get(s, max(self.ref.seq_pos_max(s) + 1, self.base)) for s in token)
+            if p > INT32_MAX:
+                p = self.pos(data)
             pos.append(p)
             nxt.update((s, p + 1) for s in token)
         return pos, seqs
@@ -101,14 +111,16 @@ class CellTableMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ sequence operations
 
-    @rule(data=st.data(), p0=BOUND, p1=BOUND)
-    def seq_rm(self, data, p0, p1):
+    @rule(data=st.data())
+    def seq_rm(self, data):
+        p0, p1 = self.bound(data), self.bound(data)
         s = -1 if data.draw(st.integers(0, 5)) == 0 else self.seq(data)
         assert self.t.seq_rm(s, p0, p1) is True
         self.ref.seq_rm(s, p0, p1)
 
-    @rule(data=st.data(), p0=BOUND, p1=BOUND)
-    def seq_cp(self, data, p0, p1):
+    @rule(data=st.data())
+    def seq_cp(self, data):
+        p0, p1 = self.bound(data), self.bound(data)
         src, dst = self.seq(data), self.seq(data)
         self.t.seq_cp(src, dst, p0, p1)
         self.ref.seq_cp(src, dst, p0, p1)
@@ -119,15 +131,22 @@ class CellTableMachine(RuleBasedStateMachine):
         self.t.seq_keep(s)
         self.ref.seq_keep(s)
 
-    @rule(data=st.data(), p0=BOUND, p1=BOUND, delta=st.integers(-20, 20))
-    def seq_add(self, data, p0, p1, delta):
-        s = self.seq(data)
+    @rule(data=st.data(), delta=st.integers(-20, 20))
+    def seq_add(self, data, delta):
+        p0, p1, s = self.bound(data), self.bound(data), self.seq(data)
+        lo, hi = max(p0, 0), (INT32_MAX if p1 < 0 else p1)
+        if lo != hi and any(lo <= p < hi and p + delta > INT32_MAX for _, p in self.ref.seq_cells(s)):
+            before = self.t.to_bytes()
+            with pytest.raises(ValueError):
+                self.t.seq_add(s, p0, p1, delta)
+            assert self.t.to_bytes() == before
+            return
         self.t.seq_add(s, p0, p1, delta)
         self.ref.seq_add(s, p0, p1, delta)
 
-    @rule(data=st.data(), p0=BOUND, p1=BOUND, d=st.integers(1, 4))
-    def seq_div(self, data, p0, p1, d):
-        s = self.seq(data)
+    @rule(data=st.data(), d=st.integers(1, 4))
+    def seq_div(self, data, d):
+        p0, p1, s = self.bound(data), self.bound(data), self.seq(data)
         self.t.seq_div(s, p0, p1, d)
         self.ref.seq_div(s, p0, p1, d)
 
@@ -161,7 +180,7 @@ class CellTableMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def kq_mask(self, data):
         n_tokens = data.draw(st.integers(0, 4))
-        pos = [data.draw(POS) for _ in range(n_tokens)]
+        pos = [self.pos(data) for _ in range(n_tokens)]
         seqs = [self.seq_list(data) for _ in range(n_tokens)]
         n_kv = data.draw(st.integers(0, self.ref.n_cells))
         self.compare_mask(pos, seqs, n_kv)
@@ -217,7 +236,7 @@ class CellTableMachine(RuleBasedStateMachine):
             idxs, pos = t.seq_cells(s)
             assert list(zip(idxs.tolist(), pos.tolist())) == r.seq_cells(s)
         if active:
-            pos = [max(r.seq_pos_max(s), 0) + k for s in active for k in (0, 1)]
+            pos = [min(r.seq_pos_max(s) + k, INT32_MAX) for s in active for k in (0, 1)]
             self.compare_mask(pos, [[s] for s in active for k in (0, 1)], r.n_cells)
         t.check()
 
