@@ -143,6 +143,14 @@ class ReferenceModel:
         return (x @ out.T).astype(np.float32)
 
 
+# kvcells.matmul rounds the activations of quantised-weight matmuls to int8
+# per 32 values, as llama.cpp does; against this reference's f32 activations
+# the tiny random models' logits (within about +-6) then move by 0.02-0.21
+# (measured), while the wrong RoPE layout moves them by 3.5, Gemma's +1 on
+# the norm weights by 7.7, a window one token wider by 2.1.
+QUANT_TOL = 0.3
+
+
 def decode_ubatch(model, mem, tokens, pos, seq_ids, output_rows=None):
     """Place one ubatch in a kvcells memory and run model.forward on it, as
     Context.decode does (seq_ids: one int per token; all rows by default)."""

@@ -2,19 +2,13 @@
 quantised weights, untied output, grouped-query shapes."""
 import numpy as np
 import pytest
-from reference_forward import ReferenceModel, compare_decoding, decode_one_by_one
+from reference_forward import QUANT_TOL, ReferenceModel, compare_decoding, decode_one_by_one
 
 from kvcells import Model
 
 
-# Weight.matmul may quantise activations to 8 bits per block, as llama.cpp
-# does, for quantised weights: then the f32 reference is only close (logits
-# here lie within about +-6), while cached and recomputed stay equal.
-QUANT_TOL = 0.1
-
-
 @pytest.mark.parametrize("qtype,kw", [
-    ("F32", {}), ("F16", {"tied": False}), ("F32", {"n_head_kv": 1}),
+    ("F32", {}), ("F16", {"tied": False}), ("BF16", {}), ("F32", {"n_head_kv": 1}),
     ("F32", {"n_head_kv": 4}), ("F32", {"rope_base": 500000.0}),
 ])
 def test_cached_decoding_equals_dense_reference(tiny_gguf, qtype, kw):
