@@ -222,9 +222,13 @@ static void values_plain(int type, int nh, const uint8_t *const *rows, int64_t n
 }
 
 // ---- attention ----
+//
+// A work unit is one (token, kv head) item, or a part of its cells when there
+// are fewer items than threads (one long sequence decoding): each part then
+// leaves unnormalised sums with their max and total, merged at the end.
 
 typedef struct {
-    int type_k, type_v, n_head_kv, head_dim, n_head, avx2;
+    int type_k, type_v, n_head_kv, head_dim, n_head, avx2, n_split;
     const uint8_t *k, *v;
     int64_t row_k, row_v, hb_k, hb_v;
     const int32_t *cells;
@@ -232,61 +236,108 @@ typedef struct {
     const float *q;
     float scale;
     float *out;
-    int64_t item0, item1;  // work items [item0, item1): token * n_head_kv + kv head
+    float *parts;          // split items: per unit g*d sums, g maxima, g totals
+    int64_t unit0, unit1;  // this thread's units [unit0, unit1)
     float *scores;         // scratch: 4 * (longest visible list)
     const uint8_t **rows;  // scratch: 2 * (longest visible list)
     float *row;            // scratch: head_dim
+    float *stats;          // scratch: 2 * g (maxima, totals of an unsplit item)
 } job;
 
-static void softmax(float *s, int64_t n) {
-    float mx = s[0], sum = 0.0f;
-    for (int64_t j = 1; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+// s[j] = exp(s[j] - max); returns the total, the max in *mx
+static float exp_scores(float *s, int64_t n, float *mx) {
+    float m = s[0], sum = 0.0f;
+    for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
     for (int64_t j = 0; j < n; j++) {
-        s[j] = expf(s[j] - mx);
+        s[j] = expf(s[j] - m);
         sum += s[j];
     }
-    for (int64_t j = 0; j < n; j++) s[j] /= sum;
+    *mx = m;
+    return sum;
 }
 
-static void attend_item(job *jb, int t, int h) {
+// o (g x d) = sum_j exp(score_j - m) V_j over cells[0..n) for the g query
+// heads of kv head h, with m (maxima) and l (totals) per head
+static void attend_cells(job *jb, int t, int h, const int32_t *cells, int64_t n,
+                         float *o, float *m, float *l) {
     const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
-    const int64_t n = (int64_t)jb->hi[t] - jb->lo[t];
-    const int32_t *cells = jb->cells + jb->lo[t];
     const float *q = jb->q + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
-    float *out = jb->out + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
     const uint8_t **krows = jb->rows, **vrows = jb->rows + n;
 
-    memset(out, 0, sizeof(float) * (size_t)g * d);
+    memset(o, 0, sizeof(float) * (size_t)g * d);
+    for (int k = 0; k < g; k++) m[k] = -INFINITY, l[k] = 0.0f;
     if (n == 0) return;
     for (int64_t j = 0; j < n; j++) {
         krows[j] = jb->k + cells[j] * jb->row_k + h * jb->hb_k;
         vrows[j] = jb->v + cells[j] * jb->row_v + h * jb->hb_v;
     }
-    // the query heads of this kv head, four at a time (then one at a time)
+    // four query heads at a time (then one at a time)
     for (int g0 = 0; g0 < g;) {
         const int nh = g - g0 >= 4 ? 4 : 1;
-        const float *qh = q + g0 * d;
-        float *oh = out + g0 * d;
 #ifdef KV_X86
-        if (jb->avx2) scores_avx2(jb->type_k, nh, krows, n, qh, d, jb->scale, jb->scores);
+        if (jb->avx2) scores_avx2(jb->type_k, nh, krows, n, q + g0 * d, d, jb->scale, jb->scores);
         else
 #endif
-            scores_plain(jb->type_k, nh, krows, n, qh, d, jb->scale, jb->scores, jb->row);
-        for (int k = 0; k < nh; k++) softmax(jb->scores + k * n, n);
+            scores_plain(jb->type_k, nh, krows, n, q + g0 * d, d, jb->scale, jb->scores, jb->row);
+        for (int k = 0; k < nh; k++) l[g0 + k] = exp_scores(jb->scores + k * n, n, &m[g0 + k]);
 #ifdef KV_X86
-        if (jb->avx2) values_avx2(jb->type_v, nh, vrows, n, jb->scores, d, oh);
+        if (jb->avx2) values_avx2(jb->type_v, nh, vrows, n, jb->scores, d, o + g0 * d);
         else
 #endif
-            values_plain(jb->type_v, nh, vrows, n, jb->scores, d, oh, jb->row);
+            values_plain(jb->type_v, nh, vrows, n, jb->scores, d, o + g0 * d, jb->row);
         g0 += nh;
     }
 }
 
+static void attend_unit(job *jb, int64_t u) {
+    const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
+    const int64_t item = u / jb->n_split, part = u % jb->n_split;
+    const int t = (int)(item / jb->n_head_kv), h = (int)(item % jb->n_head_kv);
+    const int64_t n = (int64_t)jb->hi[t] - jb->lo[t];
+    const int64_t j0 = n * part / jb->n_split, j1 = n * (part + 1) / jb->n_split;
+    const int32_t *cells = jb->cells + jb->lo[t] + j0;
+    if (jb->n_split > 1) {
+        float *o = jb->parts + u * (int64_t)g * (d + 2);
+        attend_cells(jb, t, h, cells, j1 - j0, o, o + g * d, o + g * d + g);
+        return;
+    }
+    float *o = jb->out + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
+    attend_cells(jb, t, h, cells, j1 - j0, o, jb->stats, jb->stats + g);
+    for (int k = 0; k < g; k++)
+        for (int i = 0; jb->stats[g + k] > 0.0f && i < d; i++) o[k * d + i] /= jb->stats[g + k];
+}
+
 static void *run_job(void *arg) {
     job *jb = arg;
-    for (int64_t it = jb->item0; it < jb->item1; it++)
-        attend_item(jb, (int)(it / jb->n_head_kv), (int)(it % jb->n_head_kv));
+    for (int64_t u = jb->unit0; u < jb->unit1; u++) attend_unit(jb, u);
     return NULL;
+}
+
+// out = sum_p exp(m_p - M) o_p / sum_p exp(m_p - M) l_p over the parts of each item
+static void merge_parts(const job *jb, int64_t n_items) {
+    const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
+    const int64_t stride = (int64_t)g * (d + 2);
+    for (int64_t item = 0; item < n_items; item++) {
+        const int t = (int)(item / jb->n_head_kv), h = (int)(item % jb->n_head_kv);
+        float *out = jb->out + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
+        const float *first = jb->parts + item * jb->n_split * stride;
+        for (int k = 0; k < g; k++) {
+            float mx = -INFINITY, total = 0.0f;
+            for (int p = 0; p < jb->n_split; p++) {
+                const float mp = first[p * stride + g * d + k];
+                mx = mp > mx ? mp : mx;
+            }
+            memset(out + k * d, 0, sizeof(float) * (size_t)d);
+            for (int p = 0; p < jb->n_split; p++) {
+                const float *o = first + p * stride;
+                if (o[g * d + g + k] == 0.0f) continue;  // a part with no cells
+                const float w = expf(o[g * d + k] - mx);
+                total += w * o[g * d + g + k];
+                for (int i = 0; i < d; i++) out[k * d + i] += w * o[k * d + i];
+            }
+            for (int i = 0; total > 0.0f && i < d; i++) out[k * d + i] /= total;
+        }
+    }
 }
 
 static int valid_args(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
@@ -325,26 +376,31 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
     }
     // a thread is worth starting for about a millisecond of work or more
     if (n_threads > visits / CELLS_PER_THREAD + 1) n_threads = (int)(visits / CELLS_PER_THREAD + 1);
-    if (n_threads > n_items) n_threads = (int)n_items;
-    if (n_threads < 1) n_threads = 1;
+    if (n_threads < 1 || n_items == 0) n_threads = 1;
+    const int n_split = n_items < n_threads ? (int)((n_threads + n_items - 1) / n_items) : 1;
+    const int64_t n_units = n_items * n_split;
+    const int g = n_head / n_head_kv;
 
     job *jobs = calloc((size_t)n_threads, sizeof(job));
     pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));
-    int status = jobs && tids ? KV_OK : KV_ENOMEM;
+    float *parts = n_split > 1 ? malloc(sizeof(float) * (size_t)(n_units * g * (head_dim + 2)))
+                               : NULL;
+    int status = jobs && tids && (n_split == 1 || parts) ? KV_OK : KV_ENOMEM;
     const int avx2 = have_avx2(head_dim);
     for (int i = 0; status == KV_OK && i < n_threads; i++) {
         job *jb = &jobs[i];
         jb->type_k = type_k, jb->type_v = type_v, jb->n_head_kv = n_head_kv;
-        jb->head_dim = head_dim, jb->n_head = n_head;
+        jb->head_dim = head_dim, jb->n_head = n_head, jb->avx2 = avx2, jb->n_split = n_split;
         jb->k = k, jb->v = v, jb->cells = cells, jb->lo = lo, jb->hi = hi, jb->q = q;
         jb->hb_k = head_bytes(type_k, head_dim), jb->hb_v = head_bytes(type_v, head_dim);
         jb->row_k = jb->hb_k * n_head_kv, jb->row_v = jb->hb_v * n_head_kv;
-        jb->scale = scale, jb->out = out, jb->avx2 = avx2;
-        jb->item0 = n_items * i / n_threads, jb->item1 = n_items * (i + 1) / n_threads;
+        jb->scale = scale, jb->out = out, jb->parts = parts;
+        jb->unit0 = n_units * i / n_threads, jb->unit1 = n_units * (i + 1) / n_threads;
         jb->scores = malloc(sizeof(float) * (size_t)(4 * longest));
         jb->rows = malloc(sizeof(uint8_t *) * (size_t)(2 * longest));
         jb->row = malloc(sizeof(float) * (size_t)head_dim);
-        if (!jb->scores || !jb->rows || !jb->row) status = KV_ENOMEM;
+        jb->stats = malloc(sizeof(float) * (size_t)(2 * g));
+        if (!jb->scores || !jb->rows || !jb->row || !jb->stats) status = KV_ENOMEM;
     }
     if (status == KV_OK) {
         int started = 1;
@@ -353,13 +409,16 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
         run_job(&jobs[0]);
         for (int i = started; i < n_threads; i++) run_job(&jobs[i]);  // threads that did not start
         for (int i = 1; i < started; i++) pthread_join(tids[i], NULL);
+        if (n_split > 1) merge_parts(&jobs[0], n_items);
     }
     for (int i = 0; jobs && i < n_threads; i++) {
         free(jobs[i].scores);
         free(jobs[i].rows);
         free(jobs[i].row);
+        free(jobs[i].stats);
     }
     free(jobs);
     free(tids);
+    free(parts);
     return status;
 }

@@ -44,14 +44,20 @@ def dense(cache, layer):
     return k.reshape(-1, N_HEAD_KV, HEAD_DIM), v.reshape(-1, N_HEAD_KV, HEAD_DIM)
 
 
-def decode(mem, pos, seq_ids, layers, seed):
-    """Place one ubatch, store random K/V in `layers`, return {layer: (q, out)}."""
+def place(mem, pos, seq_ids, layers, seed):
+    """Place one ubatch and store random K/V for it in `layers`."""
     pos = np.asarray(pos, dtype=np.int32)
     slot, = mem.prepare([(pos, seq_ids)])
     mem.apply(slot, pos, seq_ids)
-    result = {}
     for il in layers:
         mem.store(il, rows(seed + 1000 * il, len(pos)), rows(seed + 1000 * il + 1, len(pos)))
+
+
+def decode(mem, pos, seq_ids, layers, seed):
+    """place(), then attend in each layer; returns {layer: (q, out)}."""
+    place(mem, pos, seq_ids, layers, seed)
+    result = {}
+    for il in layers:
         q = rows(seed + 1000 * il + 2, len(pos), N_HEAD)
         result[il] = q, mem.attend(il, q, SCALE)
     return result
@@ -107,10 +113,21 @@ def test_many_sequences_decoding_on_two_threads_matches_dense():
     mem = KVCache(20 * 501, 20, [0], N_HEAD_KV, HEAD_DIM, "f16", "q8_0")
     mem.n_threads = 2
     for s in range(20):
-        decode(mem, np.arange(500), [[s]] * 500, [0], s)
+        place(mem, np.arange(500), [[s]] * 500, [0], s)
     pos, seqs = [500] * 20, [[s] for s in range(20)]
     result = decode(mem, pos, seqs, [0], 99)
     check_against_mask(mem, pos, seqs, result)
+
+
+def test_one_long_sequence_split_over_threads_matches_dense():
+    """Two (token, kv head) items of 17000 cells on three threads: each item's
+    cells are split in parts whose partial softmax sums are merged."""
+    mem = KVCache(17100, 2, [0], N_HEAD_KV, HEAD_DIM, "q8_0", "f16")
+    mem.n_threads = 4
+    for start in range(0, 17000, 4250):
+        place(mem, np.arange(start, start + 4250), [[0]] * 4250, [0], start)
+    result = decode(mem, [17000], [[0]], [0], 2)
+    check_against_mask(mem, [17000], [[0]], result)
 
 
 @pytest.mark.parametrize("swa_type", ["none", "standard", "chunked"])

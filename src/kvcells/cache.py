@@ -86,7 +86,7 @@ class KVCache:
         self.n_head_kv, self.head_dim = n_head_kv, head_dim
         self.type_k, self.type_v = type_k, type_v
         self.rope_mode, self.rope_freq_scale = rope_mode, float(rope_freq_scale)
-        self.n_threads = os.cpu_count() or 1
+        self.n_threads = os.cpu_count() or 1   # kv_attend threads
         self.row_k = kv_quant.row_bytes(type_k, n_head_kv * head_dim)
         self.row_v = kv_quant.row_bytes(type_v, n_head_kv * head_dim)
         self.k = {il: np.zeros((n_cells, self.row_k), np.uint8) for il in self.layers}
@@ -425,6 +425,15 @@ class ISWACache:
     @property
     def kv_bytes(self):
         return self.base.kv_bytes + self.swa.kv_bytes
+
+    @property
+    def n_threads(self):
+        return self.base.n_threads
+
+    @n_threads.setter
+    def n_threads(self, n):
+        for h in self.halves:
+            h.n_threads = _positive(n, "n_threads")
 
     def prepare(self, ubatches):
         ubatches = list(ubatches)
