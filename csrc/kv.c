@@ -1,9 +1,9 @@
 // Attention over the K/V rows of a list of cells, for f32, f16, q8_0 and
 // q4_0 storage. Per (token, kv head): one pass scores every visible cell for
-// the query heads sharing that kv head, then softmax, then one pass sums the
-// V rows. Each K or V row is widened to float once and used by all those
-// query heads. AVX2/FMA/F16C versions of the three inner loops are chosen at
-// run time; the plain C ones are the reference.
+// up to four query heads sharing that kv head (each K row read once for
+// them), then the softmax, then one pass sums the V rows, 16 at a time with
+// the sums in registers. The AVX2/FMA/F16C passes, specialised per element
+// type, are chosen at run time; the plain C ones are the reference.
 #include "kv.h"
 
 #include <math.h>
