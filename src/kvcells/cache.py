@@ -17,13 +17,12 @@ import numpy as np
 
 from . import kv_quant
 from ._core import ffi, lib
-from .cells import CellTable
-from .errors import KVCellsError, StateError
+from .cells import SWA_TYPES, CellTable
+from .errors import CacheFullError, KVCellsError, StateError
 from .rope import NEOX, NORM, rope
 
 _TYPE_CODE = {"f32": lib.KV_TYPE_F32, "f16": lib.KV_TYPE_F16,
               "q8_0": lib.KV_TYPE_Q8_0, "q4_0": lib.KV_TYPE_Q4_0}
-_SWA_CODE = {"none": 0, "standard": 1, "chunked": 2, "symmetric": 3}
 
 STATE_MAGIC = b"KVCSTATE"
 ISWA_STATE_MAGIC = b"KVCISWA\0"
@@ -124,7 +123,7 @@ class KVCache:
     def apply(self, slot, pos, seq_ids):
         """Place a ubatch in the cells prepare() gave it; store() and attend()
         then work on it."""
-        seq_lists = _seq_lists(seq_ids)
+        seq_lists = self._checked_seqs(pos, seq_ids)
         pos = np.asarray(pos, dtype=np.int32)
         self._ubatch = None
         self.table.apply_ubatch(slot, pos, seq_lists)
@@ -264,7 +263,7 @@ class KVCache:
 
     def _shape(self):
         """What a saved sequence must agree on with the cache it loads into."""
-        return struct.pack(f"<7i{len(self.layers)}i", self.n_swa, _SWA_CODE[self.swa_type],
+        return struct.pack(f"<7i{len(self.layers)}i", self.n_swa, SWA_TYPES[self.swa_type],
                            _TYPE_CODE[self.type_k], _TYPE_CODE[self.type_v], self.n_head_kv,
                            self.head_dim, len(self.layers), *self.layers)
 
@@ -331,8 +330,10 @@ class KVCache:
             if not 0 <= dest < self.n_seq_max:
                 raise (StateError if seq_id is None else ValueError)(
                     f"sequence id {dest} outside [0, {self.n_seq_max})")
-            if not 0 <= n <= self.n_cells:
-                raise StateError(f"a sequence of {n} cells does not fit {self.n_cells} cells")
+            if n < 0:
+                raise StateError(f"negative cell count {n}")
+            if n > self.n_cells:
+                raise CacheFullError(f"a sequence of {n} cells does not fit {self.n_cells} cells")
             pos = np.frombuffer(r.take(4 * n), "<i4").astype(np.int32)
             if np.any(pos < 0):
                 raise StateError("negative position in a saved sequence")
