@@ -805,6 +805,23 @@ void kvc_defrag(kvc_table *t, int32_t *moves_out, int32_t *n_moves_out) {
     *n_moves_out = n_moves;
 }
 
+// opens row[cell] for the cells of a treap with lo <= pos <= p1 that a token at p1 may see;
+// uses no scratch, so that masks can be built from several threads at once
+static void mask_walk(const kvc_table *t, int32_t n, int64_t lo, int64_t p1, int32_t n_kv, float *row) {
+    const node *nd = t->nodes;
+    while (n >= 0) {
+        if (nd[n].pos < lo) {
+            n = nd[n].right;
+        } else if (nd[n].pos > p1) {
+            n = nd[n].left;
+        } else {
+            mask_walk(t, nd[n].left, lo, p1, n_kv, row);
+            if (nd[n].cell < n_kv && !is_masked_swa(t, nd[n].pos, p1)) row[nd[n].cell] = 0.0f;
+            n = nd[n].right;
+        }
+    }
+}
+
 int kvc_kq_mask(kvc_table *t, int32_t n_tokens, const int32_t *pos, const int32_t *seq_ids,
                 int32_t n_kv, float *mask_out) {
     if (n_tokens < 0) return fail(t, KVC_EINVAL, "n_tokens must be >= 0");
@@ -816,12 +833,7 @@ int kvc_kq_mask(kvc_table *t, int32_t n_tokens, const int32_t *pos, const int32_
     for (int32_t i = 0; i < n_tokens; i++) {
         float *row = mask_out + (size_t)i * n_kv;
         for (int32_t j = 0; j < n_kv; j++) row[j] = -INFINITY;
-        int64_t p1 = pos[i];
-        int32_t n = seq_range(t, seq_ids[i], swa_lowest(t, p1), p1 + 1);
-        for (int32_t k = 0; k < n; k++) {
-            int32_t c = t->tmp_cell[k];
-            if (c < n_kv && !is_masked_swa(t, t->tmp_pos[k], p1)) row[c] = 0.0f;
-        }
+        mask_walk(t, t->root[seq_ids[i]], swa_lowest(t, pos[i]), pos[i], n_kv, row);
     }
     return KVC_OK;
 }
