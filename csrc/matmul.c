@@ -25,32 +25,36 @@
 #define SPIN_NS 1000000   // how long an idle worker spins before sleeping
 #define CHUNKS_PER_THREAD 8
 #define TOKEN_TILE 16       // tokens per pass over a chunk of rows: their x stays in L1
+                            // (a multiple of ACT_GROUP)
 
 typedef struct {
     int type;
     const uint8_t *w;
     int64_t row_stride, n_out, n_in, n;
     const float *x;        // f32 weight types
-    const act_q8 *acts;    // quantised weight types: one per token
+    const act_q8 *acts;    // quantised weight types: groups of ACT_GROUP tokens (or 1)
     dot_q8_fn dot_q8;
     dot_f32_fn dot_f32;
     float *y;
     int64_t chunk, next;   // next: first row not yet handed out (atomic)
 } job;
 
-// Rows r0..r1 times tokens t0..t1 (x of those tokens stays in cache).
+// Rows r0..r1 times tokens t0..t1 (x of those tokens stays in cache); t0 is
+// a multiple of the group size.
 static void run_tile(const job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = j->w + r * j->row_stride;
-        for (int64_t t = t0; t < t1; t += DOT_MAX_TOKENS) {
-            int nt = t1 - t < DOT_MAX_TOKENS ? (int)(t1 - t) : DOT_MAX_TOKENS;
-            float *out = j->y + t * j->n_out + r;
-            if (j->dot_q8) {
-                j->dot_q8(j->type, row, j->acts + t, nt, j->n_in, out, j->n_out);
-            } else {
-                for (int k = 0; k < nt; k++)
-                    out[k * j->n_out] = j->dot_f32(j->type, row, j->x + (t + k) * j->n_in, j->n_in);
-            }
+        float *y = j->y + t0 * j->n_out + r;
+        if (!j->dot_q8) {
+            for (int64_t t = t0; t < t1; t++, y += j->n_out)
+                *y = j->dot_f32(j->type, row, j->x + t * j->n_in, j->n_in);
+            continue;
+        }
+        for (int64_t t = t0; t < t1; t += j->acts[0].nt) {
+            float out[ACT_GROUP];
+            act_q8 group = j->acts[t / j->acts[0].nt];
+            j->dot_q8(j->type, row, group, j->n_in, out);
+            for (int k = 0; k < group.nt && t + k < t1; k++, y += j->n_out) *y = out[k];
         }
     }
 }
@@ -223,18 +227,22 @@ int matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     float *ds = NULL;
     act_q8 *acts = NULL;
     if (quant_is_integer(type)) {
-        int64_t nb = n_in / 32;
-        q = malloc((size_t)(n * n_in));
-        ds = malloc(sizeof(float) * 2 * (size_t)(n * nb));
-        acts = malloc(sizeof(act_q8) * (size_t)n);
+        // groups of ACT_GROUP tokens, the last one padded with zeros
+        int nt = n == 1 ? 1 : ACT_GROUP;
+        int64_t n_groups = (n + nt - 1) / nt, nb = n_in / 32;
+        q = calloc((size_t)(n_groups * nt), (size_t)n_in);
+        ds = calloc((size_t)(2 * n_groups * nt * nb), sizeof(float));
+        acts = malloc(sizeof(act_q8) * (size_t)n_groups);
         if (!q || !ds || !acts) {
             free(q); free(ds); free(acts);
             return MATMUL_ENOMEM;
         }
-        for (int64_t t = 0; t < n; t++) {
-            acts[t] = (act_q8){q + t * n_in, ds + 2 * t * nb, ds + (2 * t + 1) * nb};
-            quant_act_q8(x + t * n_in, n_in, acts[t], simd);
+        for (int64_t g = 0; g < n_groups; g++) {
+            float *d = ds + 2 * g * nt * nb;
+            acts[g] = (act_q8){q + g * nt * n_in, d, d + nt * nb, nt};
         }
+        for (int64_t t = 0; t < n; t++)
+            quant_act_q8(x + t * n_in, n_in, acts[t / nt], (int)(t % nt), simd);
         j.acts = acts;
         j.dot_q8 = quant_dot_q8(type, simd);
     } else {

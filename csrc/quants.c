@@ -73,8 +73,9 @@ int quant_is_integer(int type) {
 // (here |v| <= 127) and without a libm call.
 static int round_even(float v) { return (int)((v + 12582912.0f) - 12582912.0f); }
 
-static void act_q8_portable(const float *x, int64_t n, act_q8 a) {
+static void act_q8_portable(const float *x, int64_t n, act_q8 a, int t) {
     for (int64_t b = 0; b < n / QK; b++) {
+        int64_t k = b * a.nt + t;
         const float *xb = x + b * QK;
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
@@ -82,11 +83,11 @@ static void act_q8_portable(const float *x, int64_t n, act_q8 a) {
         int sum = 0;
         for (int i = 0; i < QK; i++) {
             int q = round_even(xb[i] * id);
-            a.q[b * QK + i] = (int8_t)q;
+            a.q[k * QK + i] = (int8_t)q;
             sum += q;
         }
-        a.d[b] = amax / 127.0f;
-        a.s[b] = a.d[b] * (float)sum;
+        a.d[k] = amax / 127.0f;
+        a.s[k] = a.d[k] * (float)sum;
     }
 }
 
@@ -188,24 +189,24 @@ void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n) {
     }
 }
 
-static void dot_q8_portable(int type, const uint8_t *row, const act_q8 *x, int nt,
-                            int64_t n, float *out, int64_t out_stride) {
-    float sum[DOT_MAX_TOKENS] = {0};
+static void dot_q8_portable(int type, const uint8_t *row, act_q8 x, int64_t n, float *out) {
+    float sum[ACT_GROUP] = {0};
     for (int64_t g = 0; g < n / QK; g++) {
         int q[32];
         float a[2], off;
         unpack_group(type, row, g, q, a, &off);
-        for (int t = 0; t < nt; t++) {
-            const int8_t *xq = x[t].q + QK * g;
+        for (int t = 0; t < x.nt; t++) {
+            int64_t k = g * x.nt + t;
+            const int8_t *xq = x.q + QK * k;
             int lo = 0, hi = 0;
             for (int l = 0; l < 16; l++) {
                 lo += q[l] * xq[l];
                 hi += q[l + 16] * xq[l + 16];
             }
-            sum[t] += x[t].d[g] * (a[0] * (float)lo + a[1] * (float)hi) - off * x[t].s[g];
+            sum[t] += x.d[k] * (a[0] * (float)lo + a[1] * (float)hi) - off * x.s[k];
         }
     }
-    for (int t = 0; t < nt; t++) out[t * out_stride] = sum[t];
+    for (int t = 0; t < x.nt; t++) out[t] = sum[t];
 }
 
 static float dot_f32_portable(int type, const uint8_t *row, const float *x, int64_t n) {
@@ -255,11 +256,12 @@ static inline AVX2 __m256i bits_to_bytes(uint32_t bits) {
     return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-static inline AVX2 __m256i load_x(act_q8 a, int64_t b) {
-    return _mm256_loadu_si256((const __m256i *)(a.q + b * QK));
+// Block g of token t of a group of nt tokens.
+static inline AVX2 __m256i load_x(act_q8 a, int nt, int64_t g, int t) {
+    return _mm256_loadu_si256((const __m256i *)(a.q + (g * nt + t) * QK));
 }
 
-static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a) {
+static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < n / QK; b++) {
@@ -278,45 +280,46 @@ static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a) {
             sum = _mm256_add_epi32(sum, q[k]);
         }
         __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i *)(a.q + b * QK), _mm256_permutevar8x32_epi32(q16, order));
+        int64_t k = b * a.nt + t;
+        _mm256_storeu_si256((__m256i *)(a.q + k * QK), _mm256_permutevar8x32_epi32(q16, order));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-        a.d[b] = max / 127.0f;
-        a.s[b] = a.d[b] * (float)_mm_cvtsi128_si32(s4);
+        a.d[k] = max / 127.0f;
+        a.s[k] = a.d[k] * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
-// The quantised kernels below multiply one weight row with nt tokens, nt a
-// compile-time constant after inlining (4, or 1 for the rest), so each weight
-// block is unpacked once for up to 4 tokens.
+// The quantised kernels below multiply one weight row with a group of nt
+// tokens, nt a compile-time constant after inlining (4, or 1 for a lone
+// token), so each weight block is unpacked once for the group.
 #define TILE static inline __attribute__((always_inline)) AVX2
 
-TILE void store_sums(const __m256 *acc, const float *off, int nt, float *out, int64_t stride) {
-    for (int t = 0; t < nt; t++) out[t * stride] = hsum8(acc[t]) - off[t];
+TILE void store_sums(const __m256 *acc, const float *off, int nt, float *out) {
+    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]) - off[t];
 }
 
-TILE void q8_0_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride) {
-    __m256 acc[DOT_MAX_TOKENS];
-    float off[DOT_MAX_TOKENS] = {0};
+TILE void q8_0_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out) {
+    __m256 acc[ACT_GROUP];
+    float off[ACT_GROUP] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n / QK; g++) {
         const uint8_t *blk = row + 34 * g;
         __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), aw = _mm256_abs_epi8(w);
         float d = f16_simd(blk);
         for (int t = 0; t < nt; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[g]),
-                                     dot_u8_s8(aw, _mm256_sign_epi8(load_x(x[t], g), w)), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[g * nt + t]),
+                                     dot_u8_s8(aw, _mm256_sign_epi8(load_x(x, nt, g, t), w)), acc[t]);
     }
-    store_sums(acc, off, nt, out, stride);
+    store_sums(acc, off, nt, out);
 }
 
 // Q4_0, Q4_1, Q5_0, Q5_1 with unsigned q: d*(q.x) + o*(sum of x) per block,
 // o = -8d, -16d or the block's min m.
-TILE void q45_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride,
+TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
                    int five, int has_min) {
-    __m256 acc[DOT_MAX_TOKENS];
-    float off[DOT_MAX_TOKENS] = {0};
+    __m256 acc[ACT_GROUP];
+    float off[ACT_GROUP] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n / QK; g++) {
         const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * g;
@@ -328,18 +331,18 @@ TILE void q45_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float
             u = _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
         }
         for (int t = 0; t < nt; t++) {
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[g]), dot_u8_s8(u, load_x(x[t], g)), acc[t]);
-            off[t] += o * x[t].s[g];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
+            off[t] += o * x.s[g * nt + t];
         }
     }
-    store_sums(acc, off, nt, out, stride);
+    store_sums(acc, off, nt, out);
 }
 
 // Q4_K and Q5_K: d*sc*(q.x) - dmin*m*(sum of x) per sub-block of 32.
-TILE void k45_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride, int five) {
+TILE void k45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out, int five) {
     const __m256i low4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-    __m256 acc[DOT_MAX_TOKENS];
-    float off[DOT_MAX_TOKENS] = {0};
+    __m256 acc[ACT_GROUP];
+    float off[ACT_GROUP] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t *blk = row + (five ? 176 : 144) * b;
@@ -359,19 +362,19 @@ TILE void k45_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float
             }
             float ds = d * (float)sc, dm = dmin * (float)m;
             for (int t = 0; t < nt; t++) {
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * x[t].d[g]), dot_u8_s8(u, load_x(x[t], g)), acc[t]);
-                off[t] += dm * x[t].s[g];
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
+                off[t] += dm * x.s[g * nt + t];
             }
         }
     }
-    store_sums(acc, off, nt, out, stride);
+    store_sums(acc, off, nt, out);
 }
 
 // Q6_K: signed q with one scale per 16 values, applied by the int16 madd.
-TILE void q6_k_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, float *out, int64_t stride) {
+TILE void q6_k_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out) {
     const __m256i low4 = _mm256_set1_epi8(0xF), low2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
-    __m256 acc[DOT_MAX_TOKENS];
-    float off[DOT_MAX_TOKENS] = {0};
+    __m256 acc[ACT_GROUP];
+    float off[ACT_GROUP] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t *blk = row + 210 * b;
@@ -392,32 +395,31 @@ TILE void q6_k_tile(const uint8_t *row, const act_q8 *x, int nt, int64_t n, floa
                 __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[8 * h + 2 * c + 1]),
                                               _mm_set1_epi16(scales[8 * h + 2 * c]));
                 for (int t = 0; t < nt; t++) {
-                    __m256i p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(load_x(x[t], g), q));
+                    __m256i p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(load_x(x, nt, g, t), q));
                     __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, sc));
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x[t].d[g]), p, acc[t]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[g * nt + t]), p, acc[t]);
                 }
             }
         }
     }
-    store_sums(acc, off, nt, out, stride);
+    store_sums(acc, off, nt, out);
 }
 
-// Runs tile with nt = 4, or token by token.
-#define TILE_ENTRY(name, call)                                                      \
-    static AVX2 void name(int type, const uint8_t *row, const act_q8 *x, int nt,    \
-                          int64_t n, float *out, int64_t stride) {                  \
-        if (nt == DOT_MAX_TOKENS) { const int k = DOT_MAX_TOKENS; call; return; }  \
-        for (int t = 0; t < nt; t++, x++, out += stride) { const int k = 1; call; } \
+// Runs tile with the group's nt (4 or 1) as a constant.
+#define TILE_ENTRY(name, call)                                                          \
+    static AVX2 void name(int type, const uint8_t *row, act_q8 x, int64_t n, float *out) { \
+        if (x.nt == ACT_GROUP) { const int k = ACT_GROUP; call; }                         \
+        else { const int k = 1; call; }                                                   \
     }
 
-TILE_ENTRY(dot_q8_0_avx2, q8_0_tile(row, x, k, n, out, stride))
-TILE_ENTRY(dot_q4_0_avx2, q45_tile(row, x, k, n, out, stride, 0, 0))
-TILE_ENTRY(dot_q4_1_avx2, q45_tile(row, x, k, n, out, stride, 0, 1))
-TILE_ENTRY(dot_q5_0_avx2, q45_tile(row, x, k, n, out, stride, 1, 0))
-TILE_ENTRY(dot_q5_1_avx2, q45_tile(row, x, k, n, out, stride, 1, 1))
-TILE_ENTRY(dot_q4_k_avx2, k45_tile(row, x, k, n, out, stride, 0))
-TILE_ENTRY(dot_q5_k_avx2, k45_tile(row, x, k, n, out, stride, 1))
-TILE_ENTRY(dot_q6_k_avx2, q6_k_tile(row, x, k, n, out, stride))
+TILE_ENTRY(dot_q8_0_avx2, q8_0_tile(row, x, k, n, out))
+TILE_ENTRY(dot_q4_0_avx2, q45_tile(row, x, k, n, out, 0, 0))
+TILE_ENTRY(dot_q4_1_avx2, q45_tile(row, x, k, n, out, 0, 1))
+TILE_ENTRY(dot_q5_0_avx2, q45_tile(row, x, k, n, out, 1, 0))
+TILE_ENTRY(dot_q5_1_avx2, q45_tile(row, x, k, n, out, 1, 1))
+TILE_ENTRY(dot_q4_k_avx2, k45_tile(row, x, k, n, out, 0))
+TILE_ENTRY(dot_q5_k_avx2, k45_tile(row, x, k, n, out, 1))
+TILE_ENTRY(dot_q6_k_avx2, q6_k_tile(row, x, k, n, out))
 
 static AVX2 float dot_f32_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -461,14 +463,14 @@ static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, in
 
 #endif  // HAVE_X86
 
-void quant_act_q8(const float *x, int64_t n, act_q8 a, int simd) {
+void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd) {
 #ifdef HAVE_X86
     if (simd) {
-        act_q8_avx2(x, n, a);
+        act_q8_avx2(x, n, a, t);
         return;
     }
 #endif
-    act_q8_portable(x, n, a);
+    act_q8_portable(x, n, a, t);
 }
 
 dot_q8_fn quant_dot_q8(int type, int simd) {

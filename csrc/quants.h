@@ -30,25 +30,27 @@
 size_t quant_row_bytes(int type, int64_t n);
 // cffi-end
 
-// Activations of one token quantised per block of 32: x[i] ~ d[i/32] * q[i];
-// s[b] = d[b] * (sum of q over block b), for the weight types with an offset.
+// Activations of a group of nt (1 or ACT_GROUP) tokens quantised per block of
+// 32 and interleaved by block, so a kernel reads the group's block g from
+// one place: token t has x[32g + i] ~ d[g*nt + t] * q[32(g*nt + t) + i] and
+// s[g*nt + t] = d * (sum of those q), for the weight types with an offset.
+#define ACT_GROUP 4
 typedef struct {
     int8_t *q;
     float *d;
     float *s;
+    int nt;
 } act_q8;
 
 int quant_is_integer(int type);   // 1: dot with act_q8; 0: dot with f32 x
-// n % 32 == 0; both paths give identical blocks (round to nearest even).
-void quant_act_q8(const float *x, int64_t n, act_q8 a, int simd);
+// Quantises x (n values, n % 32 == 0) as token t of group a. Both paths give
+// identical blocks (round half to even).
+void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd);
 
 void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n);
 
-// One weight row (n values) times nt <= DOT_MAX_TOKENS tokens x[0..nt):
-// out[t * out_stride] = row . x[t].
-#define DOT_MAX_TOKENS 4
-typedef void (*dot_q8_fn)(int type, const uint8_t *row, const act_q8 *x, int nt,
-                          int64_t n, float *out, int64_t out_stride);
+// One weight row (n values) times each token of group x: out[t], t < x.nt.
+typedef void (*dot_q8_fn)(int type, const uint8_t *row, act_q8 x, int64_t n, float *out);
 // One weight row (n values) times one token.
 typedef float (*dot_f32_fn)(int type, const uint8_t *row, const float *x, int64_t n);
 

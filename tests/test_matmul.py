@@ -216,6 +216,15 @@ def test_padded_row_stride_and_readonly_views(simd):
                                   mm.dequantize_rows(raw, "Q8_0", 64, [8, 1]))
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16"])
+def test_batches_spanning_several_token_tiles(name, simd):
+    # 37 tokens: groups of 4 with a padded last group, tiles of 16 tokens
+    rng = np.random.default_rng(11)
+    n_in = N_IN.get(name, 64)
+    raw = make_raw(name, 21, n_in, rng)
+    check_matmul(raw, name, 21, n_in, rng.standard_normal((37, n_in)).astype(np.float32), 2)
+
+
 def test_thread_counts_give_identical_results():
     rng = np.random.default_rng(5)
     raw = make_raw("Q4_K", 301, 256, rng)
