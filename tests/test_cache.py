@@ -333,6 +333,17 @@ def test_iswa_ubatch_that_fits_one_half_only_changes_neither():
     assert snapshot(mem) == before
 
 
+def test_iswa_apply_of_a_stale_slot_changes_neither_half():
+    mem = ISWACache(300, 2, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    decode(mem, np.arange(3), [[0]] * 3, [0, 1], 1)
+    slot, = mem.prepare([([3], [[0]])])
+    mem.swa.table.apply_ubatch(slot[1], [0], [[0, 1]])   # the window half moved on
+    before = snapshot(mem)
+    with pytest.raises(ValueError):
+        mem.apply(slot, [3], [[0]])
+    assert snapshot(mem) == before
+
+
 def test_iswa_routes_layers_and_reuses_window_cells():
     swa_layers = [False, True, True]
     mem = ISWACache(600, 1, 16, swa_layers, N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=8)

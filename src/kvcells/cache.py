@@ -441,6 +441,9 @@ class ISWACache:
         return list(zip(self.base.prepare(ubatches), self.swa.prepare(ubatches)))
 
     def apply(self, slot, pos, seq_ids):
+        # try the (small) window half on a copy first: a stale slot then
+        # fails before either half has changed
+        self.swa.table.copy().apply_ubatch(slot[1], pos, self.swa._checked_seqs(pos, seq_ids))
         self.base.apply(slot[0], pos, seq_ids)
         self.swa.apply(slot[1], pos, seq_ids)
 
