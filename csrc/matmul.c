@@ -24,37 +24,41 @@
 
 #define SPIN_NS 1000000   // how long an idle worker spins before sleeping
 #define CHUNKS_PER_THREAD 8
-#define TOKEN_TILE 16       // tokens per pass over a chunk of rows: their x stays in L1
-                            // (a multiple of ACT_GROUP)
+#define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
+
+typedef struct {
+    act_q8 x;       // quantised weight types
+    int64_t t0;     // first token of the group
+    int n_valid;    // its tokens that are real; the rest is zero padding
+} token_group;
 
 typedef struct {
     int type;
     const uint8_t *w;
     int64_t row_stride, n_out, n_in, n;
     const float *x;        // f32 weight types
-    const act_q8 *acts;    // quantised weight types: groups of ACT_GROUP tokens (or 1)
+    const token_group *groups;
+    int64_t n_groups;
     dot_q8_fn dot_q8;
     dot_f32_fn dot_f32;
     float *y;
     int64_t chunk, next;   // next: first row not yet handed out (atomic)
 } job;
 
-// Rows r0..r1 times tokens t0..t1 (x of those tokens stays in cache); t0 is
-// a multiple of the group size.
-static void run_tile(const job *j, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+// Rows r0..r1 times token groups g0..g1.
+static void run_tile(const job *j, int64_t r0, int64_t r1, int64_t g0, int64_t g1) {
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = j->w + r * j->row_stride;
-        float *y = j->y + t0 * j->n_out + r;
-        if (!j->dot_q8) {
-            for (int64_t t = t0; t < t1; t++, y += j->n_out)
-                *y = j->dot_f32(j->type, row, j->x + t * j->n_in, j->n_in);
-            continue;
-        }
-        for (int64_t t = t0; t < t1; t += j->acts[0].nt) {
+        for (int64_t g = g0; g < g1; g++) {
+            const token_group *tg = &j->groups[g];
             float out[ACT_GROUP];
-            act_q8 group = j->acts[t / j->acts[0].nt];
-            j->dot_q8(j->type, row, group, j->n_in, out);
-            for (int k = 0; k < group.nt && t + k < t1; k++, y += j->n_out) *y = out[k];
+            if (j->dot_q8) {
+                j->dot_q8(j->type, row, tg->x, j->n_in, out);
+            } else {
+                for (int k = 0; k < tg->n_valid; k++)
+                    out[k] = j->dot_f32(j->type, row, j->x + (tg->t0 + k) * j->n_in, j->n_in);
+            }
+            for (int k = 0; k < tg->n_valid; k++) j->y[(tg->t0 + k) * j->n_out + r] = out[k];
         }
     }
 }
@@ -64,9 +68,16 @@ static void run_job(job *j) {
         int64_t r0 = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
         if (r0 >= j->n_out) return;
         int64_t r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
-        for (int64_t t0 = 0; t0 < j->n; t0 += TOKEN_TILE)
-            run_tile(j, r0, r1, t0, t0 + TOKEN_TILE < j->n ? t0 + TOKEN_TILE : j->n);
+        for (int64_t g0 = 0; g0 < j->n_groups; g0 += TILE_GROUPS)
+            run_tile(j, r0, r1, g0, g0 + TILE_GROUPS < j->n_groups ? g0 + TILE_GROUPS : j->n_groups);
     }
+}
+
+// Tokens per group, for `left` tokens still to place: 8s, then a 4 (padded
+// if need be) unless a single token is left.
+static int group_size(int64_t left, int quantised) {
+    if (!quantised || left == 1) return 1;
+    return left >= ACT_GROUP ? ACT_GROUP : 4;
 }
 
 // ---- thread pool ----
@@ -223,36 +234,38 @@ int matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     int simd = matmul_simd_enabled();
     job j = {.type = type, .w = w, .row_stride = row_stride, .n_out = n_out, .n_in = n_in, .n = n,
              .x = x, .y = y};
-    int8_t *q = NULL;
-    float *ds = NULL;
-    act_q8 *acts = NULL;
-    if (quant_is_integer(type)) {
-        // groups of ACT_GROUP tokens, the last one padded with zeros
-        int nt = n == 1 ? 1 : ACT_GROUP;
-        int64_t n_groups = (n + nt - 1) / nt, nb = n_in / 32;
-        q = calloc((size_t)(n_groups * nt), (size_t)n_in);
-        ds = calloc((size_t)(2 * n_groups * nt * nb), sizeof(float));
-        acts = malloc(sizeof(act_q8) * (size_t)n_groups);
-        if (!q || !ds || !acts) {
-            free(q); free(ds); free(acts);
-            return MATMUL_ENOMEM;
-        }
-        for (int64_t g = 0; g < n_groups; g++) {
-            float *d = ds + 2 * g * nt * nb;
-            acts[g] = (act_q8){q + g * nt * n_in, d, d + nt * nb, nt};
-        }
-        for (int64_t t = 0; t < n; t++)
-            quant_act_q8(x + t * n_in, n_in, acts[t / nt], (int)(t % nt), simd);
-        j.acts = acts;
-        j.dot_q8 = quant_dot_q8(type, simd);
-    } else {
-        j.dot_f32 = quant_dot_f32(type, simd);
+    int quantised = quant_is_integer(type);
+    int64_t nb = n_in / 32, room = n + ACT_GROUP;   // tokens incl. padding
+    int8_t *q = quantised ? calloc((size_t)room, (size_t)n_in) : NULL;
+    float *ds = quantised ? calloc((size_t)(2 * room * nb), sizeof(float)) : NULL;
+    token_group *groups = malloc(sizeof(token_group) * (size_t)n);
+    if (!groups || (quantised && (!q || !ds))) {
+        free(q); free(ds); free(groups);
+        return MATMUL_ENOMEM;
     }
+    int64_t n_groups = 0;
+    for (int64_t t = 0, slot = 0; t < n; n_groups++) {
+        int nt = group_size(n - t, quantised);
+        token_group *tg = &groups[n_groups];
+        tg->t0 = t;
+        tg->n_valid = n - t < nt ? (int)(n - t) : nt;
+        if (quantised) {
+            tg->x = (act_q8){q + slot * n_in, ds + 2 * slot * nb, ds + (2 * slot + nt) * nb, nt};
+            for (int k = 0; k < tg->n_valid; k++)
+                quant_act_q8(x + (t + k) * n_in, n_in, tg->x, k, simd);
+        }
+        t += tg->n_valid;
+        slot += nt;
+    }
+    j.groups = groups;
+    j.n_groups = n_groups;
+    if (quantised) j.dot_q8 = quant_dot_q8(type, simd);
+    else j.dot_f32 = quant_dot_f32(type, simd);
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
     j.chunk = chunk > 0 ? chunk : 1;
     if (n_threads == 1) run_job(&j);
     else run_on_pool(&j, n_threads);
-    free(q); free(ds); free(acts);
+    free(q); free(ds); free(groups);
     return MATMUL_OK;
 }
 

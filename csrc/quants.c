@@ -405,10 +405,11 @@ TILE void q6_k_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out)
     store_sums(acc, off, nt, out);
 }
 
-// Runs tile with the group's nt (4 or 1) as a constant.
+// Runs tile with the group's nt (8, 4 or 1) as a constant.
 #define TILE_ENTRY(name, call)                                                          \
     static AVX2 void name(int type, const uint8_t *row, act_q8 x, int64_t n, float *out) { \
-        if (x.nt == ACT_GROUP) { const int k = ACT_GROUP; call; }                         \
+        if (x.nt == 8) { const int k = 8; call; }                                         \
+        else if (x.nt == 4) { const int k = 4; call; }                                    \
         else { const int k = 1; call; }                                                   \
     }
 

@@ -30,11 +30,11 @@
 size_t quant_row_bytes(int type, int64_t n);
 // cffi-end
 
-// Activations of a group of nt (1 or ACT_GROUP) tokens quantised per block of
+// Activations of a group of nt (1, 4 or ACT_GROUP = 8) tokens quantised per block of
 // 32 and interleaved by block, so a kernel reads the group's block g from
 // one place: token t has x[32g + i] ~ d[g*nt + t] * q[32(g*nt + t) + i] and
 // s[g*nt + t] = d * (sum of those q), for the weight types with an offset.
-#define ACT_GROUP 4
+#define ACT_GROUP 8
 typedef struct {
     int8_t *q;
     float *d;

@@ -217,12 +217,13 @@ def test_padded_row_stride_and_readonly_views(simd):
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16"])
-def test_batches_spanning_several_token_tiles(name, simd):
-    # 37 tokens: groups of 4 with a padded last group, tiles of 16 tokens
-    rng = np.random.default_rng(11)
+@pytest.mark.parametrize("n", [2, 6, 7, 15, 37])
+def test_token_groups_and_tiles(name, n, simd):
+    # tokens go in groups of 8, then 4 (zero-padded) or 1, two groups per tile
+    rng = np.random.default_rng(n)
     n_in = N_IN.get(name, 64)
     raw = make_raw(name, 21, n_in, rng)
-    check_matmul(raw, name, 21, n_in, rng.standard_normal((37, n_in)).astype(np.float32), 2)
+    check_matmul(raw, name, 21, n_in, rng.standard_normal((n, n_in)).astype(np.float32), 2)
 
 
 def test_thread_counts_give_identical_results():
