@@ -24,6 +24,7 @@
 
 #define SPIN_NS 1000000   // how long an idle worker spins before sleeping
 #define CHUNKS_PER_THREAD 8
+#define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
 
 typedef struct {
@@ -262,6 +263,7 @@ int matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     if (quantised) j.dot_q8 = quant_dot_q8(type, simd);
     else j.dot_f32 = quant_dot_f32(type, simd);
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
+    if (chunk > CHUNK_BYTES / row_stride) chunk = CHUNK_BYTES / row_stride;
     j.chunk = chunk > 0 ? chunk : 1;
     if (n_threads == 1) run_job(&j);
     else run_on_pool(&j, n_threads);
