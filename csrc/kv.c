@@ -193,11 +193,15 @@ static void values_avx2(int type, int nh, const uint8_t *const *rows, int64_t n,
 }
 #endif
 
+static int simd_allowed = 1;
+
+void kv_allow_simd(int on) { simd_allowed = on != 0; }
+
 static int have_avx2(int head_dim) {
 #ifdef KV_X86
     __builtin_cpu_init();
-    return head_dim % 16 == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-        && __builtin_cpu_supports("f16c");
+    return simd_allowed && head_dim % 16 == 0 && __builtin_cpu_supports("avx2")
+        && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
     return 0;
 #endif

@@ -26,6 +26,10 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
               int n_tokens, const int32_t *lo, const int32_t *hi,
               const float *q, int n_head, float scale, float *out,
               int n_threads);
+
+// 0: use only the plain C loops (the reference; tests compare both); 1: the
+// AVX2 ones where the CPU has them (default). Affects calls made afterwards.
+void kv_allow_simd(int on);
 // cffi-end
 
 #endif

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvcells import CacheFullError, KVCellsError, StateError, kv_quant
+from kvcells._core import lib
 from kvcells.cache import ISWACache, KVCache
 from kvcells.rope import NEOX, NORM, rope
 
@@ -81,8 +82,16 @@ def fill_shared_prefix(mem, layers, n_prompt=6):
     return n_prompt + 3
 
 
+@pytest.fixture(params=[True, False], ids=["simd", "plain"])
+def simd(request):
+    """Runs a test with the AVX2 passes of kv_attend, then with the plain C ones."""
+    lib.kv_allow_simd(request.param)
+    yield request.param
+    lib.kv_allow_simd(True)
+
+
 @pytest.mark.parametrize("type_k,type_v", [(t, t) for t in TYPES] + [("q8_0", "f16")])
-def test_attend_matches_dense_masked_attention(type_k, type_v):
+def test_attend_matches_dense_masked_attention(type_k, type_v, simd):
     mem = KVCache(40, 3, [0, 3], N_HEAD_KV, HEAD_DIM, type_k, type_v)
     fill_shared_prefix(mem, [0, 3])
     # one ubatch mixing sequences, one token in two sequences at once
@@ -119,7 +128,26 @@ def test_many_sequences_decoding_on_two_threads_matches_dense():
     check_against_mask(mem, pos, seqs, result)
 
 
-def test_one_long_sequence_split_over_threads_matches_dense():
+@pytest.mark.parametrize("head_dim,n_head", [(40, 4), (48, 6), (16, 2)])
+def test_any_head_dim_and_group_size(head_dim, n_head, simd):
+    """head_dim not a multiple of 16 takes the plain loops; query heads
+    grouped by 4 and then one at a time (6 over 2 kv heads: 3 per kv head)."""
+    mem = KVCache(32, 2, [0], 2, head_dim, "f16", "f32")
+    rng = np.random.default_rng(head_dim)
+    pos, seqs = np.arange(10), [[0]] * 6 + [[1]] * 4
+    slot, = mem.prepare([(pos, seqs)])
+    mem.apply(slot, pos, seqs)
+    k, v = rng.standard_normal((2, 10, 2, head_dim)).astype(np.float32)
+    mem.store(0, k, v)
+    q = rng.standard_normal((10, n_head, head_dim)).astype(np.float32)
+    out = mem.attend(0, q, 0.3)
+    mask = mem.table.kq_mask(pos, seqs, 32)
+    kd = kv_quant.dequantize(mem.k[0], "f16", 2 * head_dim).reshape(32, 2, head_dim)
+    vd = kv_quant.dequantize(mem.v[0], "f32", 2 * head_dim).reshape(32, 2, head_dim)
+    np.testing.assert_allclose(out, naive_attention(q, kd, vd, mask, 0.3), atol=1e-5)
+
+
+def test_one_long_sequence_split_over_threads_matches_dense(simd):
     """Two (token, kv head) items of 17000 cells on three threads: each item's
     cells are split in parts whose partial softmax sums are merged."""
     mem = KVCache(17100, 2, [0], N_HEAD_KV, HEAD_DIM, "q8_0", "f16")
@@ -132,7 +160,7 @@ def test_one_long_sequence_split_over_threads_matches_dense():
 
 @pytest.mark.parametrize("swa_type", ["none", "standard", "chunked"])
 @pytest.mark.parametrize("type_k", ["f32", "q8_0"])
-def test_prompt_ubatch_matches_dense(swa_type, type_k):
+def test_prompt_ubatch_matches_dense(swa_type, type_k, simd):
     """A prompt of one sequence next to single tokens of others, in one ubatch."""
     mem = KVCache(128, 3, [0], N_HEAD_KV, HEAD_DIM, type_k, "f16", n_swa=16,
                   swa_type=swa_type)
