@@ -225,6 +225,46 @@ static void values_plain(int type, int nh, const uint8_t *const *rows, int64_t n
     }
 }
 
+// ---- quantising rows (ggml's reference rounding) ----
+
+static void f32_to_f16(float x, uint8_t *p) {
+    _Float16 h = (_Float16)x;
+    memcpy(p, &h, 2);
+}
+
+static void quantize_q8_0(const float *x, uint8_t *b) {
+    float amax = 0.0f;
+    for (int i = 0; i < QK; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    f32_to_f16(d, b);
+    for (int i = 0; i < QK; i++) b[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);
+}
+
+static void quantize_q4_0(const float *x, uint8_t *b) {
+    float amax = 0.0f, max = 0.0f;  // max: the value of largest magnitude, first one
+    for (int i = 0; i < QK; i++)
+        if (fabsf(x[i]) > amax) amax = fabsf(x[i]), max = x[i];
+    const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    f32_to_f16(d, b);
+    for (int i = 0; i < QK / 2; i++) {
+        // x/d + 8.5 lies in [0.5, 16.5]: truncated, then clamped to 15
+        const int lo = (int)(x[i] * id + 8.5f), hi = (int)(x[i + QK / 2] * id + 8.5f);
+        b[2 + i] = (uint8_t)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
+    }
+}
+
+int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out) {
+    if ((type != KV_TYPE_Q8_0 && type != KV_TYPE_Q4_0) || n_rows < 0 || n <= 0 || n % QK)
+        return KV_EINVAL;
+    if (n_rows > 0 && (!x || !out)) return KV_EINVAL;
+    const int64_t block = head_bytes(type, QK), n_blocks = n_rows * (n / QK);
+    for (int64_t i = 0; i < n_blocks; i++) {
+        if (type == KV_TYPE_Q8_0) quantize_q8_0(x + i * QK, out + i * block);
+        else quantize_q4_0(x + i * QK, out + i * block);
+    }
+    return KV_OK;
+}
+
 // ---- attention ----
 //
 // A work unit is one (token, kv head) item, or a part of its cells when there

@@ -27,6 +27,10 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
               const float *q, int n_head, float scale, float *out,
               int n_threads);
 
+// rows (n_rows x n values, n % 32 == 0) into q8_0 or q4_0 blocks, rounding
+// as ggml's reference quantisers do; out holds n_rows * row bytes
+int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out);
+
 // 0: use only the plain C loops (the reference; tests compare both); 1: the
 // AVX2 ones where the CPU has them (default). Affects calls made afterwards.
 void kv_allow_simd(int on);

@@ -6,10 +6,13 @@ followed by the codes (GGML's byte layout, so a row is what ggml would store):
   q4_0: 2 + 16 bytes, x = d * (q - 8) with q in [0, 15], d = max / -8 where
         max is the value of largest magnitude; byte j holds q[j] in its low
         nibble and q[j + 16] in its high nibble.
-Rounding follows ggml's reference quantisers (round half away from zero for
-q8_0, truncation of x/d + 8.5 clamped to 15 for q4_0).
+Quantising is csrc/kv.c (kv_quantize), rounding as ggml's reference
+quantisers do (half away from zero for q8_0, truncation of x/d + 8.5 clamped
+to 15 for q4_0); widening is numpy.
 """
 import numpy as np
+
+from ._core import ffi, lib
 
 BLOCK = 32
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -43,12 +46,15 @@ def quantize(x, type_name):
         return x.view(np.uint8).reshape(*lead, nbytes)
     if type_name == "f16":
         return x.astype(np.float16).view(np.uint8).reshape(*lead, nbytes)
-    blocks = x.reshape(-1, BLOCK)
-    if type_name == "q8_0":
-        out = _quantize_q8_0(blocks)
-    else:
-        out = _quantize_q4_0(blocks)
-    return out.reshape(*lead, nbytes)
+    out = np.empty((*lead, nbytes), np.uint8)
+    if out.size == 0:
+        return out
+    code = lib.KV_TYPE_Q8_0 if type_name == "q8_0" else lib.KV_TYPE_Q4_0
+    rc = lib.kv_quantize(code, ffi.from_buffer("float[]", x), x.size // n, n,
+                         ffi.from_buffer("uint8_t[]", out, require_writable=True))
+    if rc != lib.KV_OK:
+        raise ValueError(f"kv_quantize rejected a {type_name} row of {n} values")
+    return out
 
 
 def dequantize(raw, type_name, n):
@@ -70,32 +76,3 @@ def dequantize(raw, type_name, n):
         nib = blocks[:, 2:]
         q = np.concatenate([nib & 0x0F, nib >> 4], axis=1).astype(np.float32) - 8.0
     return (d * q).reshape(*lead, n)
-
-
-def _round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
-
-
-def _inverse(d):
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-
-
-def _quantize_q8_0(blocks):
-    d = (np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
-    q = _round_half_away(blocks * _inverse(d)).astype(np.int8)
-    out = np.empty((len(blocks), _BLOCK_BYTES["q8_0"]), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
-    out[:, 2:] = q.view(np.uint8)
-    return out
-
-
-def _quantize_q4_0(blocks):
-    imax = np.abs(blocks).argmax(axis=1)[:, None]
-    d = (np.take_along_axis(blocks, imax, axis=1) / np.float32(-8)).astype(np.float32)
-    # x/d + 8.5 lies in [0.5, 16.5]; truncation then clamping to 15 as ggml does
-    q = np.minimum(np.trunc(blocks * _inverse(d) + np.float32(8.5)), 15).astype(np.uint8)
-    out = np.empty((len(blocks), _BLOCK_BYTES["q4_0"]), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
-    out[:, 2:] = q[:, :BLOCK // 2] | (q[:, BLOCK // 2:] << 4)
-    return out
