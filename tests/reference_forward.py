@@ -140,7 +140,11 @@ class ReferenceModel:
             x = x + f
         x = rms_norm(x, t["output_norm.weight"], eps)
         out = t.get("output.weight", t["token_embd.weight"])
-        return (x @ out.T).astype(np.float32)
+        logits = x @ out.T
+        cap = self.key("final_logit_softcapping", 0.0) if gemma else 0.0
+        if cap:
+            logits = cap * np.tanh(logits / cap)
+        return logits.astype(np.float32)
 
 
 # kvcells.matmul rounds the activations of quantised-weight matmuls to int8

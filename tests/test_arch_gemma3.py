@@ -1,5 +1,6 @@
 """Gemma 3 forward pass (kvcells.arch.gemma3) against the dense reference:
 sliding-window layers on the ISWA cache, window reuse, SWA patterns."""
+import dataclasses
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ from reference_forward import (QUANT_TOL, ReferenceModel, causal_mask, compare_d
                                decode_one_by_one)
 
 import reference_forward
-from kvcells import Model
+from kvcells import Model, load_gguf
 
 
 def test_window_8_decoding_40_tokens_equals_dense_windowed_recompute(tiny_gguf):
@@ -78,3 +79,16 @@ def test_causal_mask_of_the_reference():
     m = causal_mask(5, window=2)
     assert (np.isfinite(m) == np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0],
                                         [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], bool)).all()
+
+
+def test_final_logit_softcapping(tiny_gguf):
+    """gemma3.final_logit_softcapping c (absent in Gemma 3 270M) maps the
+    logits to c * tanh(logits / c)."""
+    path = tiny_gguf("gemma3")
+    tokens = np.random.default_rng(4).integers(0, 300, 10)
+    plain = decode_one_by_one(Model.load(path), tokens)
+    file = load_gguf(path)
+    file.hparams = dataclasses.replace(file.hparams, logit_softcap=2.0)
+    capped = decode_one_by_one(Model(file), tokens)
+    assert np.abs(capped - 2.0 * np.tanh(plain / 2.0)).max() <= 1e-5
+    assert np.abs(plain).max() > 2.5

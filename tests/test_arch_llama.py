@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from reference_forward import QUANT_TOL, ReferenceModel, compare_decoding, decode_one_by_one
 
-from kvcells import Model
+from kvcells import GGUFError, Model, load_gguf
+from kvcells.arch import build
 
 
 @pytest.mark.parametrize("qtype,kw", [
@@ -33,3 +34,12 @@ def test_f16_cache_stays_close_to_reference(tiny_gguf):
     want = ReferenceModel(path).logits(tokens)
     assert np.abs(decode_one_by_one(model, tokens, type_kv="f16") - want).max() <= 1e-2
 
+
+
+def test_llama3_rope_frequency_factors_are_refused(tiny_gguf):
+    """rope_freqs.weight (llama 3's per-frequency RoPE factors) would change
+    every rotation; the forward pass refuses it rather than ignoring it."""
+    file = load_gguf(tiny_gguf("llama"))
+    file.tensors["rope_freqs.weight"] = np.ones(file.hparams.head_dim // 2, np.float32)
+    with pytest.raises(GGUFError, match="rope_freqs"):
+        build(file)

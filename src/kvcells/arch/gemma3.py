@@ -29,8 +29,6 @@ def gelu_tanh(x):
 
 
 class Gemma3:
-    rope_mode = NEOX
-
     def __init__(self, file):
         self.file = file
         self.hp = file.hparams

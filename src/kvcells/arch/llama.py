@@ -11,8 +11,6 @@ WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
 
 
 class Llama:
-    rope_mode = NORM
-
     def __init__(self, file):
         if "rope_freqs.weight" in file.tensors:
             raise GGUFError(f"{file.path}: per-frequency RoPE factors (rope_freqs.weight) "
