@@ -82,7 +82,8 @@ static void act_q8_portable(const float *x, int64_t n, act_q8 a, int t) {
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int i = 0; i < QK; i++) {
-            int q = round_even(xb[i] * id);
+            float v = xb[i] * id;
+            int q = v == v ? round_even(v) : -128;   // NaN: what the AVX2 conversion gives
             a.q[k * QK + i] = (int8_t)q;
             sum += q;
         }

@@ -226,6 +226,17 @@ def test_token_groups_and_tiles(name, n, simd):
     check_matmul(raw, name, 21, n_in, rng.standard_normal((n, n_in)).astype(np.float32), 2)
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F32"])
+def test_non_finite_activations_stay_in_their_token(name, simd):
+    rng = np.random.default_rng(12)
+    n_in = N_IN.get(name, 64)
+    raw = make_raw(name, 9, n_in, rng)
+    x = rng.standard_normal((3, n_in)).astype(np.float32)
+    x[0, 5], x[2, 40] = np.nan, np.inf
+    got = mm.matmul(raw, name, 9, n_in, x)
+    np.testing.assert_array_equal(got[1], mm.matmul(raw, name, 9, n_in, x[1:2])[0])
+
+
 def test_thread_counts_give_identical_results():
     rng = np.random.default_rng(5)
     raw = make_raw("Q4_K", 301, 256, rng)
