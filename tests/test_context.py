@@ -152,3 +152,13 @@ def test_corrupt_or_foreign_state_raises_and_changes_nothing(llama, gemma, tmp_p
     with pytest.raises(StateError):
         target.state_load(tmp_path / "g.bin")
     assert target.memory.state_bytes() == before
+
+
+def test_n_threads_reaches_the_matmul_and_attention_kernels(llama):
+    from kvcells import matmul
+    before = matmul.get_num_threads()
+    try:
+        ctx = Context(llama[0], n_ctx=16, n_threads=1)
+        assert ctx.memory.n_threads == 1 and matmul.get_num_threads() == 1
+    finally:
+        matmul.set_num_threads(before)

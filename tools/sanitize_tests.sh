@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs tests against the C core built with AddressSanitizer and UBSan.
-#   tools/sanitize_tests.sh [pytest args]     (default: tests/test_cells*.py)
+#   tools/sanitize_tests.sh [pytest args]     (default: the tests of the C core)
 # First proves the setup catches a deliberate out-of-bounds write.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,5 +43,7 @@ KVCELLS_SANITIZE=1 LD_PRELOAD= "$py" "$root/src/kvcells/_ffi_build.py" "$out" >"
 export PYTHONPATH="$out"
 "$py" -c "import kvcells._core as c, sys; assert c.__file__.startswith('$out'), c.__file__"
 cd "$root"
-if [ $# -eq 0 ]; then set -- tests/test_cells*.py; fi
+if [ $# -eq 0 ]; then
+  set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py
+fi
 "$py" -m pytest -p no:cacheprovider "$@"

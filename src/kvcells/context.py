@@ -3,6 +3,7 @@ import struct
 
 import numpy as np
 
+from . import matmul
 from .errors import StateError
 
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -20,15 +21,15 @@ class Context:
         for t in (type_k, type_v):
             if t not in KV_TYPES:
                 raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
-        if n_threads is not None:
-            from . import matmul
-            matmul.set_num_threads(n_threads)
         self.model = model
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self.n_ubatch = n_ubatch
         self.n_vocab = model.hparams.n_vocab
         self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+        if n_threads is not None:
+            matmul.set_num_threads(n_threads)
+            self.memory.n_threads = n_threads
 
     @property
     def kv_bytes(self):
