@@ -24,6 +24,7 @@
 
 #define SPIN_NS 1000000   // how long an idle worker spins before sleeping
 #define CHUNKS_PER_THREAD 8
+#define MIN_PARALLEL_MACS 65536   // smaller products run on the caller alone
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
 
@@ -265,7 +266,7 @@ int matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
     if (chunk > CHUNK_BYTES / row_stride) chunk = CHUNK_BYTES / row_stride;
     j.chunk = chunk > 0 ? chunk : 1;
-    if (n_threads == 1) run_job(&j);
+    if (n_threads == 1 || (double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) run_job(&j);
     else run_on_pool(&j, n_threads);
     free(q); free(ds); free(groups);
     return MATMUL_OK;

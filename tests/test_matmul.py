@@ -129,7 +129,7 @@ KINDS = [(name, kind) for name in QUANTISED + FLOAT
 def test_matmul_matches_dequantised_reference(name, kind, simd):
     rng = np.random.default_rng(zlib.crc32(f"{name} {kind}".encode()))
     n_in = N_IN.get(name, 96 if name in QUANTISED else 61)
-    for n_out, n, n_threads in [(7, 1, 1), (33, 5, 2), (1, 3, 2)]:
+    for n_out, n, n_threads in [(7, 1, 1), (67, 17, 2), (1, 3, 2)]:   # (67, 17): split between threads
         raw = make_raw(name, n_out, n_in, rng, kind)
         x = rng.standard_normal((n, n_in)).astype(np.float32)
         check_matmul(raw, name, n_out, n_in, x, n_threads)
@@ -362,12 +362,12 @@ def test_environment_variable_forces_the_portable_path():
 def test_pool_works_in_a_forked_child():
     # only the forking thread survives fork(): the child must not wait for the parent's workers
     rng = np.random.default_rng(10)
-    raw = make_raw("Q8_0", 64, 64, rng)
-    x = rng.standard_normal((2, 64)).astype(np.float32)
-    want = mm.matmul(raw, "Q8_0", 64, 64, x, n_threads=2)
+    raw = make_raw("Q8_0", 256, 256, rng)   # big enough to be split between threads
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    want = mm.matmul(raw, "Q8_0", 256, 256, x, n_threads=2)
     pid = os.fork()
     if pid == 0:
-        ok = np.array_equal(mm.matmul(raw, "Q8_0", 64, 64, x, n_threads=2), want)
+        ok = np.array_equal(mm.matmul(raw, "Q8_0", 256, 256, x, n_threads=2), want)
         os._exit(0 if ok else 1)
     for _ in range(1000):   # up to 10 s
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -88,17 +88,19 @@ def bench_f32_activations(w, ns, budget):
 
 
 def bench_overhead():
-    raw = np.zeros((64, 68), np.uint8)
-    x = np.zeros((1, 64), np.float32)
-    print("\nper-call overhead (Q8_0 64x64, n=1), best of 2000:")
-    for threads in (1, 2):
-        ts = []
-        for _ in range(2000):
-            t0 = time.perf_counter_ns()
-            mm.matmul(raw, "Q8_0", 64, 64, x, n_threads=threads)
-            ts.append(time.perf_counter_ns() - t0)
-        ts.sort()
-        print(f"  {threads} thread{'s' * (threads > 1)}: min {ts[0] / 1000:.1f} us, median {ts[len(ts) // 2] / 1000:.1f} us")
+    """Small products: 64x64 runs on the caller alone, 128x640 is split."""
+    print("\nper-call time from Python, Q8_0, one token, best / median of 2000:")
+    for n_out, n_in in ((64, 64), (128, 640)):
+        raw = np.zeros((n_out, n_in // 32 * 34), np.uint8)
+        x = np.zeros((1, n_in), np.float32)
+        for threads in (1, 2):
+            ts = []
+            for _ in range(2000):
+                t0 = time.perf_counter_ns()
+                mm.matmul(raw, "Q8_0", n_out, n_in, x, n_threads=threads)
+                ts.append(time.perf_counter_ns() - t0)
+            ts.sort()
+            print(f"  {n_out}x{n_in}, {threads} thread{'s' * (threads > 1)}: {ts[0] / 1000:.1f} / {ts[len(ts) // 2] / 1000:.1f} us")
 
 
 def bench_model_step(model, budget):

@@ -54,15 +54,15 @@ def matmul(raw, type_name, n_out, n_in, x, n_threads=None):
     """x @ W.T: x float32 (n, n_in) -> float32 (n, n_out)."""
     type_id, stride = _check_raw(raw, type_name, n_out, n_in)
     n_threads = _num_threads if n_threads is None else _check_threads(n_threads)
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != n_in:
         raise ValueError(f"x must have shape (n, {n_in}), got {x.shape}")
     y = np.empty((x.shape[0], n_out), dtype=np.float32)
     if x.shape[0] == 0:
         return y
-    rc = lib.matmul(type_id, _ptr(raw), stride, n_out, n_in,
-                    ffi.cast("const float *", ffi.from_buffer(x)), x.shape[0],
-                    ffi.cast("float *", ffi.from_buffer(y)), n_threads)
+    rc = lib.matmul(type_id, _ptr(raw), stride, n_out, n_in, ffi.from_buffer("float[]", x),
+                    x.shape[0], ffi.from_buffer("float[]", y), n_threads)
     _check_rc(rc)
     return y
 
@@ -132,12 +132,12 @@ def _check_raw(raw, type_name, n_out, n_in):
 
 def _ptr(raw):
     if raw.flags.c_contiguous:
-        return ffi.cast("const uint8_t *", ffi.from_buffer(raw))
+        return ffi.from_buffer(raw)
     return ffi.cast("const uint8_t *", raw.__array_interface__["data"][0])
 
 
 def _check_rc(rc):
-    if rc == lib.MATMUL_ENOMEM:
-        raise MemoryError("matmul: out of memory")
-    if rc != lib.MATMUL_OK:
+    if rc != 0:   # MATMUL_OK
+        if rc == lib.MATMUL_ENOMEM:
+            raise MemoryError("matmul: out of memory")
         raise ValueError("matmul: invalid arguments")
