@@ -242,8 +242,8 @@ static inline AVX2 __m256 dot_s8_s8(__m256i w, __m256i x) {
 
 // The 32 nibbles of 16 bytes: low nibbles in the low half, high in the high.
 static inline AVX2 __m256i nibbles16(const uint8_t *p) {
-    __m128i q = _mm_loadu_si128((const __m128i *)p);
-    __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
     return _mm256_and_si256(v, _mm256_set1_epi8(0xF));
 }
 
@@ -316,7 +316,7 @@ TILE void q8_0_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out)
 }
 
 // Q4_0, Q4_1, Q5_0, Q5_1 with unsigned q: d*(q.x) + o*(sum of x) per block,
-// o = -8d, -16d or the block's min m.
+// o = -8d, -16d (the 8 or 16 applied once at the end) or the block's min m.
 TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
                    int five, int has_min) {
     __m256 acc[ACT_GROUP];
@@ -325,7 +325,7 @@ TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
     for (int64_t g = 0; g < n / QK; g++) {
         const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * g;
         float d = f16_simd(blk);
-        float o = has_min ? -f16_simd(blk + 2) : (five ? 16.0f : 8.0f) * d;
+        float o = has_min ? -f16_simd(blk + 2) : d;   // times the bias below
         __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
         if (five) {
             __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
@@ -336,6 +336,8 @@ TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
             off[t] += o * x.s[g * nt + t];
         }
     }
+    if (!has_min)
+        for (int t = 0; t < nt; t++) off[t] *= five ? 16.0f : 8.0f;
     store_sums(acc, off, nt, out);
 }
 
