@@ -341,6 +341,18 @@ TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
     store_sums(acc, off, nt, out);
 }
 
+// Q4_K/Q5_K block header: d*sc and dmin*m of the 8 sub-blocks, the 6-bit
+// fields unpacked four at a time (as k_scale_min does one by one).
+static inline AVX2 void k_scales_avx2(const uint8_t *blk, float *ds, float *dm) {
+    uint32_t w0 = load_u32(blk + 4), w1 = load_u32(blk + 8), w2 = load_u32(blk + 12);
+    uint32_t sc_hi = (w2 & 0x0f0f0f0f) | ((w0 >> 2) & 0x30303030);
+    uint32_t m_hi = ((w2 >> 4) & 0x0f0f0f0f) | ((w1 >> 2) & 0x30303030);
+    __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)(w0 & 0x3f3f3f3f))));
+    __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)(w1 & 0x3f3f3f3f))));
+    _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk)), sc));
+    _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk + 2)), m));
+}
+
 // Q4_K and Q5_K: d*sc*(q.x) - dmin*m*(sum of x) per sub-block of 32.
 TILE void k45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out, int five) {
     const __m256i low4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
@@ -350,12 +362,11 @@ TILE void k45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out, 
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t *blk = row + (five ? 176 : 144) * b;
         const uint8_t *qs = blk + (five ? 48 : 16);
-        float d = f16_simd(blk), dmin = f16_simd(blk + 2);
+        float ds[8], dm[8];
+        k_scales_avx2(blk, ds, dm);
         __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             int64_t g = 8 * b + s;
-            int sc, m;
-            k_scale_min(blk + 4, s, &sc, &m);
             __m256i u = _mm256_loadu_si256((const __m256i *)(qs + 32 * (s / 2)));
             if (s % 2) u = _mm256_srli_epi16(u, 4);
             u = _mm256_and_si256(u, low4);
@@ -363,10 +374,9 @@ TILE void k45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out, 
                 u = _mm256_or_si256(u, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
                 qh = _mm256_srli_epi16(qh, 1);
             }
-            float ds = d * (float)sc, dm = dmin * (float)m;
             for (int t = 0; t < nt; t++) {
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
-                off[t] += dm * x.s[g * nt + t];
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds[s] * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
+                off[t] += dm[s] * x.s[g * nt + t];
             }
         }
     }
