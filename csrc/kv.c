@@ -18,6 +18,9 @@
 
 #define QK 32
 #define CELLS_PER_THREAD 16384
+#define QB 16  // query tokens per block of the tiled path
+#define KC 32  // cells per chunk of the tiled path
+#define TILED_MIN_TOKENS 2  // average tokens per block for the tiled path
 
 static int64_t head_bytes(int type, int head_dim) {
     switch (type) {
@@ -191,6 +194,127 @@ static void values_avx2(int type, int nh, const uint8_t *const *rows, int64_t n,
                         const float *p, int d, float *out) {
     KV_CASES(values_body, rows, n, p, d, out)
 }
+
+// ---- AVX2 kernels of the tiled (prompt) path, on rows widened to float ----
+
+AVX2 void widen_body(int type, const uint8_t *row, int d, float *dst) {
+    for (int i = 0; i < d; i += 16) {
+        __m256 x[2];
+        load16(type, row, i, x);
+        _mm256_storeu_ps(dst + i, x[0]);
+        _mm256_storeu_ps(dst + i + 8, x[1]);
+    }
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void widen_avx2(int type, const uint8_t *row, int d, float *dst) {
+    switch (type) {
+    case KV_TYPE_F32: widen_body(KV_TYPE_F32, row, d, dst); break;
+    case KV_TYPE_F16: widen_body(KV_TYPE_F16, row, d, dst); break;
+    case KV_TYPE_Q8_0: widen_body(KV_TYPE_Q8_0, row, d, dst); break;
+    case KV_TYPE_Q4_0: widen_body(KV_TYPE_Q4_0, row, d, dst); break;
+    }
+}
+
+// s[r * KC + j] = q_r . k_j for r < nr, j < nc (both even counts: the
+// callers pad), four query rows by two K rows at a time
+__attribute__((target("avx2,fma,f16c")))
+static void tile_scores_avx2(const float *q, int nr, const float *k, int nc, int d, float *s) {
+    for (int r = 0; r < nr; r += 4)
+        for (int j = 0; j < nc; j += 2) {
+            __m256 a[4][2];
+            for (int x = 0; x < 4; x++) a[x][0] = a[x][1] = _mm256_setzero_ps();
+            for (int i = 0; i < d; i += 8) {
+                const __m256 k0 = _mm256_loadu_ps(k + j * d + i);
+                const __m256 k1 = _mm256_loadu_ps(k + (j + 1) * d + i);
+                for (int x = 0; x < 4; x++) {
+                    const __m256 qx = _mm256_loadu_ps(q + (r + x) * d + i);
+                    a[x][0] = _mm256_fmadd_ps(qx, k0, a[x][0]);
+                    a[x][1] = _mm256_fmadd_ps(qx, k1, a[x][1]);
+                }
+            }
+            // the eight sums at once: lane 2x + y of t is the sum of a[x][y]
+            const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0][0], a[0][1]),
+                                             _mm256_hadd_ps(a[1][0], a[1][1]));
+            const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[2][0], a[2][1]),
+                                             _mm256_hadd_ps(a[3][0], a[3][1]));
+            float t[8];
+            _mm256_storeu_ps(t, _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                                              _mm256_permute2f128_ps(h0, h1, 0x31)));
+            for (int x = 0; x < 4; x++) {
+                s[(r + x) * KC + j] = t[2 * x];
+                s[(r + x) * KC + j + 1] = t[2 * x + 1];
+            }
+        }
+}
+
+// e^x for x <= 0 (a softmax's shifted scores): 2^n e^f with n = round(x / ln 2),
+// |f| <= ln 2 / 2, e^f by its Taylor series to f^6 (relative error < 2e-7);
+// x below -87 gives about 1e-38 instead of 0, NaN stays NaN
+AVX2 __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln 2, high bits
+    f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), f);      // and the rest
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// s[j] = exp(s[j] - m) for jlo <= j < jhi, 0 for the other j < n (n % 8 == 0);
+// returns their sum
+__attribute__((target("avx2,fma,f16c")))
+static float exp_masked_avx2(float *s, int n, int64_t jlo, int64_t jhi, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    const __m256i lo = _mm256_set1_epi32((int)jlo), hi = _mm256_set1_epi32((int)jhi);
+    __m256i j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 sum = _mm256_setzero_ps();
+    for (int j0 = 0; j0 < n; j0 += 8) {
+        // jlo <= j < jhi as jlo - 1 < j and jhi > j
+        const __m256i in = _mm256_and_si256(
+            _mm256_cmpgt_epi32(j, _mm256_sub_epi32(lo, _mm256_set1_epi32(1))),
+            _mm256_cmpgt_epi32(hi, j));
+        const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j0), mv)),
+                                       _mm256_castsi256_ps(in));
+        _mm256_storeu_ps(s + j0, e);
+        sum = _mm256_add_ps(sum, e);
+        j = _mm256_add_epi32(j, _mm256_set1_epi32(8));
+    }
+    return hsum(sum);
+}
+
+// o_r += sum_j p[r * KC + j] v_j for r < nr (a multiple of 4), j < nc
+__attribute__((target("avx2,fma,f16c")))
+static void tile_values_avx2(const float *p, int nr, const float *v, int nc, int d, float *o) {
+    for (int r = 0; r < nr; r += 4)
+        for (int i = 0; i < d; i += 16) {
+            __m256 a[4][2];
+            for (int x = 0; x < 4; x++) {
+                a[x][0] = _mm256_loadu_ps(o + (r + x) * d + i);
+                a[x][1] = _mm256_loadu_ps(o + (r + x) * d + i + 8);
+            }
+            for (int j = 0; j < nc; j++) {
+                const __m256 v0 = _mm256_loadu_ps(v + j * d + i);
+                const __m256 v1 = _mm256_loadu_ps(v + j * d + i + 8);
+                for (int x = 0; x < 4; x++) {
+                    const __m256 px = _mm256_broadcast_ss(p + (r + x) * KC + j);
+                    a[x][0] = _mm256_fmadd_ps(px, v0, a[x][0]);
+                    a[x][1] = _mm256_fmadd_ps(px, v1, a[x][1]);
+                }
+            }
+            for (int x = 0; x < 4; x++) {
+                _mm256_storeu_ps(o + (r + x) * d + i, a[x][0]);
+                _mm256_storeu_ps(o + (r + x) * d + i + 8, a[x][1]);
+            }
+        }
+}
 #endif
 
 static int simd_allowed = 1;
@@ -223,6 +347,16 @@ static void values_plain(int type, int nh, const uint8_t *const *rows, int64_t n
         widen_plain(type, rows[j], d, row);
         for (int k = 0; k < nh; k++) axpy_plain(p[k * n + j], row, out + k * d, d);
     }
+}
+
+static void tile_scores_plain(const float *q, int nr, const float *k, int nc, int d, float *s) {
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < nc; j++) s[r * KC + j] = dot_plain(q + r * d, k + j * d, d);
+}
+
+static void tile_values_plain(const float *p, int nr, const float *v, int nc, int d, float *o) {
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < nc; j++) axpy_plain(p[r * KC + j], v + j * d, o + r * d, d);
 }
 
 // ---- quantising rows (ggml's reference rounding) ----
@@ -384,6 +518,186 @@ static void merge_parts(const job *jb, int64_t n_items) {
     }
 }
 
+// ---- attention, tiled: the prompt path ----
+//
+// Consecutive tokens whose cell ranges overlap (a prompt's tokens: nested or
+// sliding ranges of one sequence's cells) form blocks of up to QB tokens. An
+// item is (block, kv head): its g * QB query rows go over the union of their
+// ranges KC cells at a time; each chunk of K and V rows is widened once for
+// all of them, and a streaming softmax keeps per row a running max m, total l
+// and unnormalised sum o, rescaled when m grows.
+
+typedef struct {
+    const job *jb;
+    const int32_t *block;  // block b holds tokens [block[b], block[b + 1])
+    int64_t n_items;
+    int tid, n_threads;    // this thread takes items tid, tid + n_threads, ...
+    float *q, *o, *m, *l, *s, *kc, *vc;  // scratch, rows padded to a multiple of 4
+    int32_t *lo, *hi;
+} tile_job;
+
+static void widen(const job *jb, int type, const uint8_t *row, float *dst) {
+#ifdef KV_X86
+    if (jb->avx2) {
+        widen_avx2(type, row, jb->head_dim, dst);
+        return;
+    }
+#endif
+    widen_plain(type, row, jb->head_dim, dst);
+}
+
+// the chunk's scores of row r (s, nc of them, cells c0 + j) turned into
+// exp(s - m) in place, zero where the row may not look; rescales o, l
+static void softmax_chunk(tile_job *tj, int r, int64_t c0, int nc, int nc2) {
+    const int d = tj->jb->head_dim;
+    float *s = tj->s + r * KC;
+    const int64_t jlo = tj->lo[r] - c0 > 0 ? tj->lo[r] - c0 : 0;
+    const int64_t jhi = tj->hi[r] - c0 < nc ? tj->hi[r] - c0 : nc;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = jlo; j < jhi; j++) mx = s[j] > mx ? s[j] : mx;
+    if (mx > tj->m[r]) {
+        const float alpha = expf(tj->m[r] - mx);  // 0 the first time (m = -inf)
+        for (int i = 0; i < d; i++) tj->o[r * d + i] *= alpha;
+        tj->l[r] *= alpha;
+        tj->m[r] = mx;
+    }
+#ifdef KV_X86
+    if (tj->jb->avx2) {
+        tj->l[r] += exp_masked_avx2(s, (nc2 + 7) / 8 * 8, jlo, jhi, tj->m[r]);
+        return;
+    }
+#endif
+    for (int j = 0; j < nc2; j++) {
+        s[j] = j >= jlo && j < jhi ? expf(s[j] - tj->m[r]) : 0.0f;
+        sum += s[j];
+    }
+    tj->l[r] += sum;
+}
+
+static void tile_item(tile_job *tj, int64_t item) {
+    const job *jb = tj->jb;
+    const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
+    const int b = (int)(item / jb->n_head_kv), h = (int)(item % jb->n_head_kv);
+    const int t0 = tj->block[b], nt = tj->block[b + 1] - t0;
+    const int nr = nt * g, nr4 = (nr + 3) / 4 * 4;
+    int64_t u0 = INT64_MAX, u1 = 0;
+    for (int r = 0; r < nr4; r++) {
+        const int t = t0 + r / g;
+        float *qr = tj->q + r * d;
+        tj->lo[r] = tj->hi[r] = 0;
+        if (r < nr) {
+            const float *src = jb->q + ((int64_t)t * jb->n_head + (int64_t)h * g + r % g) * d;
+            for (int i = 0; i < d; i++) qr[i] = jb->scale * src[i];
+            tj->lo[r] = jb->lo[t], tj->hi[r] = jb->hi[t];
+            if (tj->lo[r] < tj->hi[r]) {
+                u0 = tj->lo[r] < u0 ? tj->lo[r] : u0;
+                u1 = tj->hi[r] > u1 ? tj->hi[r] : u1;
+            }
+        } else {
+            memset(qr, 0, sizeof(float) * (size_t)d);
+        }
+        tj->m[r] = -INFINITY, tj->l[r] = 0.0f;
+    }
+    memset(tj->o, 0, sizeof(float) * (size_t)nr4 * d);
+    for (int64_t c0 = u0; c0 < u1; c0 += KC) {
+        const int nc = (int)(u1 - c0 < KC ? u1 - c0 : KC), nc2 = (nc + 1) / 2 * 2;
+        for (int j = 0; j < nc; j++) {
+            const int64_t cell = jb->cells[c0 + j];
+            widen(jb, jb->type_k, jb->k + cell * jb->row_k + h * jb->hb_k, tj->kc + j * d);
+            widen(jb, jb->type_v, jb->v + cell * jb->row_v + h * jb->hb_v, tj->vc + j * d);
+        }
+        if (nc2 > nc) {
+            memset(tj->kc + nc * d, 0, sizeof(float) * (size_t)d);
+            memset(tj->vc + nc * d, 0, sizeof(float) * (size_t)d);
+        }
+#ifdef KV_X86
+        if (jb->avx2) tile_scores_avx2(tj->q, nr4, tj->kc, nc2, d, tj->s);
+        else
+#endif
+            tile_scores_plain(tj->q, nr4, tj->kc, nc2, d, tj->s);
+        for (int r = 0; r < nr4; r++) softmax_chunk(tj, r, c0, nc, nc2);
+#ifdef KV_X86
+        if (jb->avx2) tile_values_avx2(tj->s, nr4, tj->vc, nc2, d, tj->o);
+        else
+#endif
+            tile_values_plain(tj->s, nr4, tj->vc, nc2, d, tj->o);
+    }
+    for (int r = 0; r < nr; r++) {
+        float *out = jb->out + ((int64_t)(t0 + r / g) * jb->n_head + (int64_t)h * g + r % g) * d;
+        const float inv = tj->l[r] > 0.0f ? 1.0f / tj->l[r] : 0.0f;
+        for (int i = 0; i < d; i++) out[i] = inv * tj->o[r * d + i];
+    }
+}
+
+static void *run_tiles(void *arg) {
+    tile_job *tj = arg;
+    for (int64_t it = tj->tid; it < tj->n_items; it += tj->n_threads) tile_item(tj, it);
+    return NULL;
+}
+
+// Splits the tokens into blocks of at most max_len tokens whose ranges
+// overlap (a token that sees nothing joins any block); returns their number.
+static int make_blocks(int n_tokens, const int32_t *lo, const int32_t *hi, int max_len,
+                       int32_t *block) {
+    int n = 0;
+    int64_t u0 = 0, u1 = 0;  // the current block's union, empty at first
+    for (int t = 0; t < n_tokens; t++) {
+        const int empty = lo[t] >= hi[t];
+        const int joins = n > 0 && t - block[n - 1] < max_len
+                          && (empty || u0 >= u1 || (lo[t] < u1 && hi[t] > u0));
+        if (!joins) block[n++] = t, u0 = u1 = 0;
+        if (!empty && u0 >= u1) u0 = lo[t], u1 = hi[t];
+        else if (!empty) u0 = lo[t] < u0 ? lo[t] : u0, u1 = hi[t] > u1 ? hi[t] : u1;
+    }
+    block[n] = n_tokens;
+    return n;
+}
+
+static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, int n_threads) {
+    const int g = proto->n_head / proto->n_head_kv, d = proto->head_dim;
+    const int64_t rows = (QB * g + 3) / 4 * 4;
+    tile_job *tjs = calloc((size_t)n_threads, sizeof(tile_job));
+    pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));
+    int status = tjs && tids ? KV_OK : KV_ENOMEM;
+    for (int i = 0; status == KV_OK && i < n_threads; i++) {
+        tile_job *tj = &tjs[i];
+        tj->jb = proto, tj->block = block, tj->tid = i, tj->n_threads = n_threads;
+        tj->n_items = (int64_t)n_blocks * proto->n_head_kv;
+        tj->q = malloc(sizeof(float) * (size_t)(rows * d));
+        tj->o = malloc(sizeof(float) * (size_t)(rows * d));
+        tj->m = malloc(sizeof(float) * (size_t)rows);
+        tj->l = malloc(sizeof(float) * (size_t)rows);
+        tj->s = calloc((size_t)(rows * KC), sizeof(float));  // read to a multiple of 8
+        tj->kc = malloc(sizeof(float) * (size_t)(KC * d));
+        tj->vc = malloc(sizeof(float) * (size_t)(KC * d));
+        tj->lo = malloc(sizeof(int32_t) * (size_t)rows);
+        tj->hi = malloc(sizeof(int32_t) * (size_t)rows);
+        if (!tj->q || !tj->o || !tj->m || !tj->l || !tj->s || !tj->kc || !tj->vc || !tj->lo
+            || !tj->hi)
+            status = KV_ENOMEM;
+    }
+    if (status == KV_OK) {
+        int started = 1;
+        for (; started < n_threads; started++)
+            if (pthread_create(&tids[started], NULL, run_tiles, &tjs[started]) != 0) break;
+        run_tiles(&tjs[0]);
+        for (int i = started; i < n_threads; i++) run_tiles(&tjs[i]);
+        for (int i = 1; i < started; i++) pthread_join(tids[i], NULL);
+    }
+    for (int i = 0; tjs && i < n_threads; i++) {
+        tile_job *tj = &tjs[i];
+        free(tj->q), free(tj->o), free(tj->m), free(tj->l), free(tj->s);
+        free(tj->kc), free(tj->vc), free(tj->lo), free(tj->hi);
+    }
+    free(tjs);
+    free(tids);
+    return status;
+}
+
+static int kv_path = KV_PATH_AUTO;
+
+void kv_force_path(int path) { kv_path = path; }
+
 static int valid_args(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
                       int64_t n_rows, int n_head_kv, int head_dim,
                       const int32_t *cells, int64_t n_list, int n_tokens,
@@ -403,46 +717,25 @@ static int valid_args(int type_k, const uint8_t *k, int type_v, const uint8_t *v
     return 1;
 }
 
-int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
-              int64_t n_rows, int n_head_kv, int head_dim,
-              const int32_t *cells, int64_t n_list,
-              int n_tokens, const int32_t *lo, const int32_t *hi,
-              const float *q, int n_head, float scale, float *out,
-              int n_threads) {
-    if (!valid_args(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, n_list,
-                    n_tokens, lo, hi, q, n_head, out))
-        return KV_EINVAL;
-    const int64_t n_items = (int64_t)n_tokens * n_head_kv;
-    int64_t longest = 1, visits = 0;
-    for (int t = 0; t < n_tokens; t++) {
-        if (hi[t] - lo[t] > longest) longest = hi[t] - lo[t];
-        visits += (int64_t)(hi[t] - lo[t]) * n_head_kv;
-    }
-    // a thread is worth starting for about a millisecond of work or more
-    if (n_threads > visits / CELLS_PER_THREAD + 1) n_threads = (int)(visits / CELLS_PER_THREAD + 1);
-    if (n_threads < 1 || n_items == 0) n_threads = 1;
+static int attend_tokens(const job *proto, int n_tokens, int n_threads, int64_t longest) {
+    const int64_t n_items = (int64_t)n_tokens * proto->n_head_kv;
     const int n_split = n_items < n_threads ? (int)((n_threads + n_items - 1) / n_items) : 1;
     const int64_t n_units = n_items * n_split;
-    const int g = n_head / n_head_kv;
+    const int g = proto->n_head / proto->n_head_kv;
 
     job *jobs = calloc((size_t)n_threads, sizeof(job));
     pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));
-    float *parts = n_split > 1 ? malloc(sizeof(float) * (size_t)(n_units * g * (head_dim + 2)))
-                               : NULL;
+    float *parts = n_split > 1
+        ? malloc(sizeof(float) * (size_t)(n_units * g * (proto->head_dim + 2))) : NULL;
     int status = jobs && tids && (n_split == 1 || parts) ? KV_OK : KV_ENOMEM;
-    const int avx2 = have_avx2(head_dim);
     for (int i = 0; status == KV_OK && i < n_threads; i++) {
         job *jb = &jobs[i];
-        jb->type_k = type_k, jb->type_v = type_v, jb->n_head_kv = n_head_kv;
-        jb->head_dim = head_dim, jb->n_head = n_head, jb->avx2 = avx2, jb->n_split = n_split;
-        jb->k = k, jb->v = v, jb->cells = cells, jb->lo = lo, jb->hi = hi, jb->q = q;
-        jb->hb_k = head_bytes(type_k, head_dim), jb->hb_v = head_bytes(type_v, head_dim);
-        jb->row_k = jb->hb_k * n_head_kv, jb->row_v = jb->hb_v * n_head_kv;
-        jb->scale = scale, jb->out = out, jb->parts = parts;
+        *jb = *proto;
+        jb->n_split = n_split, jb->parts = parts;
         jb->unit0 = n_units * i / n_threads, jb->unit1 = n_units * (i + 1) / n_threads;
         jb->scores = malloc(sizeof(float) * (size_t)(4 * longest));
         jb->rows = malloc(sizeof(uint8_t *) * (size_t)(2 * longest));
-        jb->row = malloc(sizeof(float) * (size_t)head_dim);
+        jb->row = malloc(sizeof(float) * (size_t)proto->head_dim);
         jb->stats = malloc(sizeof(float) * (size_t)(2 * g));
         if (!jb->scores || !jb->rows || !jb->row || !jb->stats) status = KV_ENOMEM;
     }
@@ -464,5 +757,47 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
     free(jobs);
     free(tids);
     free(parts);
+    return status;
+}
+
+int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+              int64_t n_rows, int n_head_kv, int head_dim,
+              const int32_t *cells, int64_t n_list,
+              int n_tokens, const int32_t *lo, const int32_t *hi,
+              const float *q, int n_head, float scale, float *out,
+              int n_threads) {
+    if (!valid_args(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, n_list,
+                    n_tokens, lo, hi, q, n_head, out))
+        return KV_EINVAL;
+    int64_t longest = 1, visits = 0;
+    for (int t = 0; t < n_tokens; t++) {
+        if (hi[t] - lo[t] > longest) longest = hi[t] - lo[t];
+        visits += (int64_t)(hi[t] - lo[t]) * n_head_kv;
+    }
+    // a thread is worth starting for about a millisecond of work or more
+    if (n_threads > visits / CELLS_PER_THREAD + 1) n_threads = (int)(visits / CELLS_PER_THREAD + 1);
+    if (n_threads < 1 || n_tokens == 0) n_threads = 1;
+
+    job proto = {0};
+    proto.type_k = type_k, proto.type_v = type_v, proto.n_head_kv = n_head_kv;
+    proto.head_dim = head_dim, proto.n_head = n_head, proto.avx2 = have_avx2(head_dim);
+    proto.k = k, proto.v = v, proto.cells = cells, proto.lo = lo, proto.hi = hi, proto.q = q;
+    proto.hb_k = head_bytes(type_k, head_dim), proto.hb_v = head_bytes(type_v, head_dim);
+    proto.row_k = proto.hb_k * n_head_kv, proto.row_v = proto.hb_v * n_head_kv;
+    proto.scale = scale, proto.out = out;
+    if (kv_path == KV_PATH_TOKEN || n_tokens == 0)
+        return attend_tokens(&proto, n_tokens, n_threads, longest);
+
+    // blocks of tokens, smaller ones when there would be fewer items than threads
+    int32_t *block = malloc(sizeof(int32_t) * ((size_t)n_tokens + 1));
+    if (!block) return KV_ENOMEM;
+    int max_len = QB, n_blocks = make_blocks(n_tokens, lo, hi, max_len, block);
+    while (max_len > 1 && (int64_t)n_blocks * n_head_kv < n_threads)
+        n_blocks = make_blocks(n_tokens, lo, hi, max_len /= 2, block);
+    // the tiled path pays off once blocks hold a few tokens each
+    const int tiled = kv_path == KV_PATH_TILE || n_blocks * TILED_MIN_TOKENS <= n_tokens;
+    const int status = tiled ? attend_tiled(&proto, block, n_blocks, n_threads)
+                             : attend_tokens(&proto, n_tokens, n_threads, longest);
+    free(block);
     return status;
 }

@@ -34,6 +34,14 @@ int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out);
 // 0: use only the plain C loops (the reference; tests compare both); 1: the
 // AVX2 ones where the CPU has them (default). Affects calls made afterwards.
 void kv_allow_simd(int on);
+
+// Which kv_attend path runs: AUTO picks per call (tiled when the query tokens
+// form blocks of several tokens with overlapping ranges, as a prompt does);
+// TOKEN and TILE force one (tests and benchmarks compare them).
+#define KV_PATH_AUTO 0
+#define KV_PATH_TOKEN 1
+#define KV_PATH_TILE 2
+void kv_force_path(int path);
 // cffi-end
 
 #endif

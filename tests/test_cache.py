@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from kvcells import CacheFullError, KVCellsError, StateError, kv_quant
-from kvcells._core import lib
+from kvcells._core import ffi, lib
 from kvcells.cache import ISWACache, KVCache
 from kvcells.rope import NEOX, NORM, rope
 
@@ -90,8 +90,16 @@ def simd(request):
     lib.kv_allow_simd(True)
 
 
+@pytest.fixture(params=[lib.KV_PATH_TOKEN, lib.KV_PATH_TILE], ids=["per_token", "tiled"])
+def path(request):
+    """Runs a test with kv_attend's per-token kernel, then with the tiled one."""
+    lib.kv_force_path(request.param)
+    yield request.param
+    lib.kv_force_path(lib.KV_PATH_AUTO)
+
+
 @pytest.mark.parametrize("type_k,type_v", [(t, t) for t in TYPES] + [("q8_0", "f16")])
-def test_attend_matches_dense_masked_attention(type_k, type_v, simd):
+def test_attend_matches_dense_masked_attention(type_k, type_v, simd, path):
     mem = KVCache(40, 3, [0, 3], N_HEAD_KV, HEAD_DIM, type_k, type_v)
     fill_shared_prefix(mem, [0, 3])
     # one ubatch mixing sequences, one token in two sequences at once
@@ -102,7 +110,7 @@ def test_attend_matches_dense_masked_attention(type_k, type_v, simd):
 
 
 @pytest.mark.parametrize("swa_type", ["standard", "chunked", "symmetric"])
-def test_sliding_window_attend_matches_dense(swa_type):
+def test_sliding_window_attend_matches_dense(swa_type, path):
     mem = KVCache(24, 2, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=5, swa_type=swa_type)
     nxt = [0, 0]
     for step in range(14):       # far beyond the cells: masked cells get reused
@@ -129,7 +137,7 @@ def test_many_sequences_decoding_on_two_threads_matches_dense():
 
 
 @pytest.mark.parametrize("head_dim,n_head", [(40, 4), (48, 6), (16, 2)])
-def test_any_head_dim_and_group_size(head_dim, n_head, simd):
+def test_any_head_dim_and_group_size(head_dim, n_head, simd, path):
     """head_dim not a multiple of 16 takes the plain loops; query heads
     grouped by 4 and then one at a time (6 over 2 kv heads: 3 per kv head)."""
     mem = KVCache(32, 2, [0], 2, head_dim, "f16", "f32")
@@ -158,18 +166,53 @@ def test_one_long_sequence_split_over_threads_matches_dense(simd):
     check_against_mask(mem, [17000], [[0]], result)
 
 
-@pytest.mark.parametrize("swa_type", ["none", "standard", "chunked"])
+@pytest.mark.parametrize("swa_type", ["none", "standard", "chunked", "symmetric"])
 @pytest.mark.parametrize("type_k", ["f32", "q8_0"])
-def test_prompt_ubatch_matches_dense(swa_type, type_k, simd):
-    """A prompt of one sequence next to single tokens of others, in one ubatch."""
-    mem = KVCache(128, 3, [0], N_HEAD_KV, HEAD_DIM, type_k, "f16", n_swa=16,
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_prompt_ubatch_matches_dense(swa_type, type_k, n_threads, simd, path):
+    """A prompt of one sequence (spanning several blocks of query tokens and
+    chunks of cells) next to single tokens and a short prompt of others, in
+    one ubatch; enough work for two threads."""
+    mem = KVCache(400, 3, [0], N_HEAD_KV, HEAD_DIM, type_k, "f16", n_swa=100,
                   swa_type=swa_type)
-    decode(mem, np.arange(20), [[0]] * 20, [0], 1)
+    mem.n_threads = n_threads
+    decode(mem, np.arange(60), [[0]] * 60, [0], 1)
     decode(mem, np.arange(5), [[1]] * 5, [0], 2)
-    pos = np.concatenate([np.arange(20, 60), [5, 6], np.arange(50)])
-    seqs = [[0]] * 40 + [[1], [1, 2]] + [[2]] * 50
+    pos = np.concatenate([np.arange(60, 250), [5, 6], np.arange(50)])
+    seqs = [[0]] * 190 + [[1], [1, 2]] + [[2]] * 50
     result = decode(mem, pos, seqs, [0], 3)
     check_against_mask(mem, pos, seqs, result)
+
+
+def test_kv_attend_any_ranges_matches_naive(simd, path):
+    """kv_attend straight from C's view: any cell list, any per-token ranges
+    (empty, nested, disjoint, overlapping in no order), up to 3 threads (one
+    per ~16k cell visits)."""
+    rng = np.random.default_rng(11)
+    n_rows, n_list, n_tokens, g = 300, 900, 70, 3
+    k, v = rng.standard_normal((2, n_rows, N_HEAD_KV, HEAD_DIM)).astype(np.float32)
+    q = rng.standard_normal((n_tokens, N_HEAD_KV * g, HEAD_DIM)).astype(np.float32)
+    cells = rng.integers(0, n_rows, n_list).astype(np.int32)
+    lo = rng.integers(0, n_list, n_tokens).astype(np.int32)
+    hi = np.minimum(lo + rng.integers(0, 700, n_tokens), n_list).astype(np.int32)
+    lo[20:40], hi[20:40] = np.arange(20), np.arange(400, 420)   # a sliding run
+    lo[5], hi[5] = 7, 7
+    out = np.empty_like(q)
+    for n_threads in (1, 2, 5):
+        rc = lib.kv_attend(lib.KV_TYPE_F32, ffi.from_buffer(k), lib.KV_TYPE_F32,
+                           ffi.from_buffer(v), n_rows, N_HEAD_KV, HEAD_DIM,
+                           ffi.from_buffer("int32_t[]", cells), n_list, n_tokens,
+                           ffi.from_buffer("int32_t[]", lo), ffi.from_buffer("int32_t[]", hi),
+                           ffi.from_buffer("float[]", q), N_HEAD_KV * g, 0.2,
+                           ffi.from_buffer("float[]", out, require_writable=True), n_threads)
+        assert rc == lib.KV_OK
+        for t in range(n_tokens):
+            ref = np.zeros((1, N_HEAD_KV * g, HEAD_DIM))
+            if hi[t] > lo[t]:
+                # a cell listed twice counts twice: attend the list, not the set
+                sel = cells[lo[t]:hi[t]]
+                ref = naive_attention(q[t:t + 1], k[sel], v[sel], np.zeros((1, len(sel))), 0.2)
+            np.testing.assert_allclose(out[t], ref[0], atol=1e-5)
 
 
 def test_attention_reads_only_the_sequence_own_cells():

@@ -3,13 +3,14 @@ n_head_kv 1, head_dim 256), one layer.
 
   python tools/bench_kv.py            # all figures (about 3 minutes, ~5 GB)
   python tools/bench_kv.py --quick    # 512 and 4096 cached tokens only
+  python tools/bench_kv.py --prompt   # the prompt figures only
 
 Prints, for f16 and q8_0 K/V:
   - attention time of one decode step (one new token per sequence: apply,
     store, attend) for 1 and 16 sequences holding 512, 4096 and 16384
     cached tokens each, per layer;
   - whether one sequence's step time depends on the others' lengths;
-  - attention of a 512-token prompt ubatch;
+  - attention of a prompt ubatch, per-token and tiled kernels side by side;
   - the cost of a K-shift (seq_add over 4096 cells) and of a defrag.
 """
 import argparse
@@ -17,6 +18,7 @@ import time
 
 import numpy as np
 
+from kvcells._core import lib
 from kvcells.cache import KVCache
 
 N_HEAD, N_HEAD_KV, HEAD_DIM = 4, 1, 256
@@ -105,13 +107,22 @@ def independence(types, long):
 
 
 def prefill(types):
-    print("\nprompt: attend() of a 512-token ubatch after 0 or 3584 cached tokens, one layer")
+    print("\nprompt: attend() of an n-token ubatch after 0 or 3584 cached tokens, one layer,")
+    print("per-token kernel against the tiled one (best of 3)")
+    print(f"{'type':>5} {'n':>4} {'cached':>6} {'per token':>10} {'tiled':>9} {'ratio':>6} {'auto':>9}")
+    paths = (lib.KV_PATH_TOKEN, lib.KV_PATH_TILE, lib.KV_PATH_AUTO)
     for t in types:
-        for before in (0, 3584):
+        for n, before in ((512, 0), (512, 3584), (64, 3584), (4, 3584), (1, 3584)):
             mem = KVCache(4096, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
             fill(mem, [before])
-            place(mem, np.arange(before, before + 512), [[0]] * 512)
-            print(f"{t:>5} {before:>5} cached {attend_time(mem, 512, repeat=3) * 1e3:>8.2f}ms")
+            place(mem, np.arange(before, before + n), [[0]] * n)
+            times = []
+            for path in paths:
+                lib.kv_force_path(path)
+                times.append(attend_time(mem, n, repeat=3))
+            lib.kv_force_path(lib.KV_PATH_AUTO)
+            a, b, auto = (x * 1e3 for x in times)
+            print(f"{t:>5} {n:>4} {before:>6} {a:>8.3f}ms {b:>7.3f}ms {a / b:>6.2f} {auto:>7.3f}ms")
 
 
 def shift_and_defrag(types, n_layers=18):
@@ -139,9 +150,13 @@ def shift_and_defrag(types, n_layers=18):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip 16384 cached tokens")
+    ap.add_argument("--prompt", action="store_true", help="only the prompt figures")
     args = ap.parse_args()
     types = ["f16", "q8_0"]
     lengths = [512, 4096] if args.quick else [512, 4096, 16384]
+    if args.prompt:
+        prefill(types)
+        return
     decode_steps(types, lengths)
     independence(types, lengths[-1])
     prefill(types)
