@@ -268,26 +268,42 @@ AVX2 __m256 exp8(__m256 x) {
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
 
-// s[j] = exp(s[j] - m) for jlo <= j < jhi, 0 for the other j < n (n % 8 == 0);
-// returns their sum
+// One streaming-softmax step of a query row over a chunk: s[j] becomes
+// exp(s[j] - m) for jlo <= j < jhi and 0 for the other j < n (n % 8 == 0),
+// after raising the running max m to the chunk's (o, d values, and the
+// total l rescaled); l gains the chunk's sum
 __attribute__((target("avx2,fma,f16c")))
-static float exp_masked_avx2(float *s, int n, int64_t jlo, int64_t jhi, float m) {
-    const __m256 mv = _mm256_set1_ps(m);
-    const __m256i lo = _mm256_set1_epi32((int)jlo), hi = _mm256_set1_epi32((int)jhi);
-    __m256i j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+static void softmax_row_avx2(float *s, int n, int64_t jlo, int64_t jhi, float *m, float *l,
+                             float *o, int d) {
+    const __m256i lo = _mm256_set1_epi32((int)jlo - 1), hi = _mm256_set1_epi32((int)jhi);
+    __m256i in[KC / 8];
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int j0 = 0; j0 < n; j0 += 8) {
+        const __m256i j = _mm256_add_epi32(_mm256_set1_epi32(j0),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        in[j0 / 8] = _mm256_and_si256(_mm256_cmpgt_epi32(j, lo), _mm256_cmpgt_epi32(hi, j));
+        mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(s + j0),
+                                                _mm256_castsi256_ps(in[j0 / 8])));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float top = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    if (top > *m) {
+        const __m256 alpha = _mm256_set1_ps(expf(*m - top));  // 0 the first time (m = -inf)
+        for (int i = 0; i < d; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(alpha, _mm256_loadu_ps(o + i)));
+        *l *= _mm256_cvtss_f32(alpha);
+        *m = top;
+    }
+    const __m256 mv = _mm256_set1_ps(*m);
     __m256 sum = _mm256_setzero_ps();
     for (int j0 = 0; j0 < n; j0 += 8) {
-        // jlo <= j < jhi as jlo - 1 < j and jhi > j
-        const __m256i in = _mm256_and_si256(
-            _mm256_cmpgt_epi32(j, _mm256_sub_epi32(lo, _mm256_set1_epi32(1))),
-            _mm256_cmpgt_epi32(hi, j));
         const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j0), mv)),
-                                       _mm256_castsi256_ps(in));
+                                       _mm256_castsi256_ps(in[j0 / 8]));
         _mm256_storeu_ps(s + j0, e);
         sum = _mm256_add_ps(sum, e);
-        j = _mm256_add_epi32(j, _mm256_set1_epi32(8));
     }
-    return hsum(sum);
+    *l += hsum(sum);
 }
 
 // o_r += sum_j p[r * KC + j] v_j for r < nr (a multiple of 4), j < nc
@@ -396,6 +412,70 @@ int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out) {
         if (type == KV_TYPE_Q8_0) quantize_q8_0(x + i * QK, out + i * block);
         else quantize_q4_0(x + i * QK, out + i * block);
     }
+    return KV_OK;
+}
+
+// ---- re-rotating K rows after a shift ----
+
+// the row's n values (whole blocks) from float back into its type
+static void narrow(int type, const float *x, int n, uint8_t *dst) {
+    switch (type) {
+    case KV_TYPE_F32: memcpy(dst, x, (size_t)n * 4); break;
+    case KV_TYPE_F16:
+        for (int i = 0; i < n; i++) f32_to_f16(x[i], dst + 2 * i);
+        break;
+    case KV_TYPE_Q8_0:
+        for (int b = 0; b < n / QK; b++) quantize_q8_0(x + b * QK, dst + b * (2 + QK));
+        break;
+    case KV_TYPE_Q4_0:
+        for (int b = 0; b < n / QK; b++) quantize_q4_0(x + b * QK, dst + b * (2 + QK / 2));
+        break;
+    }
+}
+
+int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, int n_head,
+                  int head_dim, const int32_t *cells, const int32_t *delta, int64_t n,
+                  double base, double freq_scale, int neox) {
+    if (head_bytes(type, head_dim) < 0 || head_dim <= 0 || head_dim % 2 || n_head <= 0
+        || n_layers < 0 || n_rows < 0 || n < 0 || !(base > 0.0))
+        return KV_EINVAL;
+    if (type >= KV_TYPE_Q8_0 && head_dim % QK) return KV_EINVAL;
+    if ((n > 0 && (!cells || !delta)) || (n_layers > 0 && !rows)) return KV_EINVAL;
+    for (int l = 0; l < n_layers; l++)
+        if (!rows[l]) return KV_EINVAL;
+    for (int64_t i = 0; i < n; i++)
+        if (cells[i] < 0 || cells[i] >= n_rows) return KV_EINVAL;
+    const int half = head_dim / 2, width = n_head * head_dim;
+    const int64_t row_bytes = head_bytes(type, head_dim) * n_head;
+    float *cs = malloc(sizeof(float) * (size_t)head_dim), *x = malloc(sizeof(float) * (size_t)width);
+    if (!cs || !x) {
+        free(cs), free(x);
+        return KV_ENOMEM;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        if (delta[i] == 0) continue;
+        // the angles as kvcells.rope computes them: float64, then cos/sin rounded to float
+        for (int p = 0; p < half; p++) {
+            const double theta = (double)delta[i] * freq_scale * pow(base, -(double)(2 * p) / head_dim);
+            cs[p] = (float)cos(theta), cs[half + p] = (float)sin(theta);
+        }
+        for (int l = 0; l < n_layers; l++) {
+            uint8_t *row = rows[l] + cells[i] * row_bytes;
+            widen_plain(type, row, width, x);
+            for (int h = 0; h < n_head; h++) {
+                float *xh = x + h * head_dim;
+                for (int p = 0; p < half; p++) {
+                    float *a = neox ? xh + p : xh + 2 * p, *b = neox ? xh + half + p : xh + 2 * p + 1;
+                    const float c = cs[p], sn = cs[half + p], ra = *a * c - *b * sn;
+                    *b = *a * sn + *b * c;
+                    *a = ra;
+                }
+            }
+            narrow(type, x, width, row);
+        }
+    }
+    free(cs);
+    free(x);
     return KV_OK;
 }
 
@@ -546,27 +626,27 @@ static void widen(const job *jb, int type, const uint8_t *row, float *dst) {
     widen_plain(type, row, jb->head_dim, dst);
 }
 
-// the chunk's scores of row r (s, nc of them, cells c0 + j) turned into
+// the chunk's scores of row r (cells c0 + j, j < nc) turned into
 // exp(s - m) in place, zero where the row may not look; rescales o, l
 static void softmax_chunk(tile_job *tj, int r, int64_t c0, int nc, int nc2) {
     const int d = tj->jb->head_dim;
-    float *s = tj->s + r * KC;
+    float *s = tj->s + r * KC, *o = tj->o + r * d;
     const int64_t jlo = tj->lo[r] - c0 > 0 ? tj->lo[r] - c0 : 0;
     const int64_t jhi = tj->hi[r] - c0 < nc ? tj->hi[r] - c0 : nc;
+#ifdef KV_X86
+    if (tj->jb->avx2) {
+        softmax_row_avx2(s, (nc2 + 7) / 8 * 8, jlo, jhi, &tj->m[r], &tj->l[r], o, d);
+        return;
+    }
+#endif
     float mx = -INFINITY, sum = 0.0f;
     for (int64_t j = jlo; j < jhi; j++) mx = s[j] > mx ? s[j] : mx;
     if (mx > tj->m[r]) {
         const float alpha = expf(tj->m[r] - mx);  // 0 the first time (m = -inf)
-        for (int i = 0; i < d; i++) tj->o[r * d + i] *= alpha;
+        for (int i = 0; i < d; i++) o[i] *= alpha;
         tj->l[r] *= alpha;
         tj->m[r] = mx;
     }
-#ifdef KV_X86
-    if (tj->jb->avx2) {
-        tj->l[r] += exp_masked_avx2(s, (nc2 + 7) / 8 * 8, jlo, jhi, tj->m[r]);
-        return;
-    }
-#endif
     for (int j = 0; j < nc2; j++) {
         s[j] = j >= jlo && j < jhi ? expf(s[j] - tj->m[r]) : 0.0f;
         sum += s[j];

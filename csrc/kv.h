@@ -31,6 +31,16 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
 // as ggml's reference quantisers do; out holds n_rows * row bytes
 int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out);
 
+// Re-rotates K rows after a position shift: row cells[i] of each of the
+// n_layers arrays rows[l] (n_rows rows of n_head x head_dim values of `type`)
+// turns by delta[i] positions, RoPE pair p by the angle
+// delta * freq_scale * base^(-2p / head_dim), the pairs (x[p], x[p + d/2])
+// when neox, else (x[2p], x[2p + 1]). Quantised rows are widened, rotated
+// and quantised again. Cells with delta 0 are left as they are.
+int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, int n_head,
+                  int head_dim, const int32_t *cells, const int32_t *delta, int64_t n,
+                  double base, double freq_scale, int neox);
+
 // 0: use only the plain C loops (the reference; tests compare both); 1: the
 // AVX2 ones where the CPU has them (default). Affects calls made afterwards.
 void kv_allow_simd(int on);

@@ -271,6 +271,34 @@ def test_k_shift_equals_recomputation_at_new_positions(mode, type_k, atol):
         np.testing.assert_allclose(a[il][1], b[il][1], atol=atol)
 
 
+@pytest.mark.parametrize("mode", [NORM, NEOX])
+@pytest.mark.parametrize("type_k", TYPES)
+def test_k_shift_rows_equal_numpy_rope(mode, type_k):
+    """The C re-rotation gives the bytes of widening, kvcells.rope.rope by each
+    cell's shift and quantising again, per layer with its base."""
+    bases = {0: 1e4, 1: 1e6, 2: 1e4}
+    mem = KVCache(64, 2, [0, 1, 2], N_HEAD_KV, HEAD_DIM, type_k, "f16", rope_base=bases,
+                  rope_mode=mode, rope_freq_scale=0.5)
+    place(mem, np.arange(40), [[0]] * 20 + [[1]] * 20, [0, 1, 2], 5)
+    before = {il: mem.k[il].copy() for il in bases}
+    pos0 = {s: dict(zip(*mem.table.seq_cells(s))) for s in (0, 1)}
+    mem.seq_add(0, 5, -1, 1000)
+    mem.seq_div(1, 24, 36, 3)
+    delta = np.zeros(64, np.int64)
+    for s in (0, 1):
+        for cell, p in zip(*mem.table.seq_cells(s)):
+            delta[cell] = p - pos0[s][cell]
+    moved = np.nonzero(delta)[0]
+    assert len(moved) == 15 + 12
+    n = N_HEAD_KV * HEAD_DIM
+    for il, base in bases.items():
+        k = kv_quant.dequantize(before[il][moved], type_k, n).reshape(len(moved), N_HEAD_KV, -1)
+        want = before[il].copy()
+        want[moved] = kv_quant.quantize(
+            rope(k, delta[moved], base, mode, 0.5).reshape(len(moved), n), type_k)
+        np.testing.assert_array_equal(mem.k[il], want)
+
+
 def test_iswa_k_shift_uses_each_half_rope():
     kw = dict(rope_base=1e4, rope_base_swa=50.0, rope_freq_scale=0.25, rope_freq_scale_swa=1.0)
     rot = {0: (1e4, 0.25), 1: (50.0, 1.0)}

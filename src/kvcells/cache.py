@@ -19,7 +19,7 @@ from . import kv_quant
 from ._core import ffi, lib
 from .cells import SWA_TYPES, CellTable
 from .errors import CacheFullError, KVCellsError, StateError
-from .rope import NEOX, NORM, rope
+from .rope import NEOX, NORM
 
 _TYPE_CODE = {"f32": lib.KV_TYPE_F32, "f16": lib.KV_TYPE_F16,
               "q8_0": lib.KV_TYPE_Q8_0, "q4_0": lib.KV_TYPE_Q4_0}
@@ -229,24 +229,27 @@ class KVCache:
         self.table.clear()
 
     def _shift_k(self):
-        """Re-rotate the K rows of shifted cells by their shift: RoPE by p
-        then by delta equals RoPE by p + delta. Layers with the same base are
-        rotated together, as extra heads, so the angles are computed once."""
+        """Re-rotate the K rows of shifted cells by their shift, in place in
+        their type (kv_rope_shift): RoPE by p then by delta equals RoPE by
+        p + delta. Layers with the same base go in one call, so the angles
+        are computed once per cell."""
         if not self.table.has_shift:
             return
         shifts = self.table.take_shifts()
-        cells = np.nonzero(shifts)[0]
+        cells = np.nonzero(shifts)[0].astype(np.int32)
         if len(cells) == 0:
             return
-        n, row = len(cells), self.n_head_kv * self.head_dim
+        delta = np.ascontiguousarray(shifts[cells], dtype=np.int32)
         for base in set(self.rope_base.values()):
-            layers = [il for il in self.layers if self.rope_base[il] == base]
-            k = np.stack([kv_quant.dequantize(self.k[il][cells], self.type_k, row)
-                          for il in layers], axis=1)
-            k = rope(k.reshape(n, -1, self.head_dim), shifts[cells], base, self.rope_mode,
-                     self.rope_freq_scale).reshape(n, len(layers), row)
-            for i, il in enumerate(layers):
-                self.k[il][cells] = kv_quant.quantize(k[:, i], self.type_k)
+            bufs = [ffi.from_buffer(self.k[il], require_writable=True)
+                    for il in self.layers if self.rope_base[il] == base]
+            rc = lib.kv_rope_shift(
+                _TYPE_CODE[self.type_k], ffi.new("uint8_t *[]", bufs), len(bufs), self.n_cells,
+                self.n_head_kv, self.head_dim, ffi.from_buffer("int32_t[]", cells),
+                ffi.from_buffer("int32_t[]", delta), len(cells), base, self.rope_freq_scale,
+                self.rope_mode == NEOX)
+            if rc != lib.KV_OK:
+                raise KVCellsError(f"kv_rope_shift failed ({rc})")
 
     def defrag(self):
         """Compact the used cells to [0, used); K and V rows follow their
