@@ -216,6 +216,14 @@ static void widen_avx2(int type, const uint8_t *row, int d, float *dst) {
     }
 }
 
+// n floats (n % 8 == 0) to f16, rounding to nearest even as a C cast does
+__attribute__((target("avx2,fma,f16c")))
+static void f16_from_f32_avx2(const float *x, int n, uint8_t *dst) {
+    for (int i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + 2 * i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
 // s[r * KC + j] = q_r . k_j for r < nr, j < nc (both even counts: the
 // callers pad), four query rows by two K rows at a time
 __attribute__((target("avx2,fma,f16c")))
@@ -417,11 +425,28 @@ int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out) {
 
 // ---- re-rotating K rows after a shift ----
 
-// the row's n values (whole blocks) from float back into its type
-static void narrow(int type, const float *x, int n, uint8_t *dst) {
+// a row of n values (whole blocks) widened to float, and back into its type
+static void widen_row(int avx2, int type, const uint8_t *row, int n, float *x) {
+#ifdef KV_X86
+    if (avx2) {
+        widen_avx2(type, row, n, x);
+        return;
+    }
+#endif
+    (void)avx2;
+    widen_plain(type, row, n, x);
+}
+
+static void narrow(int avx2, int type, const float *x, int n, uint8_t *dst) {
     switch (type) {
     case KV_TYPE_F32: memcpy(dst, x, (size_t)n * 4); break;
     case KV_TYPE_F16:
+#ifdef KV_X86
+        if (avx2) {
+            f16_from_f32_avx2(x, n, dst);
+            break;
+        }
+#endif
         for (int i = 0; i < n; i++) f32_to_f16(x[i], dst + 2 * i);
         break;
     case KV_TYPE_Q8_0:
@@ -445,23 +470,29 @@ int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, 
         if (!rows[l]) return KV_EINVAL;
     for (int64_t i = 0; i < n; i++)
         if (cells[i] < 0 || cells[i] >= n_rows) return KV_EINVAL;
-    const int half = head_dim / 2, width = n_head * head_dim;
+    const int half = head_dim / 2, width = n_head * head_dim, avx2 = have_avx2(head_dim);
     const int64_t row_bytes = head_bytes(type, head_dim) * n_head;
+    double *inv_freq = malloc(sizeof(double) * (size_t)half);
     float *cs = malloc(sizeof(float) * (size_t)head_dim), *x = malloc(sizeof(float) * (size_t)width);
-    if (!cs || !x) {
-        free(cs), free(x);
+    if (!inv_freq || !cs || !x) {
+        free(inv_freq), free(cs), free(x);
         return KV_ENOMEM;
     }
+    // the angles as kvcells.rope computes them: float64, cos/sin rounded to float
+    for (int p = 0; p < half; p++) inv_freq[p] = pow(base, -(double)(2 * p) / head_dim);
+    int32_t angles_of = 0;  // the delta cs holds the angles of (0: none yet)
     for (int64_t i = 0; i < n; i++) {
         if (delta[i] == 0) continue;
-        // the angles as kvcells.rope computes them: float64, then cos/sin rounded to float
-        for (int p = 0; p < half; p++) {
-            const double theta = (double)delta[i] * freq_scale * pow(base, -(double)(2 * p) / head_dim);
-            cs[p] = (float)cos(theta), cs[half + p] = (float)sin(theta);
+        if (delta[i] != angles_of) {
+            for (int p = 0; p < half; p++) {
+                const double theta = (double)delta[i] * freq_scale * inv_freq[p];
+                cs[p] = (float)cos(theta), cs[half + p] = (float)sin(theta);
+            }
+            angles_of = delta[i];
         }
         for (int l = 0; l < n_layers; l++) {
             uint8_t *row = rows[l] + cells[i] * row_bytes;
-            widen_plain(type, row, width, x);
+            widen_row(avx2, type, row, width, x);
             for (int h = 0; h < n_head; h++) {
                 float *xh = x + h * head_dim;
                 for (int p = 0; p < half; p++) {
@@ -471,9 +502,10 @@ int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, 
                     *a = ra;
                 }
             }
-            narrow(type, x, width, row);
+            narrow(avx2, type, x, width, row);
         }
     }
+    free(inv_freq);
     free(cs);
     free(x);
     return KV_OK;

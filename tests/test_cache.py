@@ -273,7 +273,7 @@ def test_k_shift_equals_recomputation_at_new_positions(mode, type_k, atol):
 
 @pytest.mark.parametrize("mode", [NORM, NEOX])
 @pytest.mark.parametrize("type_k", TYPES)
-def test_k_shift_rows_equal_numpy_rope(mode, type_k):
+def test_k_shift_rows_equal_numpy_rope(mode, type_k, simd):
     """The C re-rotation gives the bytes of widening, kvcells.rope.rope by each
     cell's shift and quantising again, per layer with its base."""
     bases = {0: 1e4, 1: 1e6, 2: 1e4}
