@@ -7,8 +7,9 @@ tokens/s (1 sequence, 128 tokens), aggregate decode tokens/s with 4 and 16
 sequences, KV bytes, and generation with the cache vs recomputing the whole
 sequence at every step (100 and 500 generated tokens). Ratios are to
 llama.cpp's figures on this kind of machine (520 t/s prompt, 47 t/s decode,
-2 threads), and to llama.cpp run here on the same file when llama_cpp
-(llama-cpp-python) is importable.
+2 threads), and, when llama_cpp (llama-cpp-python) is importable, to
+llama.cpp run on the same file in the same process, each figure measured
+right after ours.
 """
 import argparse
 import os
@@ -65,28 +66,31 @@ def decode_seqs(ctx, tokens_per_seq, start_pos):
     return ctx.decode(batch)
 
 
-def bench_prompt(model, ids):
-    ctx = Context(model, n_ctx=1024, n_seq_max=1, n_ubatch=512, n_threads=args.threads)
-    best = float("inf")
-    for _ in range(2):
-        ctx.memory.clear()
+class Ours:
+    """kvcells: tokens/s of a prompt and of decoding n_seq sequences together."""
+    name = "kvcells"
+
+    def __init__(self, model):
+        self.model = model
+
+    def prompt_tps(self, ids):
+        ctx = Context(self.model, n_ctx=1024, n_seq_max=1, n_ubatch=512,
+                      n_threads=args.threads)
         t = now()
         decode_seqs(ctx, [ids], [0])
-        best = min(best, now() - t)
-    return len(ids) / best
+        return len(ids) / (now() - t)
 
-
-def bench_decode(model, n_seq, n_steps, prompts):
-    """Greedy decoding of n_seq sequences together; aggregate tokens/s."""
-    ctx = Context(model, n_ctx=2048, n_seq_max=n_seq, n_ubatch=512, n_threads=args.threads)
-    prompts = prompts[:n_seq]
-    logits = decode_seqs(ctx, prompts, [0] * n_seq)
-    pos = [len(p) for p in prompts]
-    t = now()
-    for _ in range(n_steps):
-        logits = decode_seqs(ctx, [[int(row.argmax())] for row in logits], pos)
-        pos = [p + 1 for p in pos]
-    return n_seq * n_steps / (now() - t), ctx.kv_bytes
+    def decode_tps(self, n_seq, n_steps, prompts):
+        """Greedy decoding of n_seq sequences, one token each per batch."""
+        ctx = Context(self.model, n_ctx=2048, n_seq_max=n_seq, n_ubatch=512,
+                      n_threads=args.threads)
+        logits = decode_seqs(ctx, prompts[:n_seq], [0] * n_seq)
+        pos = [len(p) for p in prompts[:n_seq]]
+        t = now()
+        for _ in range(n_steps):
+            logits = decode_seqs(ctx, [[int(row.argmax())] for row in logits], pos)
+            pos = [p + 1 for p in pos]
+        return n_seq * n_steps / (now() - t)
 
 
 def generate_cached(model, prompt, n):
@@ -117,24 +121,28 @@ def generate_recomputed(model, prompt, generated, every):
     return float(np.interp(np.arange(n), steps, times).sum())
 
 
-def llamacpp_figures(path, ids_prompt, prompts, n_decode):
-    """llama.cpp on the same file, same threads: prompt t/s and decode t/s
-    for 1, 4 and 16 sequences (one unified KV cache, like ours)."""
-    import llama_cpp as L
-    quiet = L.llama_log_callback(lambda level, text, user_data: None)
-    L.llama_log_set(quiet, None)
-    L.llama_backend_init()
-    model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
-    figures = {}
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's C API, same file and threads, one
+    unified KV cache like ours; decode feeds fixed tokens (no sampling)."""
+    name = "llama.cpp"
 
-    def context(n_seq):
-        p = L.llama_context_default_params()
+    def __init__(self, path):
+        import llama_cpp
+        self.L = L = llama_cpp
+        self.quiet = L.llama_log_callback(lambda level, text, user_data: None)
+        L.llama_log_set(self.quiet, None)
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+
+    def context(self, n_seq):
+        p = self.L.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = 2048, 512, 512, n_seq
         p.n_threads = p.n_threads_batch = args.threads
         p.kv_unified = True
-        return L.llama_init_from_model(model, p)
+        return self.L.llama_init_from_model(self.model, p)
 
-    def decode(ctx, toks_per_seq, pos):
+    def decode(self, ctx, toks_per_seq, pos):
+        L = self.L
         n = sum(len(t) for t in toks_per_seq)
         b = L.llama_batch_init(n, 0, 1)
         i = 0
@@ -149,27 +157,29 @@ def llamacpp_figures(path, ids_prompt, prompts, n_decode):
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    ctx = context(1)
-    best = float("inf")
-    for _ in range(2):
-        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    def prompt_tps(self, ids):
+        ctx = self.context(1)
         t = now()
-        decode(ctx, [ids_prompt], [0])
-        best = min(best, now() - t)
-    figures["prompt"] = len(ids_prompt) / best
-    L.llama_free(ctx)
-    for n_seq, n_steps in ((1, n_decode), (4, 32), (16, 32)):
-        ctx = context(n_seq)
-        decode(ctx, prompts[:n_seq], [0] * n_seq)
+        self.decode(ctx, [ids], [0])
+        dt = now() - t
+        self.L.llama_free(ctx)
+        return len(ids) / dt
+
+    def decode_tps(self, n_seq, n_steps, prompts):
+        ctx = self.context(n_seq)
+        self.decode(ctx, prompts[:n_seq], [0] * n_seq)
         pos = [len(p) for p in prompts[:n_seq]]
         t = now()
         for k in range(n_steps):
-            decode(ctx, [[1000 + k]] * n_seq, pos)
+            self.decode(ctx, [[1000 + k]] * n_seq, pos)
             pos = [p + 1 for p in pos]
-        figures[n_seq] = n_seq * n_steps / (now() - t)
-        L.llama_free(ctx)
-    L.llama_model_free(model)
-    return figures
+        dt = now() - t
+        self.L.llama_free(ctx)
+        return n_seq * n_steps / dt
+
+
+def best_of(n, f, *a):
+    return max(f(*a) for _ in range(n))
 
 
 def main():
@@ -194,20 +204,35 @@ def main():
     ids512 = text_tokens(tok, 512)
     # 16 different 32-token prompts for the multi-sequence runs
     prompts = [text_tokens(tok, 32 + s)[s:] for s in range(16)]
+    engines = [Ours(model)]
+    if not args.no_llamacpp:
+        try:
+            t = now()
+            engines.append(LlamaCpp(path))
+            print(f"llama.cpp load: {now() - t:.2f} s")
+        except ImportError:
+            print("llama_cpp not importable: no side-by-side run")
 
-    prompt_tps = bench_prompt(model, ids512)
-    decode_tps, _ = bench_decode(model, 1, 128, prompts)
-    agg4, _ = bench_decode(model, 4, 32, prompts)
-    agg16, kv16 = bench_decode(model, 16, 32, prompts)
+    # each figure: best of 2 runs, every engine right after the other, so
+    # that both see the same load from other processes
+    runs = [("prompt (512 tokens)", "prompt_tps", (ids512,), LLAMACPP_PROMPT_TPS),
+            ("decode (1 seq, 128 tokens)", "decode_tps", (1, 128, prompts), LLAMACPP_DECODE_TPS),
+            ("decode, 4 seqs x 32 tokens", "decode_tps", (4, 32, prompts), None),
+            ("decode, 16 seqs x 32 tokens", "decode_tps", (16, 32, prompts), None)]
+    print(f"\n{'tokens/s':28s}" + "".join(f"{e.name:>11s}" for e in engines)
+          + ("      ratio" if len(engines) > 1 else "") + "   ratio to the issue's llama.cpp figure")
+    for label, method, margs, quoted in runs:
+        tps = [best_of(2, getattr(e, method), *margs) for e in engines]
+        line = f"{label:28s}" + "".join(f"{v:11.1f}" for v in tps)
+        if len(engines) > 1:
+            line += f"{tps[0] / tps[1]:11.2f}"
+        if quoted:
+            line += f"   {tps[0] / quoted:.2f} (of {quoted:.0f})"
+        print(line)
+
     kv_default = Context(model).kv_bytes
-
-    print(f"prompt (512 tokens):        {prompt_tps:8.1f} tokens/s  "
-          f"({prompt_tps / LLAMACPP_PROMPT_TPS:.2f}x llama.cpp's {LLAMACPP_PROMPT_TPS:.0f})")
-    print(f"decode (1 seq, 128 tokens): {decode_tps:8.1f} tokens/s  "
-          f"({decode_tps / LLAMACPP_DECODE_TPS:.2f}x llama.cpp's {LLAMACPP_DECODE_TPS:.0f})")
-    print(f"decode, 4 sequences:        {agg4:8.1f} tokens/s aggregate")
-    print(f"decode, 16 sequences:       {agg16:8.1f} tokens/s aggregate")
-    print(f"KV bytes: {kv_default:,} (n_ctx 4096, 1 seq, f16); "
+    kv16 = Context(model, n_ctx=2048, n_seq_max=16).kv_bytes
+    print(f"\nKV bytes: {kv_default:,} (n_ctx 4096, 1 seq, f16); "
           f"{kv16:,} (n_ctx 2048, 16 seqs, f16)")
 
     prompt = tok.encode(PROMPT)
@@ -218,23 +243,7 @@ def main():
         print(f"generate {n} tokens: cache {cached_s:.2f} s, full recompute "
               f"{full_s:.2f} s{note}: {full_s / cached_s:.1f}x faster with the cache")
     print("greedy text:", repr(tok.decode(generated[:24])))
-
-    if args.no_llamacpp:
-        return
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama_cpp not importable: no side-by-side run")
-        return
-    lc = llamacpp_figures(path, ids512, prompts, 128)
-    print(f"\nllama.cpp (llama-cpp-python) on the same file, same threads, same run "
-          f"(load average now {os.getloadavg()[0]:.2f}):")
-    for name, ours, theirs in (("prompt (512 tokens)", prompt_tps, lc["prompt"]),
-                               ("decode (1 seq)", decode_tps, lc[1]),
-                               ("decode, 4 sequences", agg4, lc[4]),
-                               ("decode, 16 sequences", agg16, lc[16])):
-        print(f"{name:22s} kvcells {ours:8.1f}  llama.cpp {theirs:8.1f} tokens/s  "
-              f"ratio {ours / theirs:.2f}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
