@@ -19,8 +19,7 @@
 #define QK 32
 #define CELLS_PER_THREAD 16384
 #define QB 16  // query tokens per block of the tiled path
-#define KC 32  // cells per chunk of the tiled path
-#define TILED_MIN_TOKENS 2  // average tokens per block for the tiled path
+#define KC KV_CHUNK  // cells per chunk of the tiled path
 
 static int64_t head_bytes(int type, int head_dim) {
     switch (type) {
@@ -711,16 +710,21 @@ static void tile_item(tile_job *tj, int64_t item) {
         tj->m[r] = -INFINITY, tj->l[r] = 0.0f;
     }
     memset(tj->o, 0, sizeof(float) * (size_t)nr4 * d);
-    for (int64_t c0 = u0; c0 < u1; c0 += KC) {
+    // Chunks start at multiples of KC of the list, so a row meets the same
+    // chunks, and gets the same bits, in whatever block it is; rows outside
+    // the block's union are zeros (their weight is 0, and 0 * a finite row
+    // adds exactly nothing)
+    for (int64_t c0 = u0 / KC * KC; c0 < u1; c0 += KC) {
         const int nc = (int)(u1 - c0 < KC ? u1 - c0 : KC), nc2 = (nc + 1) / 2 * 2;
-        for (int j = 0; j < nc; j++) {
+        for (int j = 0; j < nc2; j++) {
+            if (c0 + j < u0 || j >= nc) {
+                memset(tj->kc + j * d, 0, sizeof(float) * (size_t)d);
+                memset(tj->vc + j * d, 0, sizeof(float) * (size_t)d);
+                continue;
+            }
             const int64_t cell = jb->cells[c0 + j];
             widen(jb, jb->type_k, jb->k + cell * jb->row_k + h * jb->hb_k, tj->kc + j * d);
             widen(jb, jb->type_v, jb->v + cell * jb->row_v + h * jb->hb_v, tj->vc + j * d);
-        }
-        if (nc2 > nc) {
-            memset(tj->kc + nc * d, 0, sizeof(float) * (size_t)d);
-            memset(tj->vc + nc * d, 0, sizeof(float) * (size_t)d);
         }
 #ifdef KV_X86
         if (jb->avx2) tile_scores_avx2(tj->q, nr4, tj->kc, nc2, d, tj->s);
@@ -806,7 +810,7 @@ static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, in
     return status;
 }
 
-static int kv_path = KV_PATH_AUTO;
+static int kv_path = KV_PATH_TILE;
 
 void kv_force_path(int path) { kv_path = path; }
 
@@ -906,10 +910,7 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
     int max_len = QB, n_blocks = make_blocks(n_tokens, lo, hi, max_len, block);
     while (max_len > 1 && (int64_t)n_blocks * n_head_kv < n_threads)
         n_blocks = make_blocks(n_tokens, lo, hi, max_len /= 2, block);
-    // the tiled path pays off once blocks hold a few tokens each
-    const int tiled = kv_path == KV_PATH_TILE || n_blocks * TILED_MIN_TOKENS <= n_tokens;
-    const int status = tiled ? attend_tiled(&proto, block, n_blocks, n_threads)
-                             : attend_tokens(&proto, n_tokens, n_threads, longest);
+    const int status = attend_tiled(&proto, block, n_blocks, n_threads);
     free(block);
     return status;
 }

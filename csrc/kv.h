@@ -45,12 +45,19 @@ int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, 
 // AVX2 ones where the CPU has them (default). Affects calls made afterwards.
 void kv_allow_simd(int on);
 
-// Which kv_attend path runs: AUTO picks per call (tiled when the query tokens
-// form blocks of several tokens with overlapping ranges, as a prompt does);
-// TOKEN and TILE force one (tests and benchmarks compare them).
-#define KV_PATH_AUTO 0
+// The tiled path reads the cell list in chunks of KV_CHUNK entries starting
+// at multiples of KV_CHUNK; a caller that starts each sequence's cells at
+// such a multiple gets, for each token, the same bits whatever else is in
+// the ubatch.
+#define KV_CHUNK 32
+
+// Which kv_attend path runs. TILE (the default): its result for a token does
+// not depend on the rest of the ubatch (see KV_CHUNK), so a token decoded
+// alone gets the bits it gets inside a prompt. TOKEN: the per-token path,
+// faster for decoding (one token per sequence) by 5-30% but with other bits
+// than the tiled path; tests and benchmarks compare the two.
+#define KV_PATH_TILE 0
 #define KV_PATH_TOKEN 1
-#define KV_PATH_TILE 2
 void kv_force_path(int path);
 // cffi-end
 

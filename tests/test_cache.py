@@ -95,7 +95,7 @@ def path(request):
     """Runs a test with kv_attend's per-token kernel, then with the tiled one."""
     lib.kv_force_path(request.param)
     yield request.param
-    lib.kv_force_path(lib.KV_PATH_AUTO)
+    lib.kv_force_path(lib.KV_PATH_TILE)
 
 
 @pytest.mark.parametrize("type_k,type_v", [(t, t) for t in TYPES] + [("q8_0", "f16")])
@@ -184,6 +184,42 @@ def test_prompt_ubatch_matches_dense(swa_type, type_k, n_threads, simd, path):
     check_against_mask(mem, pos, seqs, result)
 
 
+@pytest.mark.parametrize("swa_type", ["none", "standard"])
+def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
+    """The tiled path (the default): a token's attention is bit-identical
+    whether it comes in one prompt ubatch, alone, or next to other sequences
+    in ubatches cut differently, in other cells, on 1 or 2 threads (what
+    "decoding through the cache equals recomputing" relies on)."""
+    n = 90
+    k, v = rows(1, n), rows(2, n)
+    q = rows(3, n, N_HEAD)
+
+    def run(chunks, others, n_threads):
+        mem = KVCache(512, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16", n_swa=40,
+                      swa_type=swa_type)
+        mem.n_threads = n_threads
+        if others:
+            place(mem, np.arange(37), [[1]] * 37, [0], 9)
+        out, p = [], 0
+        for c in chunks:
+            pos = list(range(p, p + c)) + list(range(p, p + others))
+            seqs = [[2]] * c + [[0]] * others   # seq 0's cells come first in the list
+            slot, = mem.prepare([(pos, seqs)])
+            mem.apply(slot, pos, seqs)
+            mem.store(0, np.concatenate([k[p:p + c], rows(p + 50, others)]),
+                      np.concatenate([v[p:p + c], rows(p + 60, others)]))
+            qq = np.concatenate([q[p:p + c], rows(p + 70, others, N_HEAD)])
+            out.append(mem.attend(0, qq, SCALE)[:c])
+            p += c
+        return np.concatenate(out)
+
+    whole = run([n], 0, 1)
+    np.testing.assert_array_equal(run([n], 0, 2), whole)
+    np.testing.assert_array_equal(run([1] * n, 0, 2), whole)
+    np.testing.assert_array_equal(run([5, 1, 30, 1, 50, 3], 3, 2), whole)
+    np.testing.assert_array_equal(run([33, 1, 56], 2, 1), whole)
+
+
 def test_kv_attend_any_ranges_matches_naive(simd, path):
     """kv_attend straight from C's view: any cell list, any per-token ranges
     (empty, nested, disjoint, overlapping in no order), up to 3 threads (one
@@ -215,9 +251,10 @@ def test_kv_attend_any_ranges_matches_naive(simd, path):
             np.testing.assert_allclose(out[t], ref[0], atol=1e-5)
 
 
-def test_attention_reads_only_the_sequence_own_cells():
+@pytest.mark.parametrize("n_new", [1, 6])
+def test_attention_reads_only_the_sequence_own_cells(n_new, path):
     """Rows of other sequences and of unused cells are NaN: a read of any of
-    them would turn the output into NaN."""
+    them would turn the output into NaN (a decode step and a short prompt)."""
     mem = KVCache(64, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16")
     decode(mem, np.arange(20), [[1]] * 20, [0], 5)
     decode(mem, np.arange(6), [[0]] * 6, [0], 6)
@@ -227,12 +264,13 @@ def test_attention_reads_only_the_sequence_own_cells():
     k_nan = kv_quant.quantize(np.full((len(poison), N_HEAD_KV * HEAD_DIM), np.nan), "f16")
     mem.k[0][poison] = k_nan
     mem.v[0][poison] = k_nan
-    result = decode(mem, [6], [[0]], [0], 8)
+    pos, seqs = np.arange(6, 6 + n_new), [[0]] * n_new
+    result = decode(mem, pos, seqs, [0], 8)
     assert np.isfinite(result[0][1]).all()
     hidden = np.setdiff1d(np.arange(64), mem.table.seq_cells(0)[0])
     mem.k[0][hidden] = 0   # the truth needs finite numbers where the mask hides them
     mem.v[0][hidden] = 0
-    check_against_mask(mem, [6], [[0]], result)
+    check_against_mask(mem, pos, seqs, result)
 
 
 @pytest.mark.parametrize("mode", [NORM, NEOX])

@@ -9,7 +9,7 @@ n_head_kv 1, head_dim 256), one layer.
 Prints, for f16 and q8_0 K/V:
   - attention time of one decode step (one new token per sequence: apply,
     store, attend) for 1 and 16 sequences holding 512, 4096 and 16384
-    cached tokens each, per layer;
+    cached tokens each, per layer, with the tiled and the per-token kernel;
   - whether one sequence's step time depends on the others' lengths;
   - attention of a prompt ubatch, per-token and tiled kernels side by side;
   - the cost of a K-shift (seq_add over 1024 of 4096 cells, beside the numpy
@@ -78,20 +78,33 @@ def attend_time(mem, n_tokens, repeat=7):
     return best_of(lambda: mem.attend(0, q, SCALE), repeat)
 
 
+def both_paths(fn):
+    """fn() timed with the tiled path (the default) and the per-token one."""
+    times = []
+    for path in (lib.KV_PATH_TILE, lib.KV_PATH_TOKEN):
+        lib.kv_force_path(path)
+        times.append(fn())
+    lib.kv_force_path(lib.KV_PATH_TILE)
+    return times
+
+
 def decode_steps(types, lengths):
-    print("decode step, one layer (apply + store + attend), best of 7")
-    print(f"{'type':>5} {'cached/seq':>10} {'1 seq':>10} {'16 seqs':>10} {'16 seqs/seq':>12}")
+    print("decode step, one layer (apply + store + attend), best of 7; tiled (default) and")
+    print("per-token kernels")
+    print(f"{'type':>5} {'cached/seq':>10} {'1 seq':>10} {'per token':>10} {'16 seqs':>10} "
+          f"{'per token':>10} {'16 seqs/seq':>12}")
     for t in types:
         for n in lengths:
             one = KVCache(n + 16, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
             fill(one, [n])
-            t1 = step_time(one, [0])
+            t1, t1_tok = both_paths(lambda: step_time(one, [0]))
             del one
             many = KVCache(16 * n + 32, 16, [0], N_HEAD_KV, HEAD_DIM, t, t)
             fill(many, [n] * 16)
-            t16 = step_time(many, list(range(16)))
+            t16, t16_tok = both_paths(lambda: step_time(many, list(range(16))))
             del many
-            print(f"{t:>5} {n:>10} {t1 * 1e3:>8.3f}ms {t16 * 1e3:>8.3f}ms {t16 / 16 * 1e3:>10.3f}ms")
+            print(f"{t:>5} {n:>10} {t1 * 1e3:>8.3f}ms {t1_tok * 1e3:>8.3f}ms {t16 * 1e3:>8.3f}ms "
+                  f"{t16_tok * 1e3:>8.3f}ms {t16 / 16 * 1e3:>10.3f}ms")
 
 
 def independence(types, long):
@@ -113,20 +126,15 @@ def independence(types, long):
 def prefill(types):
     print("\nprompt: attend() of an n-token ubatch after 0 or 3584 cached tokens, one layer,")
     print("per-token kernel against the tiled one (best of 3)")
-    print(f"{'type':>5} {'n':>4} {'cached':>6} {'per token':>10} {'tiled':>9} {'ratio':>6} {'auto':>9}")
-    paths = (lib.KV_PATH_TOKEN, lib.KV_PATH_TILE, lib.KV_PATH_AUTO)
+    print(f"{'type':>5} {'n':>4} {'cached':>6} {'per token':>10} {'tiled':>9} {'ratio':>6}")
     for t in types:
         for n, before in ((512, 0), (512, 3584), (64, 3584), (4, 3584), (1, 3584)):
             mem = KVCache(4096, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
             fill(mem, [before])
             place(mem, np.arange(before, before + n), [[0]] * n)
-            times = []
-            for path in paths:
-                lib.kv_force_path(path)
-                times.append(attend_time(mem, n, repeat=3))
-            lib.kv_force_path(lib.KV_PATH_AUTO)
-            a, b, auto = (x * 1e3 for x in times)
-            print(f"{t:>5} {n:>4} {before:>6} {a:>8.3f}ms {b:>7.3f}ms {a / b:>6.2f} {auto:>7.3f}ms")
+            tiled, token = both_paths(lambda: attend_time(mem, n, repeat=3))
+            print(f"{t:>5} {n:>4} {before:>6} {token * 1e3:>8.3f}ms {tiled * 1e3:>7.3f}ms "
+                  f"{token / tiled:>6.2f}")
 
 
 def numpy_shift(mem, cells, delta):

@@ -144,8 +144,12 @@ class KVCache:
             start = _window_start(p1, self.n_swa, self.swa_type)
             lo[toks] = offset + np.searchsorted(cpos, start, side="left")
             hi[toks] = offset + np.searchsorted(cpos, p1, side="right")
-            lists.append(idxs)
-            offset += len(idxs)
+            # each list padded to a multiple of KV_CHUNK (padding: cell 0,
+            # never in a range) so a token's result does not depend on the
+            # other sequences of its ubatch
+            pad = -len(idxs) % lib.KV_CHUNK
+            lists += [idxs, np.zeros(pad, np.int32)]
+            offset += len(idxs) + pad
         cells = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
         return cells, lo, hi
 
