@@ -19,7 +19,8 @@
 #define QK 32
 #define CELLS_PER_THREAD 16384
 #define QB 16  // query tokens per block of the tiled path
-#define KC KV_CHUNK  // cells per chunk of the tiled path
+#define KC 32  // cells per chunk of the tiled path
+#define SEG KV_SEGMENT  // cells per segment: the tiled path's unit of work along a row
 
 static int64_t head_bytes(int type, int head_dim) {
     switch (type) {
@@ -640,9 +641,11 @@ static void merge_parts(const job *jb, int64_t n_items) {
 
 typedef struct {
     const job *jb;
-    const int32_t *block;  // block b holds tokens [block[b], block[b + 1])
-    int64_t n_items;
-    int tid, n_threads;    // this thread takes items tid, tid + n_threads, ...
+    const int32_t *block;     // block b holds tokens [block[b], block[b + 1])
+    const int64_t *unit_item, *unit_seg;  // work unit u: (item, segment)
+    int64_t n_units, part_floats;
+    float *parts;             // per unit: o (rows x d), m (rows), l (rows)
+    int tid, n_threads;       // this thread takes units tid, tid + n_threads, ...
     float *q, *o, *m, *l, *s, *kc, *vc;  // scratch, rows padded to a multiple of 4
     int32_t *lo, *hi;
 } tile_job;
@@ -685,13 +688,29 @@ static void softmax_chunk(tile_job *tj, int r, int64_t c0, int nc, int nc2) {
     tj->l[r] += sum;
 }
 
-static void tile_item(tile_job *tj, int64_t item) {
+// the block's union of ranges [*u0, *u1) (empty: *u0 >= *u1)
+static void block_union(const job *jb, const int32_t *block, int b, int64_t *u0, int64_t *u1) {
+    *u0 = INT64_MAX, *u1 = 0;
+    for (int t = block[b]; t < block[b + 1]; t++)
+        if (jb->lo[t] < jb->hi[t]) {
+            *u0 = jb->lo[t] < *u0 ? jb->lo[t] : *u0;
+            *u1 = jb->hi[t] > *u1 ? jb->hi[t] : *u1;
+        }
+}
+
+// The partial softmax sums (o, m, l) of an item's rows over the cells of one
+// segment [seg * SEG, (seg + 1) * SEG) of the list.
+static void tile_unit(tile_job *tj, int64_t item, int64_t seg, float *part) {
     const job *jb = tj->jb;
     const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
     const int b = (int)(item / jb->n_head_kv), h = (int)(item % jb->n_head_kv);
     const int t0 = tj->block[b], nt = tj->block[b + 1] - t0;
     const int nr = nt * g, nr4 = (nr + 3) / 4 * 4;
-    int64_t u0 = INT64_MAX, u1 = 0;
+    int64_t u0, u1;
+    block_union(jb, tj->block, b, &u0, &u1);
+    u0 = u0 > seg * SEG ? u0 : seg * SEG;
+    u1 = u1 < (seg + 1) * SEG ? u1 : (seg + 1) * SEG;
+    tj->o = part, tj->m = part + (int64_t)nr4 * d, tj->l = tj->m + nr4;
     for (int r = 0; r < nr4; r++) {
         const int t = t0 + r / g;
         float *qr = tj->q + r * d;
@@ -700,20 +719,16 @@ static void tile_item(tile_job *tj, int64_t item) {
             const float *src = jb->q + ((int64_t)t * jb->n_head + (int64_t)h * g + r % g) * d;
             for (int i = 0; i < d; i++) qr[i] = jb->scale * src[i];
             tj->lo[r] = jb->lo[t], tj->hi[r] = jb->hi[t];
-            if (tj->lo[r] < tj->hi[r]) {
-                u0 = tj->lo[r] < u0 ? tj->lo[r] : u0;
-                u1 = tj->hi[r] > u1 ? tj->hi[r] : u1;
-            }
         } else {
             memset(qr, 0, sizeof(float) * (size_t)d);
         }
         tj->m[r] = -INFINITY, tj->l[r] = 0.0f;
     }
     memset(tj->o, 0, sizeof(float) * (size_t)nr4 * d);
-    // Chunks start at multiples of KC of the list, so a row meets the same
-    // chunks, and gets the same bits, in whatever block it is; rows outside
-    // the block's union are zeros (their weight is 0, and 0 * a finite row
-    // adds exactly nothing)
+    // Chunks start at multiples of KC (segments at multiples of SEG) of the
+    // list, so a row meets the same chunks, and gets the same bits, in
+    // whatever block it is; rows outside the block's union are zeros (their
+    // weight is 0, and 0 * a finite row adds exactly nothing)
     for (int64_t c0 = u0 / KC * KC; c0 < u1; c0 += KC) {
         const int nc = (int)(u1 - c0 < KC ? u1 - c0 : KC), nc2 = (nc + 1) / 2 * 2;
         for (int j = 0; j < nc2; j++) {
@@ -738,17 +753,41 @@ static void tile_item(tile_job *tj, int64_t item) {
 #endif
             tile_values_plain(tj->s, nr4, tj->vc, nc2, d, tj->o);
     }
-    for (int r = 0; r < nr; r++) {
-        float *out = jb->out + ((int64_t)(t0 + r / g) * jb->n_head + (int64_t)h * g + r % g) * d;
-        const float inv = tj->l[r] > 0.0f ? 1.0f / tj->l[r] : 0.0f;
-        for (int i = 0; i < d; i++) out[i] = inv * tj->o[r * d + i];
-    }
 }
 
 static void *run_tiles(void *arg) {
     tile_job *tj = arg;
-    for (int64_t it = tj->tid; it < tj->n_items; it += tj->n_threads) tile_item(tj, it);
+    for (int64_t u = tj->tid; u < tj->n_units; u += tj->n_threads)
+        tile_unit(tj, tj->unit_item[u], tj->unit_seg[u], tj->parts + u * tj->part_floats);
     return NULL;
+}
+
+// out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over an item's
+// segments, in order
+static void merge_segments(const job *jb, const int32_t *block, int64_t item,
+                           const float *parts, int64_t n_segs, int64_t part_floats) {
+    const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
+    const int b = (int)(item / jb->n_head_kv), h = (int)(item % jb->n_head_kv);
+    const int t0 = block[b], nr = (block[b + 1] - t0) * g, nr4 = (nr + 3) / 4 * 4;
+    for (int r = 0; r < nr; r++) {
+        float *out = jb->out + ((int64_t)(t0 + r / g) * jb->n_head + (int64_t)h * g + r % g) * d;
+        float mx = -INFINITY, total = 0.0f;
+        for (int64_t sg = 0; sg < n_segs; sg++) {
+            const float m = parts[sg * part_floats + (int64_t)nr4 * d + r];
+            mx = m > mx ? m : mx;
+        }
+        memset(out, 0, sizeof(float) * (size_t)d);
+        for (int64_t sg = 0; sg < n_segs; sg++) {
+            const float *o = parts + sg * part_floats + (int64_t)r * d;
+            const float m = parts[sg * part_floats + (int64_t)nr4 * d + r];
+            if (m == -INFINITY) continue;  // no cell of this row in the segment
+            const float w = expf(m - mx);  // 1 for a row in one segment
+            total += w * parts[sg * part_floats + (int64_t)nr4 * (d + 1) + r];
+            for (int i = 0; i < d; i++) out[i] += w * o[i];
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int i = 0; i < d; i++) out[i] *= inv;
+    }
 }
 
 // Splits the tokens into blocks of at most max_len tokens whose ranges
@@ -771,26 +810,42 @@ static int make_blocks(int n_tokens, const int32_t *lo, const int32_t *hi, int m
 
 static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, int n_threads) {
     const int g = proto->n_head / proto->n_head_kv, d = proto->head_dim;
-    const int64_t rows = (QB * g + 3) / 4 * 4;
+    const int64_t rows = (QB * g + 3) / 4 * 4, part_floats = rows * (d + 2);
+    const int64_t n_items = (int64_t)n_blocks * proto->n_head_kv;
+    // the units: each item's segments, in order; first[item] is its first unit
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)(n_items + 1)), n_units = 0;
+    if (!first) return KV_ENOMEM;
+    for (int64_t item = 0; item < n_items; item++) {
+        int64_t u0, u1;
+        block_union(proto, block, (int)(item / proto->n_head_kv), &u0, &u1);
+        first[item] = n_units;
+        n_units += u0 < u1 ? (u1 - 1) / SEG - u0 / SEG + 1 : 1;
+    }
+    first[n_items] = n_units;
+    int64_t *unit_item = malloc(sizeof(int64_t) * (size_t)n_units);
+    int64_t *unit_seg = malloc(sizeof(int64_t) * (size_t)n_units);
+    float *parts = malloc(sizeof(float) * (size_t)(n_units * part_floats));
     tile_job *tjs = calloc((size_t)n_threads, sizeof(tile_job));
     pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));
-    int status = tjs && tids ? KV_OK : KV_ENOMEM;
+    int status = unit_item && unit_seg && parts && tjs && tids ? KV_OK : KV_ENOMEM;
+    for (int64_t item = 0; status == KV_OK && item < n_items; item++) {
+        int64_t u0, u1;
+        block_union(proto, block, (int)(item / proto->n_head_kv), &u0, &u1);
+        for (int64_t u = first[item]; u < first[item + 1]; u++)
+            unit_item[u] = item, unit_seg[u] = (u0 < u1 ? u0 / SEG : 0) + (u - first[item]);
+    }
     for (int i = 0; status == KV_OK && i < n_threads; i++) {
         tile_job *tj = &tjs[i];
         tj->jb = proto, tj->block = block, tj->tid = i, tj->n_threads = n_threads;
-        tj->n_items = (int64_t)n_blocks * proto->n_head_kv;
+        tj->unit_item = unit_item, tj->unit_seg = unit_seg, tj->n_units = n_units;
+        tj->parts = parts, tj->part_floats = part_floats;
         tj->q = malloc(sizeof(float) * (size_t)(rows * d));
-        tj->o = malloc(sizeof(float) * (size_t)(rows * d));
-        tj->m = malloc(sizeof(float) * (size_t)rows);
-        tj->l = malloc(sizeof(float) * (size_t)rows);
         tj->s = calloc((size_t)(rows * KC), sizeof(float));  // read to a multiple of 8
         tj->kc = malloc(sizeof(float) * (size_t)(KC * d));
         tj->vc = malloc(sizeof(float) * (size_t)(KC * d));
         tj->lo = malloc(sizeof(int32_t) * (size_t)rows);
         tj->hi = malloc(sizeof(int32_t) * (size_t)rows);
-        if (!tj->q || !tj->o || !tj->m || !tj->l || !tj->s || !tj->kc || !tj->vc || !tj->lo
-            || !tj->hi)
-            status = KV_ENOMEM;
+        if (!tj->q || !tj->s || !tj->kc || !tj->vc || !tj->lo || !tj->hi) status = KV_ENOMEM;
     }
     if (status == KV_OK) {
         int started = 1;
@@ -799,14 +854,15 @@ static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, in
         run_tiles(&tjs[0]);
         for (int i = started; i < n_threads; i++) run_tiles(&tjs[i]);
         for (int i = 1; i < started; i++) pthread_join(tids[i], NULL);
+        for (int64_t item = 0; item < n_items; item++)
+            merge_segments(proto, block, item, parts + first[item] * part_floats,
+                           first[item + 1] - first[item], part_floats);
     }
     for (int i = 0; tjs && i < n_threads; i++) {
         tile_job *tj = &tjs[i];
-        free(tj->q), free(tj->o), free(tj->m), free(tj->l), free(tj->s);
-        free(tj->kc), free(tj->vc), free(tj->lo), free(tj->hi);
+        free(tj->q), free(tj->s), free(tj->kc), free(tj->vc), free(tj->lo), free(tj->hi);
     }
-    free(tjs);
-    free(tids);
+    free(tjs), free(tids), free(parts), free(unit_item), free(unit_seg), free(first);
     return status;
 }
 

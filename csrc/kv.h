@@ -45,14 +45,14 @@ int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, 
 // AVX2 ones where the CPU has them (default). Affects calls made afterwards.
 void kv_allow_simd(int on);
 
-// The tiled path reads the cell list in chunks of KV_CHUNK entries starting
-// at multiples of KV_CHUNK; a caller that starts each sequence's cells at
-// such a multiple gets, for each token, the same bits whatever else is in
-// the ubatch.
-#define KV_CHUNK 32
+// The tiled path reads the cell list in segments of KV_SEGMENT entries (and
+// chunks of 32 within them) starting at multiples of KV_SEGMENT; a caller
+// that starts each sequence's cells at such a multiple gets, for each token,
+// the same bits whatever else is in the ubatch.
+#define KV_SEGMENT 2048
 
 // Which kv_attend path runs. TILE (the default): its result for a token does
-// not depend on the rest of the ubatch (see KV_CHUNK), so a token decoded
+// not depend on the rest of the ubatch (see KV_SEGMENT), so a token decoded
 // alone gets the bits it gets inside a prompt. TOKEN: the per-token path,
 // faster for decoding (one token per sequence) by 5-30% but with other bits
 // than the tiled path; tests and benchmarks compare the two.

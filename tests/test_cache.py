@@ -195,7 +195,7 @@ def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
     q = rows(3, n, N_HEAD)
 
     def run(chunks, others, n_threads):
-        mem = KVCache(512, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16", n_swa=40,
+        mem = KVCache(2600, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16", n_swa=40,
                       swa_type=swa_type)
         mem.n_threads = n_threads
         if others:
@@ -218,20 +218,26 @@ def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
     np.testing.assert_array_equal(run([1] * n, 0, 2), whole)
     np.testing.assert_array_equal(run([5, 1, 30, 1, 50, 3], 3, 2), whole)
     np.testing.assert_array_equal(run([33, 1, 56], 2, 1), whole)
+    if swa_type == "none":   # rows longer than a segment (2048 cells) of the tiled path
+        n = 2300
+        k, v, q = rows(4, n), rows(5, n), rows(6, n, N_HEAD)
+        whole = run([n], 0, 2)
+        np.testing.assert_array_equal(run([2040, 1, 1, 258], 3, 2), whole)
+        np.testing.assert_array_equal(run([1000, 1300], 0, 1), whole)
 
 
 def test_kv_attend_any_ranges_matches_naive(simd, path):
     """kv_attend straight from C's view: any cell list, any per-token ranges
-    (empty, nested, disjoint, overlapping in no order), up to 3 threads (one
-    per ~16k cell visits)."""
+    (empty, nested, disjoint, overlapping in no order, across the tiled
+    path's 2048-cell segments), 1, 2 and 5 threads."""
     rng = np.random.default_rng(11)
-    n_rows, n_list, n_tokens, g = 300, 900, 70, 3
+    n_rows, n_list, n_tokens, g = 300, 5000, 70, 3
     k, v = rng.standard_normal((2, n_rows, N_HEAD_KV, HEAD_DIM)).astype(np.float32)
     q = rng.standard_normal((n_tokens, N_HEAD_KV * g, HEAD_DIM)).astype(np.float32)
     cells = rng.integers(0, n_rows, n_list).astype(np.int32)
     lo = rng.integers(0, n_list, n_tokens).astype(np.int32)
-    hi = np.minimum(lo + rng.integers(0, 700, n_tokens), n_list).astype(np.int32)
-    lo[20:40], hi[20:40] = np.arange(20), np.arange(400, 420)   # a sliding run
+    hi = np.minimum(lo + rng.integers(0, 3000, n_tokens), n_list).astype(np.int32)
+    lo[20:40], hi[20:40] = np.arange(20), np.arange(4400, 4420)   # a sliding run
     lo[5], hi[5] = 7, 7
     out = np.empty_like(q)
     for n_threads in (1, 2, 5):

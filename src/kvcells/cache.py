@@ -144,10 +144,10 @@ class KVCache:
             start = _window_start(p1, self.n_swa, self.swa_type)
             lo[toks] = offset + np.searchsorted(cpos, start, side="left")
             hi[toks] = offset + np.searchsorted(cpos, p1, side="right")
-            # each list padded to a multiple of KV_CHUNK (padding: cell 0,
+            # each list padded to a multiple of KV_SEGMENT (padding: cell 0,
             # never in a range) so a token's result does not depend on the
             # other sequences of its ubatch
-            pad = -len(idxs) % lib.KV_CHUNK
+            pad = -len(idxs) % lib.KV_SEGMENT
             lists += [idxs, np.zeros(pad, np.int32)]
             offset += len(idxs) + pad
         cells = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
