@@ -194,8 +194,8 @@ def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
     k, v = rows(1, n), rows(2, n)
     q = rows(3, n, N_HEAD)
 
-    def run(chunks, others, n_threads):
-        mem = KVCache(2600, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16", n_swa=40,
+    def run(chunks, others, n_threads, n_cells=2600):
+        mem = KVCache(n_cells, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16", n_swa=40,
                       swa_type=swa_type)
         mem.n_threads = n_threads
         if others:
@@ -218,6 +218,8 @@ def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
     np.testing.assert_array_equal(run([1] * n, 0, 2), whole)
     np.testing.assert_array_equal(run([5, 1, 30, 1, 50, 3], 3, 2), whole)
     np.testing.assert_array_equal(run([33, 1, 56], 2, 1), whole)
+    if swa_type == "standard":   # a small window cache that reuses cells
+        np.testing.assert_array_equal(run([8] * 11 + [1, 1], 0, 1, n_cells=50), whole)
     if swa_type == "none":   # rows longer than a segment (2048 cells) of the tiled path
         n = 2300
         k, v, q = rows(4, n), rows(5, n), rows(6, n, N_HEAD)

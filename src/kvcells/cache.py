@@ -140,16 +140,19 @@ class KVCache:
         for s in np.unique(first):
             toks = np.nonzero(first == s)[0]
             idxs, cpos = self.table.seq_cells(int(s))
+            # padding (cell 0, never in a range) puts the cell of position p
+            # at an index = p modulo KV_SEGMENT (exactly so while positions
+            # run without gaps): kv_attend's chunks then fall on the same
+            # positions whatever else the ubatch holds or the window dropped,
+            # so a token gets the same bits in any ubatch
+            pad = (int(cpos[0]) - offset) % lib.KV_SEGMENT if len(cpos) else 0
+            offset += pad
             p1 = pos[toks]
             start = _window_start(p1, self.n_swa, self.swa_type)
             lo[toks] = offset + np.searchsorted(cpos, start, side="left")
             hi[toks] = offset + np.searchsorted(cpos, p1, side="right")
-            # each list padded to a multiple of KV_SEGMENT (padding: cell 0,
-            # never in a range) so a token's result does not depend on the
-            # other sequences of its ubatch
-            pad = -len(idxs) % lib.KV_SEGMENT
-            lists += [idxs, np.zeros(pad, np.int32)]
-            offset += len(idxs) + pad
+            lists += [np.zeros(pad, np.int32), idxs]
+            offset += len(idxs)
         cells = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
         return cells, lo, hi
 
