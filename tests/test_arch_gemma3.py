@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 from reference_forward import (QUANT_TOL, ReferenceModel, causal_mask, compare_decoding,
-                               decode_one_by_one)
+                               decode_one_by_one, decode_ubatch)
 
 import reference_forward
 from kvcells import Model, load_gguf
@@ -56,6 +56,23 @@ def test_sliding_cells_are_reused_past_the_sliding_cache_size(tiny_gguf):
     got = decode_one_by_one(model, tokens, n_ctx=512, n_ubatch=16, first=16)
     want = ReferenceModel(path).logits(tokens)
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_window_64_with_ubatches_of_mixed_sizes_past_the_sliding_cache(tiny_gguf):
+    """Window 64, n_ubatch 16 (sliding cache 256 cells), 420 tokens in
+    ubatches of 16, 7, 1, 13, 3 tokens in turn: every logit row equals the
+    dense windowed reference."""
+    path = tiny_gguf("gemma3", n_swa=64)
+    model = Model.load(path)
+    tokens = np.random.default_rng(5).integers(0, 300, 420)
+    mem = model.make_memory(512, 1, 16, "f32", "f32")
+    rows, p, sizes = [], 0, [16, 7, 1, 13, 3]
+    while p < len(tokens):
+        n = min(sizes[len(rows) % len(sizes)], len(tokens) - p)
+        rows.append(decode_ubatch(model, mem, tokens[p:p + n], np.arange(p, p + n), [0] * n))
+        p += n
+    want = ReferenceModel(path).logits(tokens)
+    assert np.abs(np.concatenate(rows) - want).max() <= 1e-4
 
 
 @pytest.mark.parametrize("qtype,kw", [

@@ -234,3 +234,16 @@ def test_real_model_cached_equals_recomputed(gemma, llamacpp_fixture):
     recomputed = decode_ubatch(gemma, fresh, tokens, np.arange(40), [0] * 40,
                                output_rows=np.arange(32, 40))
     assert np.abs(cached - recomputed).max() <= 1e-3
+
+
+def test_real_model_past_the_sliding_window(gemma):
+    """800 tokens, past the 512-token window: decoded in ubatches of <= 64
+    (sliding cells: 512 + 64 padded to 768, so cells get reused) the last 16
+    tokens' logits equal those of one 800-token ubatch in a fresh cache."""
+    tokens = np.random.default_rng(6).integers(1000, 200000, 800)
+    mem = gemma.make_memory(1024, 1, 64, "f32", "f32")
+    cached = decode_in_chunks(gemma, mem, tokens, [64] * 12 + [16] + [1] * 16)[-16:]
+    fresh = gemma.make_memory(1024, 1, 800, "f32", "f32")
+    recomputed = decode_ubatch(gemma, fresh, tokens, np.arange(800), [0] * 800,
+                               output_rows=np.arange(784, 800))
+    assert np.abs(cached - recomputed).max() <= 1e-3
