@@ -1,9 +1,13 @@
 // Attention over the K/V rows of a list of cells, for f32, f16, q8_0 and
-// q4_0 storage. Per (token, kv head): one pass scores every visible cell for
-// up to four query heads sharing that kv head (each K row read once for
-// them), then the softmax, then one pass sums the V rows, 16 at a time with
-// the sums in registers. The AVX2/FMA/F16C passes, specialised per element
-// type, are chosen at run time; the plain C ones are the reference.
+// q4_0 storage, and the K-shift's re-rotation of stored rows.
+// Tiled path (default): blocks of query tokens whose ranges overlap go over
+// chunks of cells, each K/V row widened once for all of a block's query rows,
+// with a streaming softmax; batch-invariant (see kv.h).
+// Per-token path: per (token, kv head), one pass scores every visible cell
+// for up to four query heads sharing that kv head, then the softmax, then
+// one pass sums the V rows, 16 at a time with the sums in registers.
+// The AVX2/FMA/F16C kernels, specialised per element type, are chosen at run
+// time; the plain C ones are the reference.
 #include "kv.h"
 
 #include <math.h>

@@ -45,10 +45,11 @@ int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, 
 // AVX2 ones where the CPU has them (default). Affects calls made afterwards.
 void kv_allow_simd(int on);
 
-// The tiled path reads the cell list in segments of KV_SEGMENT entries (and
-// chunks of 32 within them) starting at multiples of KV_SEGMENT; a caller
-// that starts each sequence's cells at such a multiple gets, for each token,
-// the same bits whatever else is in the ubatch.
+// The tiled path cuts the cell list at multiples of KV_SEGMENT (segments,
+// the units threads share) and of 32 (chunks); a token's bits depend only on
+// its own cells and where those cuts fall among them. A caller that puts the
+// cell of position p at an index equal to p modulo KV_SEGMENT (padding with
+// entries no range covers) gets the same bits for a token in any ubatch.
 #define KV_SEGMENT 2048
 
 // Which kv_attend path runs. TILE (the default): its result for a token does
