@@ -21,6 +21,13 @@ def prompt(model, n, seed):
     return [int(t) for t in np.random.default_rng(seed).integers(3, model.hparams.n_vocab, n)]
 
 
+def prefill(ctx, toks):
+    b = Batch()
+    for i, t in enumerate(toks):
+        b.add(t, i, 0)
+    ctx.decode(b)
+
+
 def greedy_by_recompute(model, ref, toks, max_tokens):
     """Recompute the whole sequence each step; argmax; stop at end-of-generation."""
     toks, out = list(toks), []
@@ -44,10 +51,7 @@ def test_generation_continues_what_the_sequence_holds(llama):
     model, ref = llama
     p = prompt(model, 8, 2)
     ctx = Context(model, n_ctx=64, type_k="f32", type_v="f32")
-    b = Batch()
-    for i, t in enumerate(p[:5]):
-        b.add(t, i, 0)
-    ctx.decode(b)
+    prefill(ctx, p[:5])
     assert list(generate(ctx, p[5:], 6)) == greedy_by_recompute(model, ref, p, 6)
 
 
@@ -58,10 +62,7 @@ def test_context_shift_keeps_the_first_tokens_and_slides_the_rest(tiny_gguf):
     model, ref = Model.load(path), ReferenceModel(path)
     toks = prompt(model, 17, 3)
     ctx = Context(model, n_ctx=16, type_k="f32", type_v="f32")
-    b = Batch()
-    for i, t in enumerate(toks[:16]):
-        b.add(t, i, 0)
-    ctx.decode(b)
+    prefill(ctx, toks[:16])
     pos = shift_context(ctx.memory, 0, 16, n_keep=2)   # drops tokens 2..8
     assert pos == 9 and ctx.memory.seq_pos_max(0) == 8
     b = Batch()
@@ -74,9 +75,8 @@ def test_generation_goes_on_past_n_ctx_with_context_shift(llama):
     model, _ = llama
     ctx = Context(model, n_ctx=16)
     sampler = Sampler(temperature=1.0, seed=0)
-    sampler_eog_free = [t for t in generate(ctx, prompt(model, 4, 4), 40, sampler,
-                                            context_shift=True, n_keep=1)]
-    assert len(sampler_eog_free) == 40
+    out = list(generate(ctx, prompt(model, 4, 4), 40, sampler, context_shift=True, n_keep=1))
+    assert len(out) == 40
     assert ctx.memory.seq_pos_max(0) < 16
 
 
