@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from kvcells import Context, Model, generate
+from kvcells import Context, Model, Sampler, generate
 from kvcells.cli import main
 
 
@@ -102,3 +102,21 @@ def test_bad_flags_get_a_message(gemma_path, flags):
     with pytest.raises(SystemExit) as e:
         main(["-m", gemma_path, *flags])
     assert str(e.value).startswith("kvcells-run: ")
+
+
+def test_ubatch_size_and_threads_leave_the_text_unchanged_and_show_progress(capsys, gemma_path):
+    prompt = "one two three four five six seven eight"
+    base = run(capsys, "-m", gemma_path, "-p", prompt, "-n", "6")
+    small = run(capsys, "-m", gemma_path, "-p", prompt, "-n", "6", "-ub", "3", "-t", "1")
+    assert small.out == base.out
+    assert "prompt [" in small.err and "prompt [" not in base.err
+
+
+def test_repeat_penalty_applies_to_prompt_and_output(capsys, gemma_path):
+    model = Model.load(gemma_path)
+    ids = model.tokenizer.encode("a a a b b b")
+    sampler = Sampler(repeat_penalty=1.8, repeat_last_n=64)
+    want = list(generate(Context(model, n_ctx=64), ids, 8, sampler))
+    out = run(capsys, "-m", gemma_path, "-p", "a a a b b b", "-n", "8",
+              "--repeat-penalty", "1.8").out
+    assert out == "a a a b b b" + model.tokenizer.decode(want) + "\n"

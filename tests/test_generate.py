@@ -117,3 +117,13 @@ def test_bad_generation_arguments(llama):
         list(generate_parallel(ctx, [1], 3, 2))
     with pytest.raises(ValueError):
         list(serve(ctx, [[1], []], 2))
+
+
+def test_a_long_prompt_reports_progress_per_ubatch(llama):
+    model, ref = llama
+    p = prompt(model, 11, 6)
+    ctx = Context(model, n_ctx=64, n_ubatch=4, type_k="f32", type_v="f32")
+    seen = []
+    out = list(generate(ctx, p, 3, progress=lambda done, total: seen.append((done, total))))
+    assert seen == [(4, 11), (8, 11), (11, 11)]
+    assert out == greedy_by_recompute(model, ref, p, 3)

@@ -4,7 +4,6 @@ import argparse
 import sys
 import time
 
-from .batch import Batch
 from .context import KV_TYPES, Context
 from .errors import KVCellsError
 from .generate import generate, generate_parallel, serve
@@ -89,38 +88,35 @@ def occupancy(mem):
             f"sliding-window cells:\n{mem.swa.table.occupancy()}")
 
 
-def prefill(ctx, ids, seq_id=0):
-    """Decode ids in ubatch-sized chunks, showing progress for long prompts."""
-    step = ctx.n_ubatch
-    for start in range(0, len(ids), step):
-        batch = Batch()
-        for i, t in enumerate(ids[start:start + step]):
-            batch.add(t, start + i, seq_id)
-        ctx.decode(batch)
-        if len(ids) > step:
-            done = min(start + step, len(ids))
-            bar = "#" * (30 * done // len(ids))
-            print(f"\rprompt [{bar:<30}] {done}/{len(ids)}", end="", file=sys.stderr, flush=True)
-    if len(ids) > step:
-        print(file=sys.stderr)
+def progress_bar(done, total):
+    """A progress line on stderr while a long prompt is processed."""
+    if total <= 1:
+        return
+    bar = "#" * (30 * done // total)
+    end = "\n" if done == total else ""
+    print(f"\rprompt [{bar:<30}] {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
 def run_single(ctx, args, sampler):
+    """Stream one continuation. Prompt time runs to the first token; the
+    decode rate counts the steps after it."""
     tok = ctx.model.tokenizer
     ids = tok.encode(args.prompt)
-    t0 = time.perf_counter()
-    prefill(ctx, ids[:-1])
-    t1 = time.perf_counter()
+    bar = progress_bar if len(ids) > ctx.n_ubatch else None
     print(args.prompt, end="", flush=True)
     out, shown = [], ""
-    for t in generate(ctx, ids[-1:], args.n_predict, sampler, context_shift=True, n_keep=1):
+    t0 = t1 = time.perf_counter()
+    for t in generate(ctx, ids, args.n_predict, sampler, context_shift=True, n_keep=1,
+                      progress=bar):
+        if not out:
+            t1 = time.perf_counter()
         out.append(t)
         text = tok.decode(out)
         if not text.endswith("\ufffd"):
             print(text[len(shown):], end="", flush=True)
             shown = text
-    print()
-    return len(ids) - 1, t1 - t0, len(out), time.perf_counter() - t1
+    print(tok.decode(out)[len(shown):])
+    return len(ids), t1 - t0, len(out), time.perf_counter() - t1
 
 
 def run_branches(ctx, args, sampler):
@@ -154,8 +150,8 @@ def report(ctx, load_s, n_prompt, prompt_s, n_gen, gen_s):
     if prompt_s is not None:
         lines.append(f"prompt: {n_prompt} tokens in {prompt_s:.2f} s, "
                      f"{n_prompt / max(prompt_s, 1e-9):.1f} tokens/s")
-        lines.append(f"generation: {n_gen} tokens in {gen_s:.2f} s, "
-                     f"{n_gen / max(gen_s, 1e-9):.1f} tokens/s")
+        lines.append(f"generation: {n_gen} tokens, the last {max(n_gen - 1, 0)} in "
+                     f"{gen_s:.2f} s, {max(n_gen - 1, 0) / max(gen_s, 1e-9):.1f} tokens/s")
     else:
         lines.append(f"prompts: {n_prompt} tokens; generated {n_gen} tokens; "
                      f"{(n_prompt + n_gen) / max(gen_s, 1e-9):.1f} tokens/s in all, "

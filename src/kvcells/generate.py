@@ -6,12 +6,14 @@ from .sampling import Sampler
 
 
 def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
-             context_shift=False, n_keep=0):
+             context_shift=False, n_keep=0, progress=None):
     """Stream the tokens that follow prompt_ids in sequence seq_id.
 
-    The prompt continues whatever the sequence already holds. Stops before an
-    end-of-generation token or after max_tokens. With context_shift, a full
-    cache drops half of the tokens after the first n_keep, as llama.cpp does.
+    The prompt continues whatever the sequence already holds; it is decoded
+    n_ubatch tokens at a time, with progress(done, total) called after each.
+    Stops before an end-of-generation token or after max_tokens. With
+    context_shift, a full cache drops half of the tokens after the first
+    n_keep, as llama.cpp does.
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
@@ -23,10 +25,15 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
         pos = mem.seq_pos_max(seq_id) + 1
         if context_shift and pos + len(pending) > ctx.n_ctx:
             pos = shift_context(mem, seq_id, pos, n_keep)
-        batch = Batch()
-        for i, t in enumerate(pending):
-            batch.add(t, pos + i, seq_id, logits=i == len(pending) - 1)
-        logits = ctx.decode(batch)
+        for start in range(0, len(pending), ctx.n_ubatch):
+            chunk = pending[start:start + ctx.n_ubatch]
+            batch = Batch()
+            for i, t in enumerate(chunk):
+                batch.add(t, pos + start + i, seq_id, logits=start + i == len(pending) - 1)
+            logits = ctx.decode(batch)
+            if progress:
+                progress(start + len(chunk), len(pending))
+        progress = None
         token = sampler.sample(logits[-1], history)
         if tok.is_eog(token):
             return
