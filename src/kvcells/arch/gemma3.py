@@ -5,7 +5,7 @@ sliding-window ones), post-attention and post-FFN norms, GELU(tanh)-gated
 feed-forward, output = token embeddings unless the file has its own."""
 import numpy as np
 
-from ..rope import NEOX, rope
+from ..rope import NEOX, apply_rope, rope_tables
 from . import layer_weights, output_logits, rms_norm
 
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm",
@@ -38,17 +38,17 @@ class Gemma3:
         hp, eps = self.hp, self.hp.norm_eps
         n, H, Hkv, d = len(tokens), hp.n_head, hp.n_head_kv, hp.head_dim
         x = self.file.tensors["token_embd.weight"].rows(tokens) * np.float32(np.sqrt(hp.n_embd))
+        rot = {swa: rope_tables(pos, hp.rope_base_swa if swa else hp.rope_base, d,
+                                hp.rope_freq_scale_swa if swa else hp.rope_freq_scale)
+               for swa in set(hp.swa_layers)}
         for il, w in enumerate(self.layers):
             h = rms_norm(x, w["attn_norm"], eps)
             q = rms_norm(w["attn_q"].matmul(h).reshape(n, H, d), w["attn_q_norm"], eps)
             k = rms_norm(w["attn_k"].matmul(h).reshape(n, Hkv, d), w["attn_k_norm"], eps)
             v = w["attn_v"].matmul(h).reshape(n, Hkv, d)
-            swa = hp.swa_layers[il]
-            qk = rope(np.concatenate([q, k], axis=1), pos,
-                      hp.rope_base_swa if swa else hp.rope_base, NEOX,
-                      hp.rope_freq_scale_swa if swa else hp.rope_freq_scale)
-            mem.store(il, qk[:, H:], v)
-            a = mem.attend(il, qk[:, :H], hp.attn_scale).reshape(n, H * d)
+            cos, sin = rot[hp.swa_layers[il]]
+            mem.store(il, apply_rope(k, cos, sin, NEOX), v)
+            a = mem.attend(il, apply_rope(q, cos, sin, NEOX), hp.attn_scale).reshape(n, H * d)
             if il == hp.n_layer - 1:  # only the requested rows go further
                 a, x = a[output_rows], x[output_rows]
             x = x + rms_norm(w["attn_output"].matmul(a), w["post_attention_norm"], eps)
