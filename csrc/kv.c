@@ -345,11 +345,15 @@ static void tile_values_avx2(const float *p, int nr, const float *v, int nc, int
 }
 #endif
 
-static int simd_allowed = 1;
+static int simd_allowed = -1;   // -1: not yet read from KVCELLS_NO_SIMD
 
 void kv_allow_simd(int on) { simd_allowed = on != 0; }
 
 static int have_avx2(int head_dim) {
+    if (simd_allowed < 0) {
+        const char *no_simd = getenv("KVCELLS_NO_SIMD");
+        simd_allowed = !(no_simd && strcmp(no_simd, "1") == 0);
+    }
 #ifdef KV_X86
     __builtin_cpu_init();
     return simd_allowed && head_dim % 16 == 0 && __builtin_cpu_supports("avx2")

@@ -42,7 +42,8 @@ int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, 
                   double base, double freq_scale, int neox);
 
 // 0: use only the plain C loops (the reference; tests compare both); 1: the
-// AVX2 ones where the CPU has them (default). Affects calls made afterwards.
+// AVX2 ones where the CPU has them (default, unless KVCELLS_NO_SIMD=1).
+// Affects calls made afterwards.
 void kv_allow_simd(int on);
 
 // The tiled path cuts the cell list at multiples of KV_SEGMENT (segments,
