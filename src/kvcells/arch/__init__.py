@@ -34,6 +34,25 @@ def rms_norm(x, w, eps):
     return y
 
 
+def rms_norm_rope_neox(x, w, eps, cos, sin):
+    """rope.apply_rope(rms_norm(x, w, eps), cos, sin, NEOX) in one C pass, for
+    x (n_tokens, n_heads, head_dim) and rope.rope_tables' cos, sin."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, _, d = x.shape
+    if w.dtype != np.float32 or w.shape != (d,) or not w.flags.c_contiguous:
+        raise ValueError(f"rms_norm_rope_neox: weight must be float32 ({d},)")
+    cos = np.ascontiguousarray(cos, dtype=np.float32)
+    sin = np.ascontiguousarray(sin, dtype=np.float32)
+    if d < 2 or d % 2 or cos.size != n * (d // 2) or sin.size != cos.size:
+        raise ValueError(f"rms_norm_rope_neox: need an even head_dim and {n} x {d // 2} cos/sin")
+    y = np.empty_like(x)
+    lib.ops_rms_norm_rope_neox(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", w),
+                               ffi.from_buffer("float[]", cos), ffi.from_buffer("float[]", sin),
+                               ffi.from_buffer("float[]", y, require_writable=True),
+                               n, x.shape[1], d, eps)
+    return y
+
+
 def output_logits(file, x):
     """Logits for the final hidden rows x: the output matrix, or the token
     embeddings when the model ties them."""

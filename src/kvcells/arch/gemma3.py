@@ -5,8 +5,8 @@ sliding-window ones), post-attention and post-FFN norms, GELU(tanh)-gated
 feed-forward, output = token embeddings unless the file has its own."""
 import numpy as np
 
-from ..rope import NEOX, apply_rope, rope_tables
-from . import layer_weights, output_logits, rms_norm
+from ..rope import rope_tables
+from . import layer_weights, output_logits, rms_norm, rms_norm_rope_neox
 
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm",
            "attn_output", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up",
@@ -43,12 +43,13 @@ class Gemma3:
                for swa in set(hp.swa_layers)}
         for il, w in enumerate(self.layers):
             h = rms_norm(x, w["attn_norm"], eps)
-            q = rms_norm(w["attn_q"].matmul(h).reshape(n, H, d), w["attn_q_norm"], eps)
-            k = rms_norm(w["attn_k"].matmul(h).reshape(n, Hkv, d), w["attn_k_norm"], eps)
-            v = w["attn_v"].matmul(h).reshape(n, Hkv, d)
             cos, sin = rot[hp.swa_layers[il]]
-            mem.store(il, apply_rope(k, cos, sin, NEOX), v)
-            a = mem.attend(il, apply_rope(q, cos, sin, NEOX), hp.attn_scale).reshape(n, H * d)
+            q = rms_norm_rope_neox(w["attn_q"].matmul(h).reshape(n, H, d), w["attn_q_norm"], eps,
+                                   cos, sin)
+            k = rms_norm_rope_neox(w["attn_k"].matmul(h).reshape(n, Hkv, d), w["attn_k_norm"],
+                                   eps, cos, sin)
+            mem.store(il, k, w["attn_v"].matmul(h).reshape(n, Hkv, d))
+            a = mem.attend(il, q, hp.attn_scale).reshape(n, H * d)
             if il == hp.n_layer - 1:  # only the requested rows go further
                 a, x = a[output_rows], x[output_rows]
             x = x + rms_norm(w["attn_output"].matmul(a), w["post_attention_norm"], eps)
