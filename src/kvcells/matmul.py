@@ -61,8 +61,8 @@ def matmul(raw, type_name, n_out, n_in, x, n_threads=None):
     y = np.empty((x.shape[0], n_out), dtype=np.float32)
     if x.shape[0] == 0:
         return y
-    rc = lib.matmul(type_id, _ptr(raw), stride, n_out, n_in, ffi.from_buffer("float[]", x),
-                    x.shape[0], ffi.from_buffer("float[]", y), n_threads)
+    rc = lib.matmul(type_id, _ptr(raw), stride, n_out, n_in, ffi.from_buffer(_FLOATS, x),
+                    x.shape[0], ffi.from_buffer(_FLOATS, y), n_threads)
     _check_rc(rc)
     return y
 
@@ -107,6 +107,8 @@ def _check_threads(n):
 
 
 _layouts = {}   # (type_name, n_in) -> (type id, row bytes), once validated
+_U8 = np.dtype(np.uint8)
+_FLOATS = ffi.typeof("float[]")
 
 
 def _check_raw(raw, type_name, n_out, n_in):
@@ -118,9 +120,11 @@ def _check_raw(raw, type_name, n_out, n_in):
         layout = _type_id(type_name), row_bytes(type_name, n_in)
         _layouts[(type_name, n_in)] = layout
     type_id, nbytes = layout
-    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+    if not isinstance(raw, np.ndarray) or raw.dtype != _U8 or raw.ndim != 2:
         raise ValueError("raw must be a 2-D np.uint8 array (n_out, row_bytes)")
-    if raw.shape[0] != _check_int(n_out, "n_out") or n_out < 1:
+    if type(n_out) is not int:
+        n_out = _check_int(n_out, "n_out")
+    if raw.shape[0] != n_out or n_out < 1:
         raise ValueError(f"raw has {raw.shape[0]} rows, expected n_out={n_out} >= 1")
     if raw.shape[1] != nbytes:
         raise ValueError(f"{type_name} rows of {n_in} values take {nbytes} bytes, raw has {raw.shape[1]}")
