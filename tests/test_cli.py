@@ -14,6 +14,15 @@ def gemma_path(tiny_gguf):
     return str(tiny_gguf("gemma3", "F32"))
 
 
+@pytest.fixture(autouse=True)
+def keep_matmul_threads():
+    """-t sets the process-wide matmul threads; give them back after each run."""
+    from kvcells import matmul
+    n = matmul.get_num_threads()
+    yield
+    matmul.set_num_threads(n)
+
+
 def run(capsys, *argv):
     main(list(argv))
     return capsys.readouterr()

@@ -11,6 +11,8 @@ Tolerances are bounds, not fitted numbers:
   the result by at most sum over blocks of d/2 * sum |w_i| over the block.
 """
 import os
+import subprocess
+import sys
 import time
 import zlib
 
@@ -247,7 +249,10 @@ def test_thread_counts_give_identical_results():
 
 
 def test_default_threads_are_the_usable_cores():
-    assert mm.get_num_threads() == len(os.sched_getaffinity(0))
+    # in a fresh process: other tests (a Context with n_threads) may have set it here
+    code = "import kvcells.matmul as mm; print(mm.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == len(os.sched_getaffinity(0))
     old = mm.get_num_threads()
     try:
         mm.set_num_threads(1)
@@ -351,8 +356,6 @@ def test_real_model_tensors():
 
 
 def test_environment_variable_forces_the_portable_path():
-    import subprocess
-    import sys
     code = "from kvcells import matmul as mm; print(mm.simd_enabled())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVCELLS_NO_SIMD": "1"},
                          capture_output=True, text=True, check=True).stdout
@@ -385,7 +388,6 @@ def test_the_gil_is_released_during_a_call():
     # thread keeps running. With the GIL held it could not run at all: the
     # long switch interval keeps the calling thread from being asked to drop
     # the GIL between reading the counter and entering C.
-    import sys
     import threading
     w = np.ones((2048, 2048), np.float32).view(np.uint8)
     x = np.ones((1, 2048), np.float32)
