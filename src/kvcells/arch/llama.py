@@ -3,7 +3,7 @@ the KV cache, SwiGLU feed-forward, tied or separate output matrix."""
 import numpy as np
 
 from ..errors import GGUFError
-from ..rope import NORM, rope
+from ..rope import NORM, apply_rope, rope_tables
 from . import layer_weights, output_logits, rms_norm
 
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
@@ -23,15 +23,13 @@ class Llama:
         hp = self.hp
         n, H, Hkv, d = len(tokens), hp.n_head, hp.n_head_kv, hp.head_dim
         x = self.file.tensors["token_embd.weight"].rows(tokens)
+        cos, sin = rope_tables(pos, hp.rope_base, d, hp.rope_freq_scale)
         for il, w in enumerate(self.layers):
             h = rms_norm(x, w["attn_norm"], hp.norm_eps)
-            q = w["attn_q"].matmul(h).reshape(n, H, d)
-            k = w["attn_k"].matmul(h).reshape(n, Hkv, d)
-            v = w["attn_v"].matmul(h).reshape(n, Hkv, d)
-            qk = rope(np.concatenate([q, k], axis=1), pos, hp.rope_base, NORM,
-                      hp.rope_freq_scale)
-            mem.store(il, qk[:, H:], v)
-            a = mem.attend(il, qk[:, :H], hp.attn_scale).reshape(n, H * d)
+            q = apply_rope(w["attn_q"].matmul(h).reshape(n, H, d), cos, sin, NORM)
+            k = apply_rope(w["attn_k"].matmul(h).reshape(n, Hkv, d), cos, sin, NORM)
+            mem.store(il, k, w["attn_v"].matmul(h).reshape(n, Hkv, d))
+            a = mem.attend(il, q, hp.attn_scale).reshape(n, H * d)
             if il == hp.n_layer - 1:  # only the requested rows go further
                 a, x = a[output_rows], x[output_rows]
             x = x + w["attn_output"].matmul(a)
