@@ -3,10 +3,9 @@ import struct
 
 import numpy as np
 
-from . import matmul
+from . import native
 from .errors import StateError
-
-KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+from .native import KV_TYPES
 STATE_MAGIC = b"KVCELLS-CTX\0"
 STATE_VERSION = 1
 
@@ -27,9 +26,9 @@ class Context:
         self.n_ubatch = n_ubatch
         self.n_vocab = model.hparams.n_vocab
         self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
-        if n_threads is not None:
-            matmul.set_num_threads(n_threads)
-            self.memory.n_threads = n_threads
+        # the threads of this context's matmuls and attention; None: the
+        # process default (kvcells.set_num_threads)
+        self.memory.n_threads = None if n_threads is None else native.check_threads(n_threads)
 
     @property
     def kv_bytes(self):

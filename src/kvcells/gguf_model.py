@@ -55,10 +55,11 @@ class Weight:
         """Rows `ids` as float32 (len(ids), n_in); only those rows are decoded."""
         return matmul.dequantize_rows(self.raw, self.type, self.shape[1], ids)
 
-    def matmul(self, x):
+    def matmul(self, x, n_threads=None):
         """x @ W.T for x float32 (n, n_in) -> float32 (n, n_out), by the C
-        kernels on the weights in their file type."""
-        return matmul.matmul(self.raw, self.type, self.shape[0], self.shape[1], x)
+        kernels on the weights in their file type (n_threads None: the
+        default, kvcells.set_num_threads)."""
+        return matmul.matmul(self.raw, self.type, self.shape[0], self.shape[1], x, n_threads)
 
 
 def _dequantize_rows(raw, type_name, n_in):

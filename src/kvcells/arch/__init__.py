@@ -1,7 +1,7 @@
 """Forward passes, one module per architecture, and the pieces they share."""
 import numpy as np
 
-from .._core import ffi, lib
+from .. import native
 from ..errors import GGUFError
 
 
@@ -28,9 +28,7 @@ def rms_norm(x, w, eps):
     if n < 1 or w.dtype != np.float32 or w.shape != (n,) or not w.flags.c_contiguous:
         raise ValueError(f"rms_norm: weight must be float32 ({n},), got {w.dtype} {w.shape}")
     y = np.empty_like(x)
-    lib.ops_rms_norm(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", w),
-                     ffi.from_buffer("float[]", y, require_writable=True),
-                     x.size // n, n, eps)
+    native.rms_norm(x, w, y, eps)
     return y
 
 
@@ -46,15 +44,12 @@ def rms_norm_rope_neox(x, w, eps, cos, sin):
     if d < 2 or d % 2 or cos.size != n * (d // 2) or sin.size != cos.size:
         raise ValueError(f"rms_norm_rope_neox: need an even head_dim and {n} x {d // 2} cos/sin")
     y = np.empty_like(x)
-    lib.ops_rms_norm_rope_neox(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", w),
-                               ffi.from_buffer("float[]", cos), ffi.from_buffer("float[]", sin),
-                               ffi.from_buffer("float[]", y, require_writable=True),
-                               n, x.shape[1], d, eps)
+    native.rms_norm_rope_neox(x, w, cos, sin, y, eps)
     return y
 
 
-def output_logits(file, x):
+def output_logits(file, x, n_threads=None):
     """Logits for the final hidden rows x: the output matrix, or the token
     embeddings when the model ties them."""
     out = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
-    return out.matmul(x)
+    return out.matmul(x, n_threads)

@@ -36,6 +36,7 @@ class Gemma3:
 
     def forward(self, tokens, pos, output_rows, mem):
         hp, eps = self.hp, self.hp.norm_eps
+        nt = mem.n_threads  # this memory's threads (None: the default)
         n, H, Hkv, d = len(tokens), hp.n_head, hp.n_head_kv, hp.head_dim
         x = self.file.tensors["token_embd.weight"].rows(tokens) * np.float32(np.sqrt(hp.n_embd))
         rot = {swa: rope_tables(pos, hp.rope_base_swa if swa else hp.rope_base, d,
@@ -44,20 +45,20 @@ class Gemma3:
         for il, w in enumerate(self.layers):
             h = rms_norm(x, w["attn_norm"], eps)
             cos, sin = rot[hp.swa_layers[il]]
-            q = rms_norm_rope_neox(w["attn_q"].matmul(h).reshape(n, H, d), w["attn_q_norm"], eps,
-                                   cos, sin)
-            k = rms_norm_rope_neox(w["attn_k"].matmul(h).reshape(n, Hkv, d), w["attn_k_norm"],
-                                   eps, cos, sin)
-            mem.store(il, k, w["attn_v"].matmul(h).reshape(n, Hkv, d))
+            q = rms_norm_rope_neox(w["attn_q"].matmul(h, nt).reshape(n, H, d),
+                                   w["attn_q_norm"], eps, cos, sin)
+            k = rms_norm_rope_neox(w["attn_k"].matmul(h, nt).reshape(n, Hkv, d),
+                                   w["attn_k_norm"], eps, cos, sin)
+            mem.store(il, k, w["attn_v"].matmul(h, nt).reshape(n, Hkv, d))
             a = mem.attend(il, q, hp.attn_scale).reshape(n, H * d)
             if il == hp.n_layer - 1:  # only the requested rows go further
                 a, x = a[output_rows], x[output_rows]
-            x = x + rms_norm(w["attn_output"].matmul(a), w["post_attention_norm"], eps)
+            x = x + rms_norm(w["attn_output"].matmul(a, nt), w["post_attention_norm"], eps)
             h = rms_norm(x, w["ffn_norm"], eps)
-            f = gelu_tanh(w["ffn_gate"].matmul(h)) * w["ffn_up"].matmul(h)
-            x = x + rms_norm(w["ffn_down"].matmul(f), w["post_ffw_norm"], eps)
-        logits = output_logits(self.file, rms_norm(x, self.file.tensors["output_norm.weight"],
-                                                   eps))
+            f = gelu_tanh(w["ffn_gate"].matmul(h, nt)) * w["ffn_up"].matmul(h, nt)
+            x = x + rms_norm(w["ffn_down"].matmul(f, nt), w["post_ffw_norm"], eps)
+        x = rms_norm(x, self.file.tensors["output_norm.weight"], eps)
+        logits = output_logits(self.file, x, nt)
         if hp.logit_softcap:
             logits = np.tanh(logits / hp.logit_softcap) * hp.logit_softcap
         return logits
