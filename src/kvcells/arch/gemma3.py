@@ -3,16 +3,37 @@ the GGUF (the converter already added Gemma's +1), per-head RMSNorm on Q and
 K before NEOX RoPE (base rope_base on global layers, rope_base_swa on
 sliding-window ones), post-attention and post-FFN norms, GELU(tanh)-gated
 feed-forward, output = token embeddings unless the file has its own."""
+import math
+
 import numpy as np
 
-from ..rope import rope_tables
+from ..rope import NEOX, rope_tables
 from . import layer_weights, output_logits, rms_norm, rms_norm_rope_neox
 
+ROPE_MODE = NEOX
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm",
            "attn_output", "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up",
            "ffn_down", "post_ffw_norm")
+OPTIONAL = ()
+SWA_PERIOD = 6  # the last layer of every 6 is full attention unless the file says otherwise
+N_LAYER_27B = 62
 GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 GELU_C3 = np.float32(np.sqrt(2.0 / np.pi) * 0.044715)
+
+
+def read_hparams(meta, hp):
+    """Sliding window on 5 of every 6 layers, a final logit soft cap, and
+    the 27B model's attention scale (by the model width, as gemma_pytorch)."""
+    hp.n_swa = meta.get("attention.sliding_window", "int", 0)
+    if hp.n_swa < 0:
+        meta.fail(f"negative sliding window {hp.n_swa}")
+    if hp.n_swa > 0:
+        hp.swa_type = "standard"
+        hp.swa_layers = meta.swa_pattern("attention.sliding_window_pattern", hp.n_layer,
+                                         SWA_PERIOD)
+    hp.logit_softcap = meta.get("final_logit_softcapping", "float", 0.0)
+    if hp.n_layer == N_LAYER_27B:
+        hp.attn_scale = 1.0 / math.sqrt(hp.n_embd // hp.n_head)
 
 
 def gelu_tanh(x):
@@ -62,3 +83,6 @@ class Gemma3:
         if hp.logit_softcap:
             logits = np.tanh(logits / hp.logit_softcap) * hp.logit_softcap
         return logits
+
+
+FORWARD = Gemma3

@@ -6,8 +6,14 @@ from ..errors import GGUFError
 from ..rope import NORM, apply_rope, rope_tables
 from . import layer_weights, output_logits, rms_norm
 
+ROPE_MODE = NORM
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
            "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+OPTIONAL = ("rope_freqs",)
+
+
+def read_hparams(meta, hp):
+    """llama has no rules beyond the common ones."""
 
 
 class Llama:
@@ -39,3 +45,6 @@ class Llama:
             x = x + w["ffn_down"].matmul(silu * w["ffn_up"].matmul(h, nt), nt)
         x = rms_norm(x, self.file.tensors["output_norm.weight"], hp.norm_eps)
         return output_logits(self.file, x, nt)
+
+
+FORWARD = Llama
