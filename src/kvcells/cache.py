@@ -16,6 +16,7 @@ import numpy as np
 from . import kv_quant, native
 from .cells import SWA_TYPES, CellTable
 from .errors import CacheFullError, KVCellsError, StateError
+from .memory import Memory
 from .native import KV_TYPES, as_int
 from .rope import NEOX, NORM
 
@@ -40,7 +41,7 @@ def _window_start(p1, n_swa, swa_type):
     return np.zeros_like(p1)
 
 
-class KVCache:
+class KVCache(Memory):
     """K/V rows of the given layers on one cell table."""
 
     def __init__(self, n_cells, n_seq_max, layers, n_head_kv, head_dim,
@@ -212,6 +213,9 @@ class KVCache:
         self._ubatch = None
         self.table.clear()
 
+    def occupancy(self):
+        return "cells:\n" + self.table.occupancy()
+
     def _shift_k(self):
         """Re-rotate the K rows of shifted cells by their shift, in place in
         their type (kv_rope_shift): RoPE by p then by delta equals RoPE by
@@ -371,7 +375,7 @@ class _Reader:
             raise StateError("state has trailing bytes")
 
 
-class ISWACache:
+class ISWACache(Memory):
     """Interleaved sliding-window attention: full-attention layers in one
     cache, sliding-window layers in a smaller one whose cells are reused once
     the window has passed them. Both always hold the same ubatches."""
@@ -467,6 +471,10 @@ class ISWACache:
 
     def defrag(self):
         return sum(h.defrag() for h in self.halves)
+
+    def occupancy(self):
+        return (f"full-attention cells:\n{self.base.table.occupancy()}\n"
+                f"sliding-window cells:\n{self.swa.table.occupancy()}")
 
     def state_bytes(self, seq_id=None):
         base, swa = self.base.state_bytes(seq_id), self.swa.state_bytes(seq_id)
