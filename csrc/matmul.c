@@ -3,6 +3,7 @@
 #include "matmul.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "pool.h"
 #include "quants.h"
@@ -142,5 +143,42 @@ kvc_status matmul_dequantize_rows(int type, const uint8_t *w, int64_t row_stride
                             (long long)n_rows);
     for (int64_t k = 0; k < n_ids; k++)
         quant_dequantize_row(type, w + ids[k] * row_stride, out + k * n_in, n_in);
+    return KVC_OK;
+}
+
+typedef struct {
+    const uint8_t *p;
+    int64_t n_bytes, next;   // next: first byte not yet handed out (atomic)
+    uint64_t sum;            // atomic
+} read_job;
+
+static void run_read(void *arg, int slot) {
+    read_job *j = arg;
+    (void)slot;
+    uint64_t acc[8] = {0};
+    for (;;) {
+        int64_t b0 = __atomic_fetch_add(&j->next, CHUNK_BYTES, __ATOMIC_RELAXED);
+        if (b0 >= j->n_bytes) break;
+        int64_t b1 = b0 + CHUNK_BYTES < j->n_bytes ? b0 + CHUNK_BYTES : j->n_bytes;
+        for (int64_t b = b0; b < b1; b += 64) {
+            uint64_t w[8];
+            memcpy(w, j->p + b, 64);
+            for (int k = 0; k < 8; k++) acc[k] += w[k];
+        }
+    }
+    uint64_t sum = 0;
+    for (int k = 0; k < 8; k++) sum += acc[k];
+    __atomic_fetch_add(&j->sum, sum, __ATOMIC_RELAXED);
+}
+
+kvc_status matmul_read_probe(const uint8_t *p, int64_t n_bytes, int n_threads,
+                             uint64_t *sum_out) {
+    if (!p || !sum_out || n_bytes <= 0 || n_bytes % 64)
+        return kvc_fail(KVC_EINVAL, "read_probe: %lld bytes (need a positive multiple of 64)",
+                        (long long)n_bytes);
+    if (n_threads < 1) return kvc_fail(KVC_EINVAL, "n_threads must be >= 1, got %d", n_threads);
+    read_job j = {.p = p, .n_bytes = n_bytes};
+    pool_run(run_read, &j, n_threads);
+    *sum_out = j.sum;
     return KVC_OK;
 }

@@ -242,6 +242,18 @@ def test_non_finite_activations_stay_in_their_token(name, simd):
     np.testing.assert_array_equal(got[1], mm.matmul(raw, name, 9, n_in, x[1:2])[0])
 
 
+def test_read_probe_sums_every_word_once():
+    rng = np.random.default_rng(13)
+    buf = rng.integers(0, 256, size=3 * 65536 + 192, dtype=np.uint8)   # chunks and a short one
+    want = int(buf.view(np.uint64).sum(dtype=np.uint64))
+    for n_threads in (1, 2, 3):
+        assert native.read_probe(buf, n_threads) == want
+    with pytest.raises(ValueError, match="multiple of 64"):
+        native.read_probe(buf[:100], 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        native.read_probe(buf, 0)
+
+
 def test_thread_counts_give_identical_results():
     rng = np.random.default_rng(5)
     raw = make_raw("Q4_K", 301, 256, rng)

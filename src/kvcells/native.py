@@ -148,6 +148,14 @@ def matmul(type_id, raw, stride, n_out, n_in, x, y, n_threads):
                      floats(y), n_threads))
 
 
+def read_probe(buf, n_threads):
+    """Reads the uint8 array buf (size a multiple of 64) on n_threads threads
+    as matmul streams weights; returns the sum of its uint64 words mod 2^64."""
+    out = ffi.new("uint64_t *")
+    check(lib.matmul_read_probe(bytes_of(buf), buf.nbytes, check_threads(n_threads), out))
+    return out[0]
+
+
 def dequantize_rows(type_id, raw, stride, n_rows, n_in, ids, out):
     check(lib.matmul_dequantize_rows(type_id, rows_ptr(raw), stride, n_rows, n_in,
                                      ffi.cast("const int64_t *", ffi.from_buffer(ids)),
