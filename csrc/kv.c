@@ -21,9 +21,9 @@
 
 #define QK 32
 #define CELLS_PER_THREAD 16384
-#define QB 16  // query tokens per block of the tiled path
-#define KC 32  // cells per chunk of the tiled path
-#define SEG KV_SEGMENT  // cells per segment: the tiled path's unit of work along a row
+#define QB 16  // query tokens per block
+#define KC 32  // cells per chunk
+#define SEG KV_SEGMENT  // cells per segment: the unit of work along a row
 
 // bytes of one head's row, 0 when the type cannot hold head_dim values
 static int64_t head_bytes(int type, int head_dim) {
@@ -48,6 +48,13 @@ static void axpy_plain(float a, const float *x, float *y, int n) {
 #ifdef KV_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
+// a block's f16 scale
+AVX2 float scale_of(const uint8_t *block) {
+    uint16_t h;
+    memcpy(&h, block, 2);
+    return _cvtsh_ss(h);
+}
+
 // elements i .. i+15 of a row (i % 16 == 0, so one quantised block), widened
 // to float in x[0] (i .. i+7) and x[1] (i+8 .. i+15)
 AVX2 void load16(int type, const uint8_t *row, int i, __m256 x[2]) {
@@ -58,7 +65,7 @@ AVX2 void load16(int type, const uint8_t *row, int i, __m256 x[2]) {
         break;
     case KVC_TYPE_Q8_0: {
         const uint8_t *b = row + i / QK * (2 + QK);
-        const __m256 d = _mm256_set1_ps(load_f16(b));
+        const __m256 d = _mm256_set1_ps(scale_of(b));
         const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2 + i % QK));
         x[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
         x[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
@@ -66,7 +73,7 @@ AVX2 void load16(int type, const uint8_t *row, int i, __m256 x[2]) {
     }
     case KVC_TYPE_Q4_0: {
         const uint8_t *b = row + i / QK * (2 + QK / 2);
-        const __m256 d = _mm256_set1_ps(load_f16(b));
+        const __m256 d = _mm256_set1_ps(scale_of(b));
         // the low nibbles hold elements 0..15 of the block, the high ones 16..31
         __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
         if (i % QK) q = _mm_srli_epi16(q, 4);
@@ -87,7 +94,7 @@ AVX2 float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
 
-// ---- AVX2 kernels of the tiled path, on rows widened to float ----
+// ---- AVX2 kernels on rows widened to float ----
 
 AVX2 void widen_body(int type, const uint8_t *row, int d, float *dst) {
     for (int i = 0; i < d; i += 16) {

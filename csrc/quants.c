@@ -146,7 +146,8 @@ static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], flo
         for (int i = 0; i < QK; i++) q[i] = (int8_t)blk[2 + i];
         return;
     case KVC_TYPE_Q4_0: case KVC_TYPE_Q4_1: case KVC_TYPE_Q5_0: case KVC_TYPE_Q5_1: {
-        int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1, has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
+        int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
+        int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
         int bias = has_min ? 0 : five ? 16 : 8;
         blk = row + (18 + 2 * has_min + 4 * five) * g;
         const uint8_t *qs = blk + 2 + 2 * has_min + 4 * five;
@@ -521,7 +522,9 @@ dot_q8_fn quant_dot_q8(int type, int simd) {
 dot_f32_fn quant_dot_f32(int type, int simd) {
     if (quant_is_integer(type)) return NULL;
 #ifdef HAVE_X86
-    if (simd) return type == KVC_TYPE_F32 ? dot_f32_avx2 : type == KVC_TYPE_F16 ? dot_f16_avx2 : dot_bf16_avx2;
+    if (simd)
+        return type == KVC_TYPE_F32 ? dot_f32_avx2
+             : type == KVC_TYPE_F16 ? dot_f16_avx2 : dot_bf16_avx2;
 #endif
     (void)simd;
     return dot_f32_portable;

@@ -52,7 +52,8 @@ class KVCache(Memory):
         self.layers = [as_int(il, "layer id", 0, None) for il in layers]
         if len(set(self.layers)) != len(self.layers):
             raise ValueError("layer ids must be distinct")
-        n_head_kv, head_dim = as_int(n_head_kv, "n_head_kv", 1, None), as_int(head_dim, "head_dim", 1, None)
+        n_head_kv = as_int(n_head_kv, "n_head_kv", 1, None)
+        head_dim = as_int(head_dim, "head_dim", 1, None)
         if rope_mode not in (NEOX, NORM):
             raise ValueError(f"unknown RoPE mode {rope_mode!r}")
         for t in (type_k, type_v):

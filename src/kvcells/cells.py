@@ -9,7 +9,7 @@ import numbers
 import numpy as np
 
 from .errors import StateError
-from .native import I32_MAX, I32_MIN, as_int, check, ffi, lib
+from .native import I32_MAX, I32_MIN, as_int, check, ffi, int32s, lib
 
 SWA_TYPES = {"none": lib.KVC_SWA_NONE, "standard": lib.KVC_SWA_STANDARD,
              "chunked": lib.KVC_SWA_CHUNKED, "symmetric": lib.KVC_SWA_SYMMETRIC}
@@ -58,10 +58,6 @@ def _seq_lists(seq_ids, n_tokens):
     if len(flat) != n_tokens:
         raise ValueError(f"seq_ids has {len(flat)} entries for {n_tokens} tokens")
     return flat, None
-
-
-def _i32p(arr):
-    return ffi.from_buffer("int32_t[]", arr)
 
 
 class CellTable:
@@ -120,7 +116,7 @@ class CellTable:
         n_tokens = as_int(n_tokens, "n_tokens", 1)
         # C fails before writing when n_tokens > n_cells, so this room is enough
         out = np.empty(min(n_tokens, self.n_cells), np.int32)
-        check(lib.kvc_find_slot(self._t, n_tokens, bool(cont), _i32p(out)))
+        check(lib.kvc_find_slot(self._t, n_tokens, bool(cont), int32s(out)))
         return out
 
     def apply_ubatch(self, idxs, pos, seq_ids):
@@ -134,8 +130,8 @@ class CellTable:
             raise ValueError("a ubatch needs at least one token")
         flat, offsets = _seq_lists(seq_ids, len(idxs))
         check(lib.kvc_apply_ubatch(
-            self._t, len(idxs), _i32p(idxs), _i32p(pos), len(flat), _i32p(flat),
-            ffi.NULL if offsets is None else _i32p(offsets)))
+            self._t, len(idxs), int32s(idxs), int32s(pos), len(flat), int32s(flat),
+            ffi.NULL if offsets is None else int32s(offsets)))
 
     # ------------------------------------------------------------ cells
 
@@ -155,7 +151,7 @@ class CellTable:
     def positions(self):
         """Positions of all cells (int32, -1 = empty)."""
         out = np.empty(self.n_cells, np.int32)
-        lib.kvc_positions(self._t, _i32p(out))
+        lib.kvc_positions(self._t, int32s(out))
         return out
 
     def seq_matrix(self):
@@ -169,7 +165,7 @@ class CellTable:
         then 'a'-'z', '+' above 35), 'M' for several; `width` cells a line."""
         width = as_int(width, "width", 1)
         labels = np.empty(self.n_cells, np.int32)
-        lib.kvc_cell_labels(self._t, _i32p(labels))
+        lib.kvc_cell_labels(self._t, int32s(labels))
         text = _LABELS[labels + 2].tobytes().decode()
         return "\n".join(text[k:k + width] for k in range(0, len(text), width))
 
@@ -214,7 +210,7 @@ class CellTable:
         """(mins, maxs): seq_pos_min and seq_pos_max of every sequence, int32 arrays."""
         mins = np.empty(self.n_seq_max, np.int32)
         maxs = np.empty(self.n_seq_max, np.int32)
-        lib.kvc_seq_pos_bounds(self._t, _i32p(mins), _i32p(maxs))
+        lib.kvc_seq_pos_bounds(self._t, int32s(mins), int32s(maxs))
         return mins, maxs
 
     def seq_cells(self, seq_id):
@@ -224,7 +220,7 @@ class CellTable:
         check(lib.kvc_seq_count(self._t, seq_id, n))
         idxs = np.empty(n[0], np.int32)
         pos = np.empty(n[0], np.int32)
-        check(lib.kvc_seq_cells(self._t, seq_id, _i32p(idxs), _i32p(pos)))
+        check(lib.kvc_seq_cells(self._t, seq_id, int32s(idxs), int32s(pos)))
         return idxs, pos
 
     # ------------------------------------------------------------ maintenance
@@ -232,7 +228,7 @@ class CellTable:
     def take_shifts(self):
         """Per-cell position shifts accumulated since the last call (int32), then reset."""
         out = np.empty(self.n_cells, np.int32)
-        lib.kvc_take_shifts(self._t, _i32p(out))
+        lib.kvc_take_shifts(self._t, int32s(out))
         return out
 
     def defrag(self):
@@ -252,7 +248,7 @@ class CellTable:
                 raise ValueError("kq_mask: a token has no sequence")
             flat = np.ascontiguousarray(flat[offsets[:-1]])
         out = np.empty((len(pos), n_kv), np.float32)
-        check(lib.kvc_kq_mask(self._t, len(pos), _i32p(pos), _i32p(flat), n_kv,
+        check(lib.kvc_kq_mask(self._t, len(pos), int32s(pos), int32s(flat), n_kv,
                                    ffi.from_buffer("float[]", out)))
         return out
 
