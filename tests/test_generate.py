@@ -1,6 +1,8 @@
 """Generation loops: greedy tokens with the cache equal recomputing the whole
 sequence at every step (the dense reference); context shift; branches that
 share a prefilled prompt; continuous batching of a queue."""
+import sys
+
 import numpy as np
 import pytest
 from reference_forward import ReferenceModel
@@ -127,3 +129,66 @@ def test_a_long_prompt_reports_progress_per_ubatch(llama):
     out = list(generate(ctx, p, 3, progress=lambda done, total: seen.append((done, total))))
     assert seen == [(4, 11), (8, 11), (11, 11)]
     assert out == greedy_by_recompute(model, ref, p, 3)
+
+
+class TruthDrafter:
+    """Drafts the given continuation with the token at `wrong` (offset in
+    each draft) replaced, so the verification rejects there."""
+
+    def __init__(self, truth, n_prompt, wrong, length):
+        self.truth, self.n_prompt, self.wrong, self.length = truth, n_prompt, wrong, length
+
+    def __call__(self, history):
+        self.history = history
+        return self
+
+    def draft(self, room):
+        done = len(self.history) - self.n_prompt
+        d = list(self.truth[done:done + min(room, self.length)])
+        if self.wrong < len(d):
+            d[self.wrong] = (d[self.wrong] + 1) % 7 + 3
+        return d
+
+    def update(self, n_drafted, n_accepted):
+        assert n_accepted == min(self.wrong, n_drafted)
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_gguf):
+    return Model.load(tiny_gguf("gemma3", n_swa=8))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lookup_output_equals_plain_greedy_over_many_prompts(arch, llama, gemma):
+    model = llama[0] if arch == "llama" else gemma
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        piece = prompt(model, int(rng.integers(2, 7)), seed)
+        p = piece * int(rng.integers(2, 5)) + prompt(model, 2, 100 + seed)
+        outs = []
+        for lookup in (False, True):
+            ctx = Context(model, n_ctx=96)
+            outs.append((list(generate(ctx, p, 30, lookup=lookup)), ctx.memory.seq_pos_max(0)))
+        assert outs[1] == outs[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("wrong", [0, 1, 3, 6, 12])
+def test_drafts_rejected_at_every_offset_leave_the_output_unchanged(arch, wrong, llama, gemma,
+                                                                    monkeypatch):
+    # gemma3's window is 8 positions: drafts of 12 cross it, and after 256
+    # positions the window's cells are reused
+    model = llama[0] if arch == "llama" else gemma
+    n_ctx, n_gen = (96, 40) if arch == "llama" else (400, 300)
+    p = prompt(model, 6, 20 + wrong)
+    ctx = Context(model, n_ctx=n_ctx, n_ubatch=16)
+    plain = list(generate(ctx, p, n_gen, lookup=False))
+    assert len(plain) == n_gen
+    plain_cells = ctx.memory.seq_pos_max(0)
+    monkeypatch.setattr(sys.modules["kvcells.generate"], "PromptLookup",
+                        TruthDrafter(plain, len(p), wrong, 12))
+    ctx = Context(model, n_ctx=n_ctx, n_ubatch=16)
+    assert list(generate(ctx, p, n_gen)) == plain
+    assert ctx.memory.seq_pos_max(0) == plain_cells
+    if arch == "gemma3":
+        assert ctx.memory.swa.n_cells < n_ctx and ctx.memory.seq_pos_min(0) > 0

@@ -87,3 +87,27 @@ def test_bad_settings(kw):
 def test_bad_logits():
     with pytest.raises(ValueError):
         Sampler().sample(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("draft", [0, 3, 5, 7])
+def test_a_drafted_token_leaves_the_distribution_unchanged(draft):
+    # speculative acceptance with a one-token draft: the frequencies over
+    # many draws must match the softmax of the candidates, for a likely, an
+    # unlikely and a filtered-out (top_k) draft
+    logits = np.array([2.0, 1.0, 0.5, 1.5, -1.0, 0.0, -3.0, -0.5], np.float32)
+    s = Sampler(temperature=0.8, top_k=6, seed=draft)
+    keep = np.argsort(-logits, kind="stable")[:6]
+    p = np.zeros(logits.size)
+    p[keep] = np.exp((logits[keep] - logits.max()) / 0.8)
+    p /= p.sum()
+    n = 8000
+    counts = np.bincount([s.sample(logits, draft=draft) for _ in range(n)], minlength=logits.size)
+    sigma = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) <= 5 * sigma + 1e-9)
+    assert counts[p == 0].sum() == 0
+
+
+def test_greedy_keeps_a_draft_only_when_it_is_the_argmax():
+    logits = np.array([0.1, 3.0, 2.0], np.float32)
+    assert Sampler().sample(logits, draft=1) == 1
+    assert Sampler().sample(logits, draft=2) == 1

@@ -1,12 +1,15 @@
 """Generation loops over a Context: one sequence, branches of one prompt,
 and continuous batching of a queue of prompts."""
+import numpy as np
+
 from .batch import Batch
 from .errors import CacheFullError
+from .lookup import PromptLookup
 from .sampling import Sampler
 
 
 def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
-             context_shift=False, n_keep=0, progress=None):
+             context_shift=False, n_keep=0, progress=None, lookup=True):
     """Stream the tokens that follow prompt_ids in sequence seq_id.
 
     The prompt continues whatever the sequence already holds; it is decoded
@@ -14,32 +17,73 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
     Stops before an end-of-generation token or after max_tokens. With
     context_shift, a full cache drops half of the tokens after the first
     n_keep, as llama.cpp does.
+
+    With lookup (prompt-lookup speculative decoding), each step also feeds
+    the tokens that followed the latest earlier occurrence of the last few
+    tokens (kvcells.lookup), verifies them in the same batch, keeps the
+    longest run the sampler agrees with and removes the rest from the cache
+    (seq_rm). Greedy output is the same as without; sampled output has the
+    same distribution (Sampler.sample with a draft).
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     sampler = sampler or Sampler()
     mem, tok = ctx.memory, ctx.model.tokenizer
     history = list(prompt_ids)
+    drafter = PromptLookup(history) if lookup else None
     pending = list(prompt_ids)
-    for _ in range(max_tokens):
+    n_made = 0
+    while n_made < max_tokens:
         pos = mem.seq_pos_max(seq_id) + 1
         if context_shift and pos + len(pending) > ctx.n_ctx:
             pos = shift_context(mem, seq_id, pos, n_keep)
-        for start in range(0, len(pending), ctx.n_ubatch):
-            chunk = pending[start:start + ctx.n_ubatch]
-            batch = Batch()
-            for i, t in enumerate(chunk):
-                batch.add(t, pos + start + i, seq_id, logits=start + i == len(pending) - 1)
-            logits = ctx.decode(batch)
-            if progress:
-                progress(start + len(chunk), len(pending))
+        # a draft goes in the pending token's ubatch (one decode: a full
+        # cache then changes nothing)
+        room = min(ctx.n_ctx - pos - len(pending), max_tokens - n_made - 1, ctx.n_ubatch - 1)
+        draft = drafter.draft(room) if drafter and len(pending) == 1 else []
+        try:
+            logits = decode_tail(ctx, pending + draft, pos, seq_id, len(draft) + 1, progress)
+        except CacheFullError:
+            if not draft:
+                raise
+            draft = []
+            logits = decode_tail(ctx, pending, pos, seq_id, 1, progress)
         progress = None
-        token = sampler.sample(logits[-1], history)
-        if tok.is_eog(token):
+        made, n_accepted = [], 0
+        for i, row in enumerate(logits):
+            d = draft[i] if i < len(draft) else None
+            token = sampler.sample(row, history, draft=d)
+            if tok.is_eog(token):
+                break
+            made.append(token)
+            history.append(token)
+            if token != d:
+                break
+            n_accepted += 1
+        if drafter:
+            drafter.update(len(draft), n_accepted)
+        if n_accepted < len(draft):
+            mem.seq_rm(seq_id, pos + len(pending) + n_accepted, -1)
+        yield from made
+        n_made += len(made)
+        if len(made) == n_accepted:   # stopped before an end-of-generation token
             return
-        yield token
-        history.append(token)
-        pending = [token]
+        pending = [made[-1]]
+
+
+def decode_tail(ctx, tokens, pos, seq_id, n_rows, progress):
+    """Decode tokens at pos, pos+1, ... of seq_id, n_ubatch at a time; the
+    logits of the last n_rows."""
+    rows = []
+    for start in range(0, len(tokens), ctx.n_ubatch):
+        chunk = tokens[start:start + ctx.n_ubatch]
+        batch = Batch()
+        for i, t in enumerate(chunk):
+            batch.add(t, pos + start + i, seq_id, logits=start + i >= len(tokens) - n_rows)
+        rows.append(ctx.decode(batch))
+        if progress:
+            progress(start + len(chunk), len(tokens))
+    return np.concatenate(rows)
 
 
 def shift_context(mem, seq_id, n_past, n_keep):

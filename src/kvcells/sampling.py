@@ -26,8 +26,14 @@ class Sampler:
         self.repeat_last_n = repeat_last_n
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, logits, recent=()):
-        """One token id from a row of logits; `recent` are the tokens so far."""
+    def sample(self, logits, recent=(), draft=None):
+        """One token id from a row of logits; `recent` are the tokens so far.
+
+        With a drafted token (speculative decoding, a draft that proposes
+        exactly one token), the draft is kept with its probability p(draft)
+        and otherwise a token is drawn from p without the draft,
+        renormalised: the result is distributed as p whatever the draft.
+        Greedy sampling keeps the draft only when it is the argmax."""
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError("sample needs one non-empty row of logits")
@@ -38,7 +44,16 @@ class Sampler:
         ids, kept = candidates(logits, self.top_k, self.top_p, self.min_p)
         z = (kept - kept.max()) / self.temperature
         p = np.exp(z.astype(np.float64))
-        return int(ids[self.rng.choice(len(ids), p=p / p.sum())])
+        p /= p.sum()
+        if draft is not None:
+            at = np.flatnonzero(ids == draft)
+            p_draft = p[at[0]] if len(at) else 0.0
+            if self.rng.random() < p_draft:
+                return int(draft)
+            if len(at):
+                p[at[0]] = 0.0
+                p /= p.sum()
+        return int(ids[self.rng.choice(len(ids), p=p)])
 
 
 def penalize_repeats(logits, recent, penalty):
