@@ -9,6 +9,7 @@ from .errors import StateError
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 STATE_MAGIC = b"KVCELLS-CTX\0"
 STATE_VERSION = 1
+MAX_THREADS = 64   # the matmul kernel's cap (MATMUL_MAX_THREADS)
 
 
 class Context:
@@ -18,6 +19,8 @@ class Context:
             raise ValueError("n_ctx and n_ubatch must be positive")
         if not 1 <= n_seq_max <= 256:
             raise ValueError(f"n_seq_max must be in [1, 256], got {n_seq_max}")
+        if n_threads is not None and not 1 <= n_threads <= MAX_THREADS:
+            raise ValueError(f"n_threads must be in [1, {MAX_THREADS}], got {n_threads}")
         for t in (type_k, type_v):
             if t not in KV_TYPES:
                 raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
@@ -26,7 +29,12 @@ class Context:
         self.n_seq_max = n_seq_max
         self.n_ubatch = n_ubatch
         self.n_vocab = model.hparams.n_vocab
-        self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+        try:
+            self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+        except MemoryError:
+            need = model.kv_bytes(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+            raise MemoryError(f"a KV cache of {n_ctx} cells needs {need / 2**30:.1f} GiB "
+                              f"({type_k} K, {type_v} V) and could not be allocated") from None
         if n_threads is not None:
             matmul.set_num_threads(n_threads)
             self.memory.n_threads = n_threads
