@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kvcells import Context, Model, Sampler, generate
@@ -151,3 +152,155 @@ def test_repeat_penalty_applies_to_prompt_and_output(capsys, gemma_path):
     out = run(capsys, "-m", gemma_path, "-p", "a a a b b b", "-n", "8",
               "--repeat-penalty", "1.8").out
     assert out == "a a a b b b" + pieces(model.tokenizer, want) + "\n"
+
+
+def test_n_0_decodes_nothing_and_claims_no_speed(capsys, gemma_path, tmp_path):
+    err = run(capsys, "-m", gemma_path, "-p", "hello world", "-n", "0").err
+    assert "prompt: " in err and "not decoded" in err and "tokens/s" not in err
+    f = tmp_path / "prompts.txt"
+    f.write_text("one\ntwo three\n")
+    out = run(capsys, "-m", gemma_path, "--queue", str(f), "-np", "2", "-n", "0")
+    assert out.out == "" and "generated 0 tokens" in out.err and "tokens/s" not in out.err
+
+
+def one_line_failure(*argv, limit=None):
+    pre = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))\n"
+           if limit else "")
+    code = pre + f"from kvcells.cli import main; main({list(argv)!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_a_context_too_large_for_the_machine_says_what_it_needs(gemma_path):
+    need = Model.load(gemma_path).kv_bytes(200000000)
+    line = one_line_failure("-m", gemma_path, "-c", "200000000")
+    assert line.startswith(f"kvcells-run: -c 200000000 needs a KV cache of {need / 2**30:.1f} GiB")
+
+
+def test_a_context_that_cannot_be_allocated_says_what_it_needs(gemma_path):
+    need = Model.load(gemma_path).kv_bytes(2**23, type_k="f32", type_v="f32")
+    line = one_line_failure("-m", gemma_path, "-c", str(2**23), "-ctk", "f32", "-ctv", "f32",
+                            limit=2**30)
+    assert line == (f"kvcells-run: a KV cache of {2**23} cells needs {need / 2**30:.1f} GiB "
+                    f"(f32 K, f32 V) and could not be allocated")
+
+
+def test_ctx_size_beyond_the_training_context_warns(capsys, gemma_path):
+    n_train = Model.load(gemma_path).hparams.n_ctx_train
+    assert "warning" not in run(capsys, "-m", gemma_path, "-n", "1", "-c", str(n_train)).err
+    err = run(capsys, "-m", gemma_path, "-n", "1", "-c", str(n_train + 1)).err
+    assert re.search(rf"warning: -c {n_train + 1} is beyond the {n_train} tokens", err)
+
+
+@pytest.mark.parametrize("np_", ["1", "2"])
+def test_a_prompt_larger_than_the_context_says_so(gemma_path, np_):
+    prompt = " ".join(["word"] * 100)
+    n = len(Model.load(gemma_path).tokenizer.encode(prompt))
+    with pytest.raises(SystemExit) as e:
+        main(["-m", gemma_path, "-c", "64", "-np", np_, "-p", prompt])
+    assert str(e.value) == (f"kvcells-run: the prompt is {n} tokens, more than the context "
+                            f"(-c 64); give a larger -c")
+
+
+def test_gpu_flags_are_noted_and_ignored(capsys, gemma_path):
+    base = run(capsys, "-m", gemma_path, "-n", "4")
+    gpu = run(capsys, "-m", gemma_path, "-n", "4", "-ngl", "99", "--main-gpu", "0")
+    assert gpu.out == base.out
+    assert "note: ignoring -ngl 99" in gpu.err and "note: ignoring --main-gpu 0" in gpu.err
+
+
+@pytest.mark.parametrize("argv,flag", [(["-nfoo", "3"], "-nfoo"), (["-fa"], "-fa"),
+                                       (["--seed", "-2"], "--seed"), (["--seed", "x"], "--seed")])
+def test_unknown_flags_and_bad_values_name_the_flag(capsys, gemma_path, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        main(["-m", gemma_path, *argv])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_seed_minus_one_is_random_and_printed_to_repeat_the_run(capsys, gemma_path):
+    args = ("-m", gemma_path, "-n", "12", "--temp", "1.5", "--top-k", "0", "--top-p", "1",
+            "--min-p", "0")
+    first = run(capsys, *args, "--seed", "-1")
+    seeds = {re.search(r"^seed: (\d+)$", run(capsys, *args).err, re.M).group(1)
+             for _ in range(3)}
+    seed = re.search(r"^seed: (\d+)$", first.err, re.M).group(1)
+    assert len(seeds | {seed}) == 4
+    assert run(capsys, *args, "--seed", seed).out == first.out
+
+
+def test_a_non_utf8_prompt_file_is_named(gemma_path, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    for flag in ("-f", "--queue"):
+        with pytest.raises(SystemExit) as e:
+            main(["-m", gemma_path, flag, str(bad)])
+        assert str(e.value).startswith(f"kvcells-run: {bad}: not UTF-8 text")
+
+
+def test_file_is_one_prompt_like_p(capsys, gemma_path, tmp_path):
+    text = "first line\nsecond line"
+    f = tmp_path / "prompt.txt"
+    f.write_text(text + "\n")
+    assert run(capsys, "-m", gemma_path, "-f", str(f), "-n", "5").out == \
+        run(capsys, "-m", gemma_path, "-p", text, "-n", "5").out
+
+
+def test_a_full_cache_prints_what_each_branch_generated(capsys, gemma_path):
+    out = run(capsys, "-m", gemma_path, "-np", "4", "-c", "64", "-n", "100", "-p", "hello")
+    model = Model.load(gemma_path)
+    alone = "hello" + pieces(model.tokenizer, generate(Context(model, n_ctx=256),
+                                                        model.tokenizer.encode("hello"), 100))
+    texts = streamed(out.out)
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert all(alone.startswith(t) and len(t) > len("hello") for t in texts.values())
+    assert "the context (-c 64) is full" in out.err and "generated tokens/s" in out.err
+
+
+def test_n_minus_1_runs_branches_until_the_context_is_full(capsys, gemma_path):
+    err = run(capsys, "-m", gemma_path, "-np", "2", "-c", "32", "-n", "-1", "--ignore-eos").err
+    n_prompt = len(Model.load(gemma_path).tokenizer.encode("The capital city of France is called"))
+    assert "is full" in err
+    # each step stores one token per branch; the tokens sampled last find no cell
+    assert re.search(r"generated (\d+) tokens", err).group(1) == str(2 * ((32 - n_prompt) // 2 + 1))
+
+
+def test_ignore_eos_never_draws_an_end_of_generation_token(gemma_path):
+    from kvcells.cli import NoEndSampler
+    tok = Model.load(gemma_path).tokenizer
+    logits = np.zeros(tok.n_vocab, np.float32)
+    logits[sorted(tok.eog_ids)] = 50.0
+    logits[3] = 1.0
+    assert tok.is_eog(Sampler().sample(logits))
+    assert NoEndSampler(Sampler(), tok.eog_ids).sample(logits) == 3
+
+
+@pytest.mark.parametrize("keep,extra", [("0", 1), ("3", 4), ("-1", None)])
+def test_keep_follows_llama_cpp(capsys, monkeypatch, gemma_path, keep, extra):
+    """llama-cli keeps --keep prompt tokens plus BOS, or the whole prompt for -1."""
+    import kvcells.cli as cli
+    seen = []
+    monkeypatch.setattr(cli, "generate", lambda *a, **kw: seen.append(kw["n_keep"]) or iter(()))
+    run(capsys, "-m", gemma_path, "-p", "one two three four five", "--keep", keep)
+    ids = Model.load(gemma_path).tokenizer.encode("one two three four five")
+    assert ids[0] == Model.load(gemma_path).tokenizer.bos_id
+    assert seen == [len(ids) if extra is None else extra]
+
+
+def test_special_parses_control_tokens_in_the_prompt(capsys, gemma_path):
+    prompt = "<start_of_turn>user"
+    tok = Model.load(gemma_path).tokenizer
+    plain = stat(run(capsys, "-m", gemma_path, "-p", prompt, "-n", "1").err, "prompt")
+    special = stat(run(capsys, "-m", gemma_path, "-p", prompt, "-n", "1", "-sp").err, "prompt")
+    assert (plain, special) == (len(tok.encode(prompt)), len(tok.encode(prompt, special=True)))
+    assert special < plain
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expect in ("-n N_PREDICT, --n-predict N_PREDICT tokens to generate per sequence, -1 = "
+                   "until end of generation (default: 64)", "(default: 4096)", "0 = greedy "
+                   "(default: 0.0)", "The capital city of France is called", "-1 = random"):
+        assert expect in text
