@@ -1,7 +1,12 @@
 """kvcells-run: each flag's effect and each bad input's message, on tiny models."""
+import io
+import os
 import re
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -304,3 +309,89 @@ def test_help_shows_the_defaults(capsys):
                    "until end of generation (default: 64)", "(default: 4096)", "0 = greedy "
                    "(default: 0.0)", "The capital city of France is called", "-1 = random"):
         assert expect in text
+
+
+def converse(capsys, monkeypatch, gemma_path, turns, *flags):
+    """Run -cnv on the given user turns; (stdout, stderr, [(first position, n tokens)] decoded)."""
+    decoded = []
+    real = Context.decode
+    monkeypatch.setattr(Context, "decode",
+                        lambda self, b: decoded.append((b.pos[0], len(b))) or real(self, b))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(t + "\n" for t in turns)))
+    out = run(capsys, "-m", gemma_path, "-cnv", "-n", "6", *flags)
+    return out.out, out.err, decoded
+
+
+def test_conversation_keeps_the_cache_and_prefills_only_the_new_turn(capsys, monkeypatch,
+                                                                    gemma_path):
+    from kvcells.chat_template import ChatTemplate
+    out, err, decoded = converse(capsys, monkeypatch, gemma_path, ["hello there", "and then?"])
+    model = Model.load(gemma_path)
+    tok, template = model.tokenizer, ChatTemplate.for_model(model)
+    messages = [{"role": "user", "content": "hello there"}]
+    ids1 = template.encode(tok, messages)
+    a1 = list(generate(Context(model, n_ctx=256), ids1, 6))
+    messages += [{"role": "assistant", "content": tok.decode(a1)},
+                 {"role": "user", "content": "and then?"}]
+    ids2 = template.encode(tok, messages)
+    a2 = list(generate(Context(model, n_ctx=256), ids2, 6))
+    assert out == pieces(tok, a1) + "\n" + pieces(tok, a2) + "\n"
+    # turn 1: its prompt, then one token a step; turn 2 starts past all of turn 1's prompt
+    # and decodes only the tokens after what the cache holds in common with it
+    assert decoded[0] == (0, len(ids1)) and all(n == 1 for _, n in decoded[1:6])
+    start, n = decoded[6]
+    assert start >= len(ids1) and start + n == len(ids2) and n < len(ids2) - len(ids1)
+    assert stat(err, "prompt") == len(ids1) + n
+    assert "chat template: gemma" in err
+
+
+def test_conversation_with_a_system_prompt_and_a_named_or_file_template(capsys, monkeypatch,
+                                                                        gemma_path, tmp_path):
+    from kvcells.chat_template import CHATML, ChatTemplate
+    model = Model.load(gemma_path)
+    turn = [{"role": "user", "content": "hi"}]
+    _, err, _ = converse(capsys, monkeypatch, gemma_path, ["hi"], "--chat-template", "chatml")
+    assert stat(err, "prompt") == len(ChatTemplate(CHATML, "chatml").encode(model.tokenizer, turn))
+    f = tmp_path / "t.jinja"
+    f.write_text("{% for m in messages %}[{{ m.role }}: {{ m.content }}]{% endfor %}")
+    _, err, _ = converse(capsys, monkeypatch, gemma_path, ["hi"], "--chat-template-file", str(f),
+                         "-p", "be brief")
+    assert stat(err, "prompt") == len(model.tokenizer.encode("[system: be brief][user: hi]"))
+
+
+def test_conversation_from_piped_stdin_ends_at_eof_with_status_0(gemma_path):
+    r = subprocess.run([sys.executable, "-m", "kvcells.cli", "-m", gemma_path, "-cnv", "-n", "3"],
+                       input="hello\n\nhow are you\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) >= 2 and "generation: 6 tokens" in r.stderr
+
+
+def interrupted(argv, n_chars):
+    """Run kvcells-run, press Ctrl-C once n_chars are printed; (status, stdout, stderr)."""
+    p = subprocess.Popen([sys.executable, "-m", "kvcells.cli", *argv],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    got, deadline = b"", time.monotonic() + 120
+    while len(got) < n_chars and time.monotonic() < deadline and p.poll() is None:
+        if select.select([p.stdout], [], [], 1)[0]:
+            got += os.read(p.stdout.fileno(), 4096)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, (got + out).decode(errors="replace"), err.decode()
+
+
+def test_ctrl_c_ends_n_minus_1_with_the_timings(gemma_path):
+    """-n -1 goes on past a full context (it shifts) until Ctrl-C."""
+    status, out, err = interrupted(["-m", gemma_path, "-p", "hi", "-c", "16", "-n", "-1",
+                                    "--ignore-eos"], 300)
+    assert status == 130 and out.startswith("hi")
+    assert stat(err, "generation") > 16 and "KV cache:" in err and "Traceback" not in err
+
+
+def test_ctrl_c_in_a_queue_prints_what_was_generated_and_the_timings(gemma_path, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("one\ntwo\nthree\n")
+    status, out, err = interrupted(["-m", gemma_path, "--queue", str(f), "-np", "2", "-n", "-1",
+                                    "--ignore-eos"], 400)
+    assert status == 130 and "Traceback" not in err
+    assert {line[:4] for line in out.splitlines()} >= {"[0] ", "[1] "}
+    assert "generated tokens/s" in err and "KV cache:" in err

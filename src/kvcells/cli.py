@@ -23,7 +23,7 @@ DEFAULT_PROMPT = "The capital city of France is called"
 # llama.cpp's GPU flags: taken with their value and ignored, kvcells runs on the CPU
 GPU_FLAGS = (("-ngl", "--gpu-layers", "--n-gpu-layers"), ("-sm", "--split-mode"),
              ("-mg", "--main-gpu"), ("-ts", "--tensor-split"), ("-dev", "--device"))
-WRAP = 72   # -np and --queue lines break at the first space past this many characters
+WRAP = 72   # -np and --queue lines longer than this are broken
 
 
 def seed(text):
@@ -112,6 +112,8 @@ def main(argv=None):
         interrupted = run(args)
     except (KVCellsError, ValueError, OSError, MemoryError) as e:
         raise SystemExit(f"kvcells-run: {e}")
+    except KeyboardInterrupt:   # before generation started
+        interrupted = True
     if interrupted:
         raise SystemExit(130)
 
@@ -359,8 +361,8 @@ def reusable(mem, cached, ids):
 
 class Streams:
     """The text of several sequences printed as it is produced, a line at a
-    time, each line prefixed by its sequence; a line ends at a newline or at
-    the first space past WRAP characters."""
+    time, each line prefixed by its sequence; lines longer than WRAP
+    characters are broken at a space, else at WRAP."""
 
     def __init__(self, tok, special):
         self.tok, self.special = tok, special
@@ -372,12 +374,14 @@ class Streams:
 
     def add(self, key, token):
         buf = self.pending[key] + self.text[key](token)
-        while True:
-            cut = buf.find("\n")
+        while "\n" in buf or len(buf) > WRAP:
+            cut = buf.find("\n", 0, WRAP + 1)
             if cut < 0:
-                cut = buf.find(" ", WRAP)
-            if cut < 0:
-                break
+                cut = buf.rfind(" ", 0, WRAP + 1)
+            if cut < 0:   # no space to break at
+                print(f"[{key}] {buf[:WRAP]}", flush=True)
+                buf = buf[WRAP:]
+                continue
             print(f"[{key}] {buf[:cut]}", flush=True)
             buf = buf[cut + 1:]
         self.pending[key] = buf
