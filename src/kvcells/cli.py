@@ -145,6 +145,8 @@ def run(args):
         print(f"kvcells-run: note: ignoring {flag} (kvcells runs on the CPU)", file=sys.stderr)
     if args.file:
         args.prompt = read_text(args.file).removesuffix("\n")
+    if args.prompt is None and not args.conversation:
+        args.prompt = DEFAULT_PROMPT
     prompts = None
     if args.queue:
         prompts = [line for line in read_text(args.queue).splitlines() if line.strip()]
@@ -168,7 +170,7 @@ def run(args):
         if args.conversation:
             run_conversation(ctx, args, sampler, timings)
         elif args.n_predict == 0:
-            texts = prompts if prompts is not None else [args.prompt or DEFAULT_PROMPT]
+            texts = prompts if prompts is not None else [args.prompt]
             timings.n_prompt = sum(len(encode_prompt(ctx, p, args)) for p in texts)
         elif prompts is not None:
             run_queue(ctx, prompts, args, sampler, timings)
@@ -308,11 +310,10 @@ def stream_turn(ctx, ids, args, sampler, timings, **kw):
 def run_single(ctx, args, sampler, timings):
     """llama-cli: the prompt, then its continuation; a full context drops
     half of what follows the kept tokens."""
-    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
-    ids = encode_prompt(ctx, prompt, args)
+    ids = encode_prompt(ctx, args.prompt, args)
     bos = int(bool(ids) and ids[0] == ctx.model.tokenizer.bos_id)
     n_keep = len(ids) if args.keep == -1 else min(args.keep + bos, len(ids))
-    print(prompt, end="", flush=True)
+    print(args.prompt, end="", flush=True)
     stream_turn(ctx, ids, args, sampler, timings, context_shift=True, n_keep=n_keep)
 
 
@@ -396,11 +397,10 @@ class Streams:
 
 def run_branches(ctx, args, sampler, timings):
     """-np N: N continuations of the prompt, the prompt's cells shared."""
-    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
-    ids = encode_prompt(ctx, prompt, args)
+    ids = encode_prompt(ctx, args.prompt, args)
     streams = Streams(ctx.model.tokenizer, args.special)
     for s in range(args.parallel):
-        streams.start(s, prompt)
+        streams.start(s, args.prompt)
     timings.n_prompt = len(ids)
     run_streams(ctx, generate_parallel(ctx, ids, args.parallel, n_tokens(args), sampler),
                 streams, timings)
