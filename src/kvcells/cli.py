@@ -238,7 +238,8 @@ class Timings:
     def report(self, ctx):
         n_p, n_g = self.n_prompt, self.n_gen
         if not self.decoded:
-            lines = [f"prompt: {n_p} tokens, not decoded; generated 0 tokens"]
+            lines = [f"prompt: {n_p} tokens, not decoded; generated 0 tokens" if n_p else
+                     "prompt: not decoded; generated 0 tokens"]
         elif self.batched:
             lines = [f"prompts: {n_p} tokens; generated {n_g} tokens; "
                      f"{(n_p + n_g) / max(self.gen_s, 1e-9):.1f} tokens/s in all, "
@@ -289,11 +290,11 @@ def stream_turn(ctx, ids, args, sampler, timings, **kw):
     bar = progress if len(ids) > ctx.n_ubatch else None
     out = []
     t0 = t1 = time.perf_counter()
-    timings.decoded = True
     try:
         for t in generate(ctx, ids, n_tokens(args), sampler, progress=bar, **kw):
             now = time.perf_counter()
             if not out:
+                timings.decoded = True
                 timings.n_prompt += len(ids)
                 timings.prompt_s += now - t0
             else:
