@@ -395,3 +395,30 @@ def test_ctrl_c_in_a_queue_prints_what_was_generated_and_the_timings(gemma_path,
     assert status == 130 and "Traceback" not in err
     assert {line[:4] for line in out.splitlines()} >= {"[0] ", "[1] "}
     assert "generated tokens/s" in err and "KV cache:" in err
+
+
+@pytest.mark.parametrize("cut", [20, 100, 298])
+def test_a_conversation_rolls_back_only_where_the_sliding_window_is_still_held(tiny_gguf, cut):
+    """300 tokens overflow a 256-cell sliding-window cache, whose first cells are
+    reused; continuing after a cut must give the logits of a fresh prefill."""
+    from kvcells import Batch
+    from kvcells.cli import reusable
+    model = Model.load(tiny_gguf("gemma3", "F32", n_swa=4))
+    rng = np.random.default_rng(cut)
+    held = [int(t) for t in rng.integers(3, model.hparams.n_vocab, 300)]
+    ids = held[:cut] + [int(t) for t in rng.integers(3, model.hparams.n_vocab, 5)]
+
+    def decode(ctx, toks, start):
+        b = Batch()
+        for i, t in enumerate(toks):
+            b.add(t, start + i, 0, logits=i == len(toks) - 1)
+        return ctx.decode(b)[-1]
+
+    ctx = Context(model, n_ctx=512, n_ubatch=16, type_k="f32", type_v="f32")
+    decode(ctx, held, 0)
+    keep = reusable(ctx.memory, held, ids)
+    ctx.memory.seq_rm(0, keep, -1)
+    got = decode(ctx, ids[keep:], keep)
+    want = decode(Context(model, n_ctx=512, n_ubatch=16, type_k="f32", type_v="f32"), ids, 0)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert keep in (0, cut) and (cut < 250 or keep == cut)
