@@ -130,7 +130,8 @@ def test_missing_default_model_says_what_to_install(monkeypatch, capsys):
 @pytest.mark.parametrize("flags", [["-n", "-2"], ["-np", "0"], ["-c", "0"], ["--keep", "-2"],
                                    ["-t", "1000"], ["-f", "/nonexistent/prompt.txt"],
                                    ["--queue", "/nonexistent/prompts.txt"],
-                                   ["-cnv", "-np", "2"]])
+                                   ["-cnv", "-np", "2"], ["-p", "a", "-f", "b"],
+                                   ["-p", "a", "--queue", "b"]])
 def test_bad_flags_get_a_message(gemma_path, flags):
     with pytest.raises(SystemExit) as e:
         main(["-m", gemma_path, *flags])

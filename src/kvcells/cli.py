@@ -123,8 +123,8 @@ def check_args(args):
         raise ValueError("-n must be >= -1, and -np, -c and -ub >= 1")
     if args.keep < -1:
         raise ValueError("--keep must be >= -1")
-    if args.file and args.prompt is not None:
-        raise ValueError("give the prompt with -p or -f, not both")
+    if (args.file is not None) + (args.prompt is not None) + (args.queue is not None) > 1:
+        raise ValueError("give the prompt with one of -p, -f and --queue")
     if args.conversation and (args.queue or args.parallel > 1):
         raise ValueError("-cnv runs one conversation: no --queue or -np")
 
