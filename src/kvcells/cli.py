@@ -183,7 +183,7 @@ def run(args):
         print(file=sys.stderr)
     timings.report(ctx)
     if args.show_cache:
-        print(occupancy(ctx.memory), file=sys.stderr)
+        print(ctx.memory.occupancy(), file=sys.stderr)
     return interrupted
 
 
@@ -253,13 +253,6 @@ class Timings:
         lines.append(f"KV cache: {ctx.kv_bytes / 2**20:.1f} MiB")
         print("\n".join(lines), file=sys.stderr)
 
-
-def occupancy(mem):
-    """The cell tables' pictures: '.' empty, a digit for one sequence, 'M' for several."""
-    if hasattr(mem, "table"):
-        return "cells:\n" + mem.table.occupancy()
-    return (f"full-attention cells:\n{mem.base.table.occupancy()}\n"
-            f"sliding-window cells:\n{mem.swa.table.occupancy()}")
 
 
 def progress(done, total):
@@ -349,15 +342,12 @@ def run_conversation(ctx, args, sampler, timings):
 
 def reusable(mem, cached, ids):
     """How many of `cached` (at least one token short of ids) can stay: the
-    common prefix, or none when a sliding-window cache no longer holds the
-    window before it (its cells are reused once out of every window)."""
+    common prefix, or none when the memory no longer holds what it needs."""
     keep = 0
     while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
         keep += 1
-    if keep < len(cached) and hasattr(mem, "swa"):
-        _, pos = mem.swa.table.seq_cells(0)
-        if not np.isin(np.arange(max(0, keep - mem.swa.n_swa), keep), pos).all():
-            return 0
+    if keep < len(cached) and not mem.holds_prefix(0, keep):
+        return 0
     return keep
 
 

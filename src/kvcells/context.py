@@ -3,27 +3,29 @@ import struct
 
 import numpy as np
 
-from . import matmul
+from . import native
 from .errors import StateError
-
-KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+from .native import KV_TYPES
 STATE_MAGIC = b"KVCELLS-CTX\0"
 STATE_VERSION = 1
-MAX_THREADS = 64   # the matmul kernel's cap (MATMUL_MAX_THREADS)
 
 
 class Context:
+    """A model with its K/V memory (docs/api.md, "Decoding"). n_threads: the
+    threads of this context's matmuls and attention; None uses the process
+    default, kvcells.get_num_threads()."""
+
     def __init__(self, model, n_ctx=4096, n_seq_max=1, n_ubatch=512,
                  type_k="f16", type_v="f16", n_threads=None):
         if n_ctx <= 0 or n_ubatch <= 0:
             raise ValueError("n_ctx and n_ubatch must be positive")
         if not 1 <= n_seq_max <= 256:
             raise ValueError(f"n_seq_max must be in [1, 256], got {n_seq_max}")
-        if n_threads is not None and not 1 <= n_threads <= MAX_THREADS:
-            raise ValueError(f"n_threads must be in [1, {MAX_THREADS}], got {n_threads}")
         for t in (type_k, type_v):
             if t not in KV_TYPES:
                 raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
+        if n_threads is not None:
+            n_threads = native.check_threads(n_threads)
         self.model = model
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
@@ -35,9 +37,7 @@ class Context:
             need = model.kv_bytes(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
             raise MemoryError(f"a KV cache of {n_ctx} cells needs {need / 2**30:.1f} GiB "
                               f"({type_k} K, {type_v} V) and could not be allocated") from None
-        if n_threads is not None:
-            matmul.set_num_threads(n_threads)
-            self.memory.n_threads = n_threads
+        self.memory.n_threads = n_threads
 
     @property
     def kv_bytes(self):
