@@ -208,10 +208,10 @@ class NoEndSampler:
         self.sampler = sampler
         self.eog_ids = np.array(sorted(eog_ids), dtype=np.int64)
 
-    def sample(self, logits, recent=()):
+    def sample(self, logits, recent=(), draft=None):
         logits = np.array(logits, dtype=np.float32)
         logits[self.eog_ids[self.eog_ids < logits.size]] = -np.inf
-        return self.sampler.sample(logits, recent)
+        return self.sampler.sample(logits, recent, draft)
 
 
 def n_tokens(args):
