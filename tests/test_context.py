@@ -162,3 +162,96 @@ def test_n_threads_reaches_the_matmul_and_attention_kernels(llama):
         assert ctx.memory.n_threads == 1 and matmul.get_num_threads() == 1
     finally:
         matmul.set_num_threads(before)
+
+
+# ---- several threads on one context (docs/architecture.md, "Threads") ----
+
+def run_threads(targets):
+    """Start one thread per callable, join them, re-raise the first error."""
+    import threading
+    errors = []
+
+    def guarded(f):
+        try:
+            f()
+        except BaseException as e:   # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(f,)) for f in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_four_threads_on_one_context_lose_no_decode(which, request):
+    model, ref = request.getfixturevalue(which)
+    n_seq, n_batches, size = 4, 20, 8
+    toks = {s: tokens_for(model, n_batches * size, 20 + s) for s in range(n_seq)}
+    ctx = Context(model, n_ctx=1024, n_seq_max=n_seq + 1, n_ubatch=8,
+                  type_k="f32", type_v="f32")
+    got = {s: [] for s in range(n_seq)}
+    stop = []
+
+    def decoder(s):
+        def run():
+            for k in range(n_batches):
+                start = k * size
+                got[s].append(ctx.decode(one_sequence(toks[s][start:start + size], s, start)))
+        return run
+
+    def meddler():   # sequence operations on the spare sequence, and reads, meanwhile
+        spare = n_seq
+        while not stop:
+            for s in range(n_seq):
+                assert (ctx.memory.seq_pos_max(s) + 1) % size == 0
+            ctx.memory.seq_cp(0, spare)          # cells shared with sequence 0
+            ctx.memory.seq_rm(spare)
+            ctx.memory.load_state_bytes(ctx.memory.state_bytes(1), seq_id=spare)  # own cells
+            ctx.memory.seq_add(spare, -1, -1, 3)
+            ctx.memory.seq_rm(spare)
+            ctx.memory.defrag()
+            assert ctx.kv_bytes > 0
+
+    def decoders_then_stop():
+        try:
+            run_threads([decoder(s) for s in range(n_seq)])
+        finally:
+            stop.append(True)
+
+    run_threads([decoders_then_stop, meddler])
+    serial = Context(model, n_ctx=1024, n_seq_max=n_seq, n_ubatch=8,
+                     type_k="f32", type_v="f32")
+    for s in range(n_seq):
+        assert ctx.memory.seq_pos_max(s) == n_batches * size - 1
+        want = serial.decode(one_sequence(toks[s], s))
+        np.testing.assert_array_equal(np.concatenate(got[s]), want)
+        np.testing.assert_allclose(want, ref.logits(toks[s]), atol=ATOL)
+    assert ctx.memory.seq_pos_max(n_seq) == -1
+    for half in getattr(ctx.memory, "halves", [ctx.memory]):
+        half.table.check()
+
+
+def test_two_contexts_on_one_model_decode_concurrently_as_alone(real_model_path):
+    model = Model.load(real_model_path)
+    prompts = [model.tokenizer.encode(p) for p in
+               ("The capital city of France is called", "Water boils at a temperature of")]
+
+    def run(ctx, ids, out):
+        ctx.decode(one_sequence(ids, logits=False))
+        for i in range(8):
+            out.append(ctx.decode(one_sequence([5 + 7 * i], start=len(ids) + i))[0])
+
+    alone = []
+    for ids in prompts:
+        alone.append([])
+        run(Context(model, n_ctx=64), ids, alone[-1])
+    together = [[], []]
+    ctxs = [Context(model, n_ctx=64) for _ in prompts]
+    run_threads([lambda k=k: run(ctxs[k], prompts[k], together[k]) for k in range(2)])
+    for k in range(2):
+        np.testing.assert_array_equal(np.array(together[k]), np.array(alone[k]))

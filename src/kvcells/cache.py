@@ -8,9 +8,11 @@ K/V rows are written into its cells, and each token attends the cells of its
 first sequence that it may see (kq_mask semantics), gathered per sequence
 with seq_cells, so a sequence never pays for the length of another.
 """
+import functools
 import operator
 import os
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -44,6 +46,15 @@ def _positive(x, name, lo=1):
     return x
 
 
+def _locked(method):
+    """Run the method holding the memory's lock (see the class docstrings)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 def _window_start(p1, n_swa, swa_type):
     """Smallest position a token at p1 may see in a sliding-window cache."""
     if swa_type == "standard":
@@ -56,7 +67,12 @@ def _window_start(p1, n_swa, swa_type):
 
 
 class KVCache:
-    """K/V rows of the given layers on one cell table."""
+    """K/V rows of the given layers on one cell table.
+
+    Every public method holds `lock` (a re-entrant lock) while it runs, so
+    one cache may be used from several threads; a caller that needs several
+    calls to happen together (prepare, apply, store, attend of one ubatch)
+    holds `lock` around them, as Context.decode does."""
 
     def __init__(self, n_cells, n_seq_max, layers, n_head_kv, head_dim,
                  type_k="f16", type_v="f16", *, n_swa=0, swa_type="none",
@@ -91,13 +107,16 @@ class KVCache:
         self.k = {il: np.zeros((n_cells, self.row_k), np.uint8) for il in self.layers}
         self.v = {il: np.zeros((n_cells, self.row_v), np.uint8) for il in self.layers}
         self._ubatch = None
+        self.lock = threading.RLock()
 
     @property
+    @_locked
     def kv_bytes(self):
         return sum(self.k[il].nbytes + self.v[il].nbytes for il in self.layers)
 
     # ---- placing a ubatch ----
 
+    @_locked
     def prepare(self, ubatches):
         """One slot (the cells) per ubatch, as if placed one after another;
         the table itself is not touched. CacheFullError if one does not fit."""
@@ -120,6 +139,7 @@ class KVCache:
             raise ValueError(f"sequence id outside [0, {self.n_seq_max})")
         return seq_lists
 
+    @_locked
     def apply(self, slot, pos, seq_ids):
         """Place a ubatch in the cells prepare() gave it; store() and attend()
         then work on it."""
@@ -168,6 +188,7 @@ class KVCache:
             raise ValueError(f"{what} must have shape {shape}, got {arr.shape}")
         return idxs
 
+    @_locked
     def store(self, layer, k, v):
         """Write the K/V rows (n_tokens, n_head_kv, head_dim) of the applied ubatch."""
         k = np.ascontiguousarray(k, dtype=np.float32)
@@ -177,6 +198,7 @@ class KVCache:
         self.k[layer][idxs] = kv_quant.quantize(k.reshape(len(idxs), -1), self.type_k)
         self.v[layer][idxs] = kv_quant.quantize(v.reshape(len(idxs), -1), self.type_v)
 
+    @_locked
     def attend(self, layer, q, scale):
         """Attention output (n_tokens, n_head, head_dim) for the applied ubatch."""
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -203,34 +225,42 @@ class KVCache:
 
     # ---- sequence operations (API.md semantics) ----
 
+    @_locked
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         self._ubatch = None
         return self.table.seq_rm(seq_id, p0, p1)
 
+    @_locked
     def seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1):
         self._ubatch = None
         self.table.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
+    @_locked
     def seq_keep(self, seq_id):
         self._ubatch = None
         self.table.seq_keep(seq_id)
 
+    @_locked
     def seq_add(self, seq_id, p0, p1, delta):
         self._ubatch = None
         self.table.seq_add(seq_id, p0, p1, delta)
         self._shift_k()
 
+    @_locked
     def seq_div(self, seq_id, p0, p1, d):
         self._ubatch = None
         self.table.seq_div(seq_id, p0, p1, d)
         self._shift_k()
 
+    @_locked
     def seq_pos_min(self, seq_id):
         return self.table.seq_pos_min(seq_id)
 
+    @_locked
     def seq_pos_max(self, seq_id):
         return self.table.seq_pos_max(seq_id)
 
+    @_locked
     def clear(self):
         self._ubatch = None
         self.table.clear()
@@ -258,6 +288,7 @@ class KVCache:
             if rc != lib.KV_OK:
                 raise KVCellsError(f"kv_rope_shift failed ({rc})")
 
+    @_locked
     def defrag(self):
         """Compact the used cells to [0, used); K and V rows follow their
         cells. Returns the number of cells moved."""
@@ -281,6 +312,7 @@ class KVCache:
         return (struct.pack("<8sIIii", STATE_MAGIC, STATE_VERSION, kind, self.n_cells,
                             self.n_seq_max) + self._shape())
 
+    @_locked
     def state_bytes(self, seq_id=None):
         """The whole cache, or one sequence's cells, positions and K/V rows."""
         if seq_id is None:
@@ -307,6 +339,7 @@ class KVCache:
             idxs, pos = idxs[keep], pos[keep]
         return idxs, pos
 
+    @_locked
     def load_state_bytes(self, b, seq_id=None):
         """Load a state_bytes() image. A sequence image loads into free cells
         (find_slot) under seq_id (default: its own id), replacing that
@@ -402,7 +435,8 @@ class _Reader:
 class ISWACache:
     """Interleaved sliding-window attention: full-attention layers in one
     cache, sliding-window layers in a smaller one whose cells are reused once
-    the window has passed them. Both always hold the same ubatches."""
+    the window has passed them. Both always hold the same ubatches. One
+    lock, shared with both halves, guards it as KVCache's guards a cache."""
 
     def __init__(self, n_ctx, n_seq_max, n_ubatch, swa_layers, n_head_kv, head_dim,
                  type_k="f16", type_v="f16", *, n_swa, swa_type="standard",
@@ -427,6 +461,7 @@ class ISWACache:
                            rope_base=rope_base_swa, rope_freq_scale=rope_freq_scale_swa,
                            **common)
         self.halves = (self.base, self.swa)
+        self.lock = self.base.lock = self.swa.lock = threading.RLock()
 
     def _half(self, layer):
         if not 0 <= layer < len(self.swa_layers):
@@ -434,6 +469,7 @@ class ISWACache:
         return self.swa if self.swa_layers[layer] else self.base
 
     @property
+    @_locked
     def kv_bytes(self):
         return self.base.kv_bytes + self.swa.kv_bytes
 
@@ -446,10 +482,12 @@ class ISWACache:
         for h in self.halves:
             h.n_threads = _positive(n, "n_threads")
 
+    @_locked
     def prepare(self, ubatches):
         ubatches = list(ubatches)
         return list(zip(self.base.prepare(ubatches), self.swa.prepare(ubatches)))
 
+    @_locked
     def apply(self, slot, pos, seq_ids):
         # try the (small) window half on a copy first: a stale slot then
         # fails before either half has changed
@@ -457,50 +495,63 @@ class ISWACache:
         self.base.apply(slot[0], pos, seq_ids)
         self.swa.apply(slot[1], pos, seq_ids)
 
+    @_locked
     def store(self, layer, k, v):
         self._half(layer).store(layer, k, v)
 
+    @_locked
     def attend(self, layer, q, scale):
         return self._half(layer).attend(layer, q, scale)
 
+    @_locked
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         return all([h.seq_rm(seq_id, p0, p1) for h in self.halves])
 
+    @_locked
     def seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1):
         for h in self.halves:
             h.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
+    @_locked
     def seq_keep(self, seq_id):
         for h in self.halves:
             h.seq_keep(seq_id)
 
+    @_locked
     def seq_add(self, seq_id, p0, p1, delta):
         for h in self.halves:
             h.seq_add(seq_id, p0, p1, delta)
 
+    @_locked
     def seq_div(self, seq_id, p0, p1, d):
         for h in self.halves:
             h.seq_div(seq_id, p0, p1, d)
 
     # as llama.cpp: the SWA cache holds a subset of the positions of the full one
+    @_locked
     def seq_pos_min(self, seq_id):
         return self.swa.seq_pos_min(seq_id)
 
+    @_locked
     def seq_pos_max(self, seq_id):
         return self.swa.seq_pos_max(seq_id)
 
+    @_locked
     def clear(self):
         for h in self.halves:
             h.clear()
 
+    @_locked
     def defrag(self):
         return sum(h.defrag() for h in self.halves)
 
+    @_locked
     def state_bytes(self, seq_id=None):
         base, swa = self.base.state_bytes(seq_id), self.swa.state_bytes(seq_id)
         body = ISWA_STATE_MAGIC + struct.pack("<Iq", STATE_VERSION, len(base)) + base + swa
         return body + struct.pack("<I", zlib.crc32(body))
 
+    @_locked
     def load_state_bytes(self, b, seq_id=None):
         r = _Reader(b)
         if r.take(8) != ISWA_STATE_MAGIC or r.int("<I") != STATE_VERSION:

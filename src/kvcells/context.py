@@ -12,6 +12,10 @@ STATE_VERSION = 1
 
 
 class Context:
+    """One model's decoding state. Safe to call from several threads: decode,
+    state_save/state_load and the memory's methods (ctx.memory.seq_rm, ...)
+    each hold the memory's lock, so calls run one after another."""
+
     def __init__(self, model, n_ctx=4096, n_seq_max=1, n_ubatch=512,
                  type_k="f16", type_v="f16", n_threads=None):
         if n_ctx <= 0 or n_ubatch <= 0:
@@ -38,6 +42,10 @@ class Context:
     def decode(self, batch):
         """Run the batch through the model; logits of the flagged tokens in
         batch order. CacheFullError leaves the cache as it was."""
+        with self.memory.lock:
+            return self._decode(batch)
+
+    def _decode(self, batch):
         self.check_batch(batch)
         ubatches = list(batch.split(self.n_ubatch))
         slots = self.memory.prepare([(pos, seqs) for _, pos, seqs, _ in ubatches])
@@ -75,7 +83,7 @@ class Context:
 
     def state_save(self, path, seq_id=None):
         """Save one sequence, or the whole cache, bit-exactly."""
-        body = self.memory.state_bytes(seq_id)
+        body = self.memory.state_bytes(seq_id)   # one locked call: a consistent image
         with open(path, "wb") as f:
             f.write(STATE_MAGIC + struct.pack("<I", STATE_VERSION) + self.fingerprint() + body)
 
