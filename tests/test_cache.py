@@ -2,6 +2,9 @@
 table's kq_mask, attention recomputed from scratch at shifted positions, the
 DESIGN.md size formula, and a plain model of which tokens each sequence holds
 (hypothesis state machine at the end)."""
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from cells_reference import is_masked_swa
@@ -596,6 +599,50 @@ def test_bad_states_raise_state_error_and_change_nothing(make):
         assert snapshot(other) == before
     with pytest.raises(StateError):                # a whole image is not a sequence
         make().load_state_bytes(mem.state_bytes(), seq_id=0)
+
+
+def crc_sealed(body):
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("seq_id", [None, 0])
+def test_state_checksum_alone_refuses_changed_kv_data(seq_id):
+    """One byte of a V row changed: every other check accepts it (it loads
+    once resealed and the row differs), so only the CRC can refuse it."""
+    mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(mem, np.arange(3), [[0]] * 3, [0], 120)
+    good = mem.state_bytes(seq_id)
+    body = bytearray(good[:-4])
+    body[-1] ^= 0x01                       # the last byte of the last V row
+    target = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    before = snapshot(target)
+    with pytest.raises(StateError, match="checksum"):
+        target.load_state_bytes(bytes(body) + good[-4:], seq_id)
+    assert snapshot(target) == before
+    target.load_state_bytes(crc_sealed(bytes(body)), seq_id)
+    assert target.v[0][2].tobytes() != mem.v[0][2].tobytes()
+
+
+def test_iswa_checksum_of_each_half_alone_refuses_a_change():
+    """The outer CRC cannot see a change inside a half that carries its own
+    valid CRC (a CRC over data followed by its CRC depends only on the
+    length), so each half's own checksum must refuse it."""
+    mem = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
+    decode(mem, np.arange(3), [[0]] * 3, [0, 1], 121)
+    good = mem.state_bytes()
+    head = 8 + 12 + struct.unpack("<q", good[12:20])[0]   # magic, version, base length, base
+    base, swa = bytearray(good[20:head - 4]), bytearray(good[head:-8])   # without their CRCs
+    base[-1] ^= 0x01
+    swa[-1] ^= 0x01                       # the last byte of each half's last V row
+    stale_base = crc_sealed(good[:20] + bytes(base) + good[head - 4:-4])
+    stale_swa = crc_sealed(good[:head] + bytes(swa) + good[-8:-4])
+    fresh = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
+    for bad in (stale_base, stale_swa):
+        with pytest.raises(StateError, match="checksum"):
+            fresh.load_state_bytes(bad)
+    fresh.load_state_bytes(crc_sealed(good[:20] + crc_sealed(bytes(base)) + crc_sealed(bytes(swa))))
+    assert fresh.base.v[0][2].tobytes() != mem.base.v[0][2].tobytes()
+    assert fresh.swa.v[1][2].tobytes() != mem.swa.v[1][2].tobytes()
 
 
 def test_sequence_state_that_does_not_fit_changes_nothing():
