@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 from cells_reference import is_masked_swa
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -764,13 +764,19 @@ def raw(uid, layer, what):
     return rows(4 * uid + 2 * layer + (what == "v"), 1)[0]
 
 
+CHUNKS = st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 2)), st.integers(1, 3)),
+                  min_size=1, max_size=3)
+
+
 class MemoryMachine(RuleBasedStateMachine):
+    """Starts from 6 to 16 decoded ubatches and decodes up to 4 per step, so
+    the tables run near full (statistics: pytest --hypothesis-show-statistics)."""
     N_SEQ = 3
     BASES = {0: 10000.0, 1: 500.0}
 
     @initialize(kind=st.sampled_from(["full", "swa", "iswa"]),
-                mode=st.sampled_from([NORM, NEOX]))
-    def setup(self, kind, mode):
+                mode=st.sampled_from([NORM, NEOX]), prefill=st.lists(CHUNKS, min_size=6, max_size=16))
+    def setup(self, kind, mode, prefill):
         kw = dict(rope_mode=mode)
         if kind == "iswa":
             self.mem = ISWACache(40, self.N_SEQ, 8, [False, True], N_HEAD_KV, HEAD_DIM,
@@ -787,7 +793,10 @@ class MemoryMachine(RuleBasedStateMachine):
             self.parts = [(self.mem, [0, 1])]
         self.kind, self.mode = kind, mode
         self.truth = [Tokens(c.n_swa, c.swa_type) for c, _ in self.parts]
-        self.uid = self.n_copies = 0
+        self.uid = self.n_copies = self.n_decodes = 0
+        self.occupancy = []
+        for chunks in prefill:
+            self.decode_one(chunks)
 
     def k_at(self, uid, layer, p):
         return rope(raw(uid, layer, "k")[None], [p], self.BASES[layer], self.mode)[0]
@@ -797,9 +806,14 @@ class MemoryMachine(RuleBasedStateMachine):
         for tokens in self.truth:
             getattr(tokens, name)(*args)
 
-    @rule(chunks=st.lists(st.tuples(st.integers(0, N_SEQ - 1), st.sets(st.integers(0, N_SEQ - 1)),
-                                    st.integers(1, 3)), min_size=1, max_size=3))
-    def decode(self, chunks):
+    @rule(ubatches=st.lists(CHUNKS, min_size=1, max_size=4))
+    def decode(self, ubatches):
+        for chunks in ubatches:
+            self.decode_one(chunks)
+
+    def decode_one(self, chunks):
+        """One ubatch: per chunk, n tokens of a sequence (shared with others)."""
+        self.n_decodes += 1
         pos, seqs = [], []
         nxt = {s: self.mem.seq_pos_max(s) + 1 for s in range(self.N_SEQ)}
         for s, extra, n in chunks:
@@ -815,6 +829,7 @@ class MemoryMachine(RuleBasedStateMachine):
             slot, = self.mem.prepare([(np.array(pos), seqs)])
         except CacheFullError:
             assert snapshot(self.mem) == before
+            self.full = True
             return
         assert snapshot(self.mem) == before
         self.mem.apply(slot, pos, seqs)
@@ -899,12 +914,22 @@ class MemoryMachine(RuleBasedStateMachine):
     def tables_hold_the_truth(self):
         if not hasattr(self, "mem"):
             return
+        self.occupancy.append(max(c.table.used / c.n_cells for c, _ in self.parts))
         for (cache, _), tokens in zip(self.parts, self.truth):
             cache.table.check()
             for s in range(self.N_SEQ):
                 assert list(cache.table.seq_cells(s)[1]) == tokens.positions(s)
 
+    def teardown(self):
+        if getattr(self, "occupancy", None):
+            mean = sum(self.occupancy) / len(self.occupancy)
+            event(f"mean occupancy {min(int(mean * 4), 3) * 25}%+")
+            event(f"{min(self.n_decodes // 10, 5) * 10}+ ubatches decoded")
+            if getattr(self, "full", False):
+                event("a ubatch found the cache full")
+
 
 TestMemoryMachine = MemoryMachine.TestCase
 TestMemoryMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
+
