@@ -658,6 +658,48 @@ def test_sequence_state_that_does_not_fit_changes_nothing():
 
 # ---- bad input ----
 
+@pytest.mark.parametrize("kw", [dict(rope_base=-1.0), dict(rope_base=0.0),
+                                dict(rope_base=float("nan")), dict(rope_base={0: float("inf")}),
+                                dict(rope_freq_scale=float("inf")), dict(rope_freq_scale=-2.0),
+                                dict(rope_base="10000"), dict(rope_freq_scale=True)])
+def test_rope_parameters_must_be_finite_and_positive(kw):
+    with pytest.raises(ValueError, match="rope"):
+        KVCache(8, 1, [0], N_HEAD_KV, HEAD_DIM, **kw)
+    iswa = {"rope_base_swa" if k == "rope_base" else "rope_freq_scale_swa": v
+            for k, v in kw.items() if not isinstance(v, dict)}
+    if iswa:
+        with pytest.raises(ValueError, match="rope"):
+            ISWACache(64, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4, **iswa)
+
+
+def test_a_nan_query_or_scale_gives_nan_as_dense_attention_does():
+    mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    pos, seqs = np.arange(4), [[0]] * 4
+    place(mem, pos, seqs, [0], 130)
+    q = rows(131, 4, N_HEAD)
+    q[1, 2, 5] = np.nan
+    q[3, 0, 0] = np.inf
+    out = mem.attend(0, q, SCALE)
+    assert np.isnan(out[1, 2]).all() and np.isnan(out[3, 0]).all()
+    check_against_mask(mem, pos, seqs, {0: (q, out)})   # NaN where dense gives NaN, else equal
+    assert np.isnan(mem.attend(0, rows(132, 4, N_HEAD), float("nan"))).all()
+
+
+def test_a_sequence_state_out_of_order_or_at_int32_max_is_refused():
+    mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(mem, np.arange(3), [[0]] * 3, [0], 140)
+    body = bytearray(mem.state_bytes(0)[:-4])
+    at = len(mem._header(1)) + 8                     # after the header, seq id and count
+    body[at:at + 8] = struct.pack("<2i", 1, 0)       # positions 1, 0, 2
+    target = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    with pytest.raises(StateError, match="order"):
+        target.load_state_bytes(crc_sealed(bytes(body)), 0)
+    body[at:at + 12] = struct.pack("<3i", 0, 1, 2**31 - 1)
+    with pytest.raises(StateError, match="largest"):
+        target.load_state_bytes(crc_sealed(bytes(body)), 0)
+    assert target.table.used == 0
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         KVCache(8, 1, [0], 1, 40, "q8_0", "f16")        # blocks would straddle heads
@@ -690,6 +732,9 @@ def test_bad_arguments():
         mem.seq_rm(5)
     with pytest.raises(ValueError):
         mem.prepare([([0], [[7]])])
+    for seq_ids in (None, [[True]], [["0"]]):
+        with pytest.raises(ValueError):
+            mem.prepare([([0], seq_ids)])
     with pytest.raises(ValueError):
         mem.load_state_bytes(mem.state_bytes(0), seq_id=9)
     mem.seq_rm(0, 1, -1)

@@ -404,3 +404,18 @@ def test_check_passes_on_a_busy_table():
 
 def test_exported_from_package():
     assert kvcells.CellTable is CellTable
+
+
+@pytest.mark.parametrize("call", [
+    lambda: CellTable(8, 2).kq_mask([0], [[0, 99]], 4),       # an invalid second sequence
+    lambda: CellTable(8, 2, n_swa=2, swa_type=[]),
+    lambda: CellTable(True),
+    lambda: CellTable(8, 2).apply_ubatch([0], [0], None),
+    lambda: CellTable(8, 2).apply_ubatch([0], [0], [True]),
+    lambda: CellTable(8, 2).apply_ubatch([0, 1], [0, 1], [1, True]),
+    lambda: CellTable(8, 2).seq_rm(False),
+])
+def test_wrong_kinds_of_argument_are_value_errors(call):
+    with pytest.raises(ValueError):
+        call()
+

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from reference_forward import ReferenceModel
 
-from kvcells import Batch, CacheFullError, Context, Model, StateError
+from kvcells import Batch, CacheFullError, Context, GGUFError, Model, StateError
 
 ATOL = 1e-4
 
@@ -99,8 +99,50 @@ def test_bad_batches_raise_value_error_and_change_nothing(llama, bad):
     assert ctx.memory.state_bytes() == before
 
 
+def test_a_negative_token_is_refused_before_anything_changes(llama):
+    model, ref = llama
+    toks = tokens_for(model, 5, 30)
+    ctx = Context(model, n_ctx=16, type_k="f32", type_v="f32")
+    ctx.decode(one_sequence(toks[:3]))
+    before = ctx.memory.state_bytes()
+    batch = one_sequence(toks[3:5], start=3)
+    batch.tokens[1] = -1                  # past Batch.add's check, as a caller may build it
+    with pytest.raises(ValueError, match="token"):
+        ctx.decode(batch)
+    assert ctx.memory.state_bytes() == before
+    np.testing.assert_allclose(ctx.decode(one_sequence(toks[3:5], start=3)),
+                               ref.logits(toks)[3:5], atol=ATOL)
+
+
+def test_positions_stay_inside_int32_with_a_clear_error(llama):
+    model, _ = llama
+    ctx = Context(model, n_ctx=16)
+    ctx.decode(one_sequence([1]))
+    ctx.memory.seq_add(0, 0, -1, 2**31 - 1)
+    assert ctx.memory.seq_pos_max(0) == 2**31 - 1
+    before = ctx.memory.state_bytes()
+    with pytest.raises(ValueError, match="largest"):
+        ctx.decode(one_sequence([2], start=2**31))
+    assert ctx.memory.state_bytes() == before
+
+
+def test_a_model_file_resized_after_loading_is_refused_not_sigbus(tiny_gguf, tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(open(tiny_gguf("llama", "F32"), "rb").read())
+    model = Model.load(path)
+    ctx = Context(model, n_ctx=16)
+    ctx.decode(one_sequence([1, 2]))
+    before = ctx.memory.state_bytes()
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(GGUFError, match="changed size"):
+        ctx.decode(one_sequence([3], start=2))
+    assert ctx.memory.state_bytes() == before
+
+
 @pytest.mark.parametrize("kw", [dict(n_ctx=0), dict(n_seq_max=0), dict(n_seq_max=257),
-                                dict(n_ubatch=0), dict(type_k="q3_k"), dict(type_v="int8")])
+                                dict(n_ubatch=0), dict(type_k="q3_k"), dict(type_v="int8"),
+                                dict(n_ubatch=1.5), dict(n_ctx="16"), dict(n_seq_max=True)])
 def test_bad_context_arguments(llama, kw):
     with pytest.raises(ValueError):
         Context(llama[0], **kw)

@@ -9,6 +9,7 @@ first sequence that it may see (kq_mask semantics), gathered per sequence
 with seq_cells, so a sequence never pays for the length of another.
 """
 import functools
+import numbers
 import operator
 import os
 import struct
@@ -33,10 +34,17 @@ _WHOLE, _SEQUENCE = 0, 1
 
 
 def _seq_lists(seq_ids):
-    return [[int(s)] if np.ndim(s) == 0 else [int(x) for x in s] for s in seq_ids]
+    try:
+        return [[_positive(s, "sequence id", 0)] if np.ndim(s) == 0 else
+                [_positive(x, "sequence id", 0) for x in s] for s in seq_ids]
+    except TypeError:
+        raise ValueError(f"seq_ids must be a sequence of ids or of lists of ids, "
+                         f"got {seq_ids!r}") from None
 
 
 def _positive(x, name, lo=1):
+    if isinstance(x, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an integer, got {x!r}")
     try:
         x = operator.index(x)
     except TypeError:
@@ -44,6 +52,13 @@ def _positive(x, name, lo=1):
     if x < lo:
         raise ValueError(f"{name} must be >= {lo}, got {x}")
     return x
+
+
+def _finite_positive(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) \
+            or not 0 < float(x) < float("inf"):
+        raise ValueError(f"{name} must be a finite positive number, got {x!r}")
+    return float(x)
 
 
 def _locked(method):
@@ -92,15 +107,16 @@ class KVCache:
         if isinstance(rope_base, dict):
             if any(il not in rope_base for il in self.layers):
                 raise ValueError("rope_base needs a base for every layer of the cache")
-            self.rope_base = {il: float(rope_base[il]) for il in self.layers}
+            self.rope_base = {il: _finite_positive(rope_base[il], "rope_base") for il in self.layers}
         else:
-            self.rope_base = {il: float(rope_base) for il in self.layers}
+            self.rope_base = {il: _finite_positive(rope_base, "rope_base") for il in self.layers}
         self.table = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
         self.n_cells, self.n_seq_max = self.table.n_cells, self.table.n_seq_max
         self.n_swa, self.swa_type = self.table.n_swa, self.table.swa_type
         self.n_head_kv, self.head_dim = n_head_kv, head_dim
         self.type_k, self.type_v = type_k, type_v
-        self.rope_mode, self.rope_freq_scale = rope_mode, float(rope_freq_scale)
+        self.rope_mode = rope_mode
+        self.rope_freq_scale = _finite_positive(rope_freq_scale, "rope_freq_scale")
         self.n_threads = os.cpu_count() or 1   # kv_attend threads
         self.row_k = kv_quant.row_bytes(type_k, n_head_kv * head_dim)
         self.row_v = kv_quant.row_bytes(type_v, n_head_kv * head_dim)
@@ -221,6 +237,12 @@ class KVCache:
             raise MemoryError("kv_attend: out of memory")
         if rc != lib.KV_OK:
             raise KVCellsError(f"kv_attend rejected its arguments ({rc})")
+        # the kernel's running max skips NaN scores; a NaN or infinite query
+        # or scale gives NaN, as softmax(q.K * scale).V would
+        if not np.isfinite(scale):
+            out[:] = np.nan
+        else:
+            out[~np.isfinite(q).all(axis=2)] = np.nan
         return out
 
     # ---- sequence operations (API.md semantics) ----
@@ -380,6 +402,10 @@ class KVCache:
             pos = np.frombuffer(r.take(4 * n), "<i4").astype(np.int32)
             if np.any(pos < 0):
                 raise StateError("negative position in a saved sequence")
+            if np.any(np.diff(pos) < 0):
+                raise StateError("the positions of a saved sequence are not in order")
+            if n and pos[-1] == 2**31 - 1:   # no next token, and no range operation reaches it
+                raise StateError("a saved sequence at the largest position, 2**31 - 1")
             table = self.table.copy()
             table.seq_rm(dest)
             rows = table.find_slot(n) if n else np.zeros(0, np.int32)

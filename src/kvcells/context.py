@@ -4,11 +4,13 @@ import struct
 import numpy as np
 
 from . import matmul
+from .cells import _int
 from .errors import StateError
 
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 STATE_MAGIC = b"KVCELLS-CTX\0"
 STATE_VERSION = 1
+INT32_MAX = 2**31 - 1
 
 
 class Context:
@@ -18,10 +20,8 @@ class Context:
 
     def __init__(self, model, n_ctx=4096, n_seq_max=1, n_ubatch=512,
                  type_k="f16", type_v="f16", n_threads=None):
-        if n_ctx <= 0 or n_ubatch <= 0:
-            raise ValueError("n_ctx and n_ubatch must be positive")
-        if not 1 <= n_seq_max <= 256:
-            raise ValueError(f"n_seq_max must be in [1, 256], got {n_seq_max}")
+        n_ctx, n_ubatch = _int(n_ctx, "n_ctx", 1), _int(n_ubatch, "n_ubatch", 1)
+        n_seq_max = _int(n_seq_max, "n_seq_max", 1, 256)
         for t in (type_k, type_v):
             if t not in KV_TYPES:
                 raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
@@ -46,6 +46,7 @@ class Context:
             return self._decode(batch)
 
     def _decode(self, batch):
+        self.model.check_file()
         self.check_batch(batch)
         ubatches = list(batch.split(self.n_ubatch))
         slots = self.memory.prepare([(pos, seqs) for _, pos, seqs, _ in ubatches])
@@ -61,8 +62,10 @@ class Context:
         if len(batch) == 0:
             raise ValueError("empty batch")
         tokens = np.asarray(batch.tokens)
-        if tokens.max() >= self.n_vocab:
-            raise ValueError(f"token id {tokens.max()} outside the vocabulary ({self.n_vocab})")
+        if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            raise ValueError(f"token ids must lie in [0, {self.n_vocab})")
+        if max(batch.pos) > INT32_MAX:
+            raise ValueError(f"position {max(batch.pos)} beyond the largest, {INT32_MAX}")
         positions = {}
         for p, seqs in zip(batch.pos, batch.seq_ids):
             for s in seqs:
