@@ -62,6 +62,6 @@ export PYTHONPATH="$out"
 cd "$root"
 if [ $# -eq 0 ]; then
   set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py \
-    tests/test_ops.py tests/test_context.py
+    tests/test_native.py tests/test_ops.py tests/test_context.py
 fi
 "$py" -m pytest -p no:cacheprovider --capture=sys "$@"

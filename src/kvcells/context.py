@@ -3,37 +3,37 @@ import struct
 
 import numpy as np
 
-from . import matmul
-from .cells import _int
+from . import native
 from .errors import StateError
+from .native import I32_MAX, KV_TYPES, as_int
 
-KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 STATE_MAGIC = b"KVCELLS-CTX\0"
 STATE_VERSION = 1
-INT32_MAX = 2**31 - 1
 
 
 class Context:
-    """One model's decoding state. Safe to call from several threads: decode,
-    state_save/state_load and the memory's methods (ctx.memory.seq_rm, ...)
-    each hold the memory's lock, so calls run one after another."""
+    """A model with its K/V memory (docs/api.md, "Decoding"). n_threads: the
+    threads of this context's matmuls and attention; None uses the process
+    default, kvcells.get_num_threads(). Safe to call from several threads:
+    decode, state_save/state_load and the memory's methods (ctx.memory.seq_rm,
+    ...) each hold the memory's lock, so calls run one after another."""
 
     def __init__(self, model, n_ctx=4096, n_seq_max=1, n_ubatch=512,
                  type_k="f16", type_v="f16", n_threads=None):
-        n_ctx, n_ubatch = _int(n_ctx, "n_ctx", 1), _int(n_ubatch, "n_ubatch", 1)
-        n_seq_max = _int(n_seq_max, "n_seq_max", 1, 256)
+        n_ctx, n_ubatch = as_int(n_ctx, "n_ctx", 1), as_int(n_ubatch, "n_ubatch", 1)
+        n_seq_max = as_int(n_seq_max, "n_seq_max", 1, 256)
         for t in (type_k, type_v):
             if t not in KV_TYPES:
                 raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
+        if n_threads is not None:
+            n_threads = native.check_threads(n_threads)
         self.model = model
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self.n_ubatch = n_ubatch
         self.n_vocab = model.hparams.n_vocab
         self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
-        if n_threads is not None:
-            matmul.set_num_threads(n_threads)
-            self.memory.n_threads = n_threads
+        self.memory.n_threads = n_threads
 
     @property
     def kv_bytes(self):
@@ -64,8 +64,8 @@ class Context:
         tokens = np.asarray(batch.tokens)
         if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= self.n_vocab:
             raise ValueError(f"token ids must lie in [0, {self.n_vocab})")
-        if max(batch.pos) > INT32_MAX:
-            raise ValueError(f"position {max(batch.pos)} beyond the largest, {INT32_MAX}")
+        if max(batch.pos) > I32_MAX:
+            raise ValueError(f"position {max(batch.pos)} beyond the largest, {I32_MAX}")
         positions = {}
         for p, seqs in zip(batch.pos, batch.seq_ids):
             for s in seqs:
