@@ -1,7 +1,7 @@
 // libFuzzer target: any sequence of calls on a small cell table. After
 // every call the table must pass kvc_check, and a call that returns an
 // error must leave the table byte for byte as it was.
-//   clang -g -O1 -fsanitize=fuzzer,address,undefined -Icsrc fuzz/fuzz_cells.c csrc/cells.c
+//   clang -g -O1 -fsanitize=fuzzer,address,undefined -Icsrc fuzz/fuzz_cells.c csrc/cells.c csrc/status.c
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -101,8 +101,7 @@ static int one_call(kvc_table **tp, input *in) {
         int64_t len;
         uint8_t *b = image(t, &len);
         kvc_table *u;
-        char err[256];
-        if (kvc_state_read(b, len, &u, err, sizeof err) != KVC_OK) fail("own state refused", err);
+            if (kvc_state_read(b, len, &u) != KVC_OK) fail("own state refused", kvc_last_error());
         free(b);
         kvc_free(t);
         *tp = u;
@@ -130,16 +129,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int32_t swa_type = take_u8(&in) % 4, n_swa = swa_type ? 1 + take_u8(&in) % 10 : 0;
     kvc_table *t;
     if (kvc_new(n_cells, n_seq, n_swa, swa_type, &t) != KVC_OK) fail("kvc_new", "refused");
-    char err[256];
     while (in.n) {
         int64_t len_before, len_after;
         uint8_t *before = image(t, &len_before);
         int rc = one_call(&t, &in);
-        if (kvc_check(t, err, sizeof err) != KVC_OK) fail("kvc_check", err);
+        if (kvc_check(t) != KVC_OK) fail("kvc_check", kvc_last_error());
         if (rc != KVC_OK) {
             uint8_t *after = image(t, &len_after);
             if (len_after != len_before || memcmp(before, after, (size_t)len_before))
-                fail("a refused call changed the table", kvc_error(t));
+                fail("a refused call changed the table", kvc_last_error());
             free(after);
         }
         free(before);

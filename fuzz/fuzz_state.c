@@ -2,7 +2,7 @@
 // must pass kvc_check, write back to the same bytes and take further calls.
 // The first input byte chooses: odd, the rest is taken as it is; even, the
 // harness appends the right checksum so the fuzzer gets past it.
-//   clang -g -O1 -fsanitize=fuzzer,address,undefined -Icsrc fuzz/fuzz_state.c csrc/cells.c
+//   clang -g -O1 -fsanitize=fuzzer,address,undefined -Icsrc fuzz/fuzz_state.c csrc/cells.c csrc/status.c
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,13 +30,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     memcpy(buf, data + 1, n);
     if (!raw) append_checksum(buf, n);
     kvc_table *t;
-    char err[256];
-    if (kvc_state_read(buf, (int64_t)len, &t, err, sizeof err) != KVC_OK) {
-        if (t) fail("a refused state returned a table", err);
+    if (kvc_state_read(buf, (int64_t)len, &t) != KVC_OK) {
+        if (t) fail("a refused state returned a table", kvc_last_error());
         free(buf);
         return 0;
     }
-    if (kvc_check(t, err, sizeof err) != KVC_OK) fail("accepted a broken table", err);
+    if (kvc_check(t) != KVC_OK) fail("accepted a broken table", kvc_last_error());
     if (kvc_state_size(t) != (int64_t)len) fail("round trip", "size differs");
     uint8_t *back = malloc(len);
     if (kvc_state_write(t, back, (int64_t)len) != KVC_OK || memcmp(back, buf, len))
@@ -46,13 +45,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int32_t idxs[4], pos[4] = {0, 1, 2, 3}, seqs[4] = {0, 0, 0, 0};
     if (kvc_find_slot(t, 4, 0, idxs) == KVC_OK &&
         kvc_apply_ubatch(t, 4, idxs, pos, 4, seqs, NULL) != KVC_OK)
-        fail("apply after find_slot", kvc_error(t));
+        fail("apply after find_slot", kvc_last_error());
     kvc_seq_add(t, 0, -1, -1, 1);
     kvc_seq_rm(t, -1, 2, 5);
     int32_t *moves = malloc(sizeof(int32_t) * 2 * (size_t)kvc_n_cells(t)), n_moves;
     kvc_defrag(t, moves, &n_moves);
     free(moves);
-    if (kvc_check(t, err, sizeof err) != KVC_OK) fail("broken after calls", err);
+    if (kvc_check(t) != KVC_OK) fail("broken after calls", kvc_last_error());
     kvc_free(t);
     free(buf);
     return 0;

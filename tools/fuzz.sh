@@ -17,7 +17,7 @@ export ASAN_OPTIONS=detect_leaks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 mkdir -p "$root/fuzz/crashes"
 for target in fuzz_state fuzz_cells; do
-  "$cc" "${flags[@]}" "$root/fuzz/$target.c" "$root/csrc/cells.c" -o "$out/$target"
+  "$cc" "${flags[@]}" "$root/fuzz/$target.c" "$root/csrc/cells.c" "$root/csrc/status.c" -o "$out/$target"
   mkdir -p "$out/new-$target" "$root/fuzz/corpus/$target"
   "$out/$target" -max_total_time="$seconds" -print_final_stats=1 -max_len=4096 \
     -artifact_prefix="$root/fuzz/crashes/$target-" \
