@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs tests against the C core built with AddressSanitizer and UBSan.
 #   tools/sanitize_tests.sh [pytest args]     (default: the tests of the C core
-#                                              and of several threads on a context)
+#                                              and of threads on contexts)
 # First proves the setup catches a deliberate out-of-bounds write and that
 # the report reaches the log from inside pytest. pytest runs with
 # --capture=sys: it captures Python's sys.stderr only, so what the
@@ -62,6 +62,8 @@ export PYTHONPATH="$out"
 cd "$root"
 if [ $# -eq 0 ]; then
   set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py \
-    tests/test_native.py tests/test_ops.py tests/test_context.py
+    tests/test_native.py tests/test_ops.py \
+    tests/test_context.py::test_four_threads_on_one_context_lose_no_decode \
+    tests/test_context.py::test_two_contexts_on_one_model_decode_concurrently_as_alone
 fi
 "$py" -m pytest -p no:cacheprovider --capture=sys "$@"
