@@ -181,11 +181,13 @@ class EngineMachine(RuleBasedStateMachine):
         self.prefixes = [random_tokens(self.model, n, seed * 10 + n) for n in (3, 9, 17)]
         self.requests = []
 
-    @rule(k=st.integers(0, 2), tail=st.integers(0, 6), tail_seed=st.integers(0, 5),
+    @rule(k=st.integers(0, 2), tails=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 5)),
+                                              min_size=1, max_size=3),
           max_tokens=st.sampled_from([-1, 0, 1, 3, 6, 10]))
-    def submit(self, k, tail, tail_seed, max_tokens):
-        prompt = self.prefixes[k] + random_tokens(self.model, tail, 100 + tail_seed)
-        self.requests.append(self.engine.submit(prompt, max_tokens))
+    def submit(self, k, tails, max_tokens):
+        for n, seed in tails:
+            prompt = self.prefixes[k] + random_tokens(self.model, n, 100 + seed)
+            self.requests.append(self.engine.submit(prompt, max_tokens))
 
     @rule(i=st.integers(0, 30))
     def cancel(self, i):
