@@ -92,6 +92,7 @@ class Engine:
         self._work = threading.Event()
         self.counts = dict(prompt_tokens=0, cached_tokens=0, computed_prompt_tokens=0,
                            generated_tokens=0, evictions=0, preemptions=0)
+        self._snapshot = self._count()
 
     @property
     def table(self):
@@ -132,6 +133,12 @@ class Engine:
 
     def step(self):
         """One decode step; False when there was nothing to do."""
+        try:
+            return self._step()
+        finally:
+            self._snapshot = self._count()
+
+    def _step(self):
         with self._lock:
             self.waiting.extend(self._inbox)
             cancels = self._cancels
@@ -429,6 +436,10 @@ class Engine:
     # ---- accounting ----
 
     def stats(self):
+        """The figures as of the end of the last step (safe from any thread)."""
+        return dict(self._snapshot)
+
+    def _count(self):
         idle_cells = 0
         if self.idle:
             m = self.table.seq_matrix()
