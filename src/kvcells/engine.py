@@ -73,7 +73,7 @@ class Engine:
     """
 
     def __init__(self, ctx, n_slots=None, *, prefix_cache=True):
-        n_slots = n_slots or ctx.n_seq_max
+        n_slots = ctx.n_seq_max if n_slots is None else n_slots
         if not 1 <= n_slots <= ctx.n_seq_max:
             raise ValueError(f"n_slots must be in [1, {ctx.n_seq_max}]")
         swa = getattr(ctx.memory, "swa", None)
