@@ -111,6 +111,10 @@ async def on_client_gone(request, e):
     return PlainTextResponse("client closed the request", 499)
 
 
+async def on_chat_template_error(request, e):
+    return APIError(400, str(e), "invalid_value", "messages").response()
+
+
 async def on_internal_error(request, e):
     log.error("internal error on %s", request.url.path, exc_info=e)
     return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error").response()
@@ -185,6 +189,7 @@ CHAT_PARAMS = dict(PARAMS, messages=(None, is_messages, "a non-empty list of mes
 TOKENIZE_PARAMS = {"content": (None, lambda v: isinstance(v, str), "a string"),
                    "add_special": (False, lambda v: isinstance(v, bool), "a boolean"),
                    "parse_special": (True, lambda v: isinstance(v, bool), "a boolean")}
+TEMPLATE_PARAMS = {"messages": (None, is_messages, "a non-empty list of messages")}
 DETOKENIZE_PARAMS = {"tokens": (None, lambda v: isinstance(v, list) and all(map(is_int, v)),
                                 "a list of token ids")}
 
@@ -348,11 +353,13 @@ class Service:
                   Route("/metrics", self.metrics),
                   Route("/tokenize", self.tokenize, methods=["POST"]),
                   Route("/detokenize", self.detokenize, methods=["POST"]),
+                  Route("/apply-template", self.apply_template, methods=["POST"]),
                   Route("/slots", self.slots)]
         middleware = [Middleware(BearerAuth, key=args.api_key)] if args.api_key else []
         self.app = Starlette(routes=routes, middleware=middleware, lifespan=self.lifespan,
                              exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                                                  ClientGone: on_client_gone,
+                                                 ChatTemplateError: on_chat_template_error,
                                                  Exception: on_internal_error})
 
     # ---- life ----
@@ -486,15 +493,15 @@ class Service:
     def prompt_ids(self, p, chat):
         tok = self.model.tokenizer
         if chat:
-            if self.template is None:
-                raise APIError(400, self.template_error, "no_chat_template")
-            try:
-                return self.template.encode(tok, p["messages"])
-            except ChatTemplateError as e:
-                raise APIError(400, str(e), "invalid_value", "messages") from None
+            return self.chat_template().encode(tok, p["messages"])
         if isinstance(p["prompt"], str):
             return tok.encode(p["prompt"], add_bos=True, special=True)
         return p["prompt"]
+
+    def chat_template(self):
+        if self.template is None:
+            raise APIError(400, self.template_error, "no_chat_template")
+        return self.template
 
     async def stream(self, job, request, head, chat, include_usage):
         """Server-Sent Events: a chunk per piece of text, one with each
@@ -559,6 +566,12 @@ class Service:
             return JSONResponse({"content": self.model.tokenizer.decode(p["tokens"])})
         except ValueError as e:
             raise APIError(400, str(e), "invalid_value", "tokens") from None
+
+    async def apply_template(self, request):
+        """The prompt text a chat request renders to."""
+        self.check_ready()
+        p = await read_params(request, TEMPLATE_PARAMS, ("messages",))
+        return JSONResponse({"prompt": self.chat_template().render(p["messages"])})
 
     async def slots(self, request):
         self.check_ready()
