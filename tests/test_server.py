@@ -64,7 +64,7 @@ def model(real_model_path):
 
 @pytest.fixture(scope="module")
 def gemma(real_model_path):
-    with running_server(["-m", real_model_path, "-c", "2048", "-np", "8"]) as s:
+    with running_server(["-m", real_model_path, "-c", "2048", "-np", "16"]) as s:
         yield s
 
 
@@ -266,7 +266,7 @@ def test_slots_show_a_running_request(gemma, model):
         lines = r.iter_lines()      # kept: a dropped iterator closes the stream
         next(lines)
         slots = httpx.get(url + "/slots").json()
-    assert len(slots) == 8
+    assert len(slots) == 16
     busy = [s for s in slots if s["is_processing"]]
     assert len(busy) == 1 and busy[0]["n_prompt_tokens"] == len(model.tokenizer.encode(prompt))
     assert busy[0]["n_decoded"] >= 1

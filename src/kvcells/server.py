@@ -5,8 +5,8 @@ One engine thread runs Engine.step() in a loop. Request handlers run on the
 asyncio event loop: they submit to the engine (thread-safe) and receive each
 token through their own asyncio.Queue, fed from the engine thread with
 loop.call_soon_threadsafe. Anything else the handlers need from the engine
-(stats, slots) runs on the engine thread between steps, so only that thread
-ever touches the cache.
+(the running requests for /slots) runs on the engine thread between steps;
+/metrics reads the engine's snapshot of its figures.
 
 The app is plain Starlette on uvicorn, the ASGI stack FastAPI itself sits on:
 requests are validated by hand so that every error has an OpenAI-style body
@@ -44,7 +44,7 @@ from .sampling import Sampler
 
 log = logging.getLogger("kvcells.server")
 
-SEQ_IDS_PER_SLOT = 4        # the ids beyond the running slots keep finished prompts as cached prefixes
+SPARE_SEQ_IDS = 8           # sequence ids beyond the slots: cached prefixes and checkpoints (docs/engine.md)
 MAX_N = 16                  # choices per request
 MAX_STOPS = 4               # stop strings per request, as OpenAI allows
 SHUTDOWN_GRACE_S = 10       # on SIGTERM, requests in flight get this long before they are cancelled
@@ -72,8 +72,8 @@ def parse_args(argv):
     ap.add_argument("--chat-template", metavar="NAME", help="a built-in chat template by name")
     ap.add_argument("--chat-template-file", metavar="FILE", help="a Jinja chat template file")
     args = ap.parse_args(argv)
-    if not 1 <= args.parallel <= 256 // SEQ_IDS_PER_SLOT:
-        ap.error(f"-np must be in [1, {256 // SEQ_IDS_PER_SLOT}]")
+    if not 1 <= args.parallel <= 256 - SPARE_SEQ_IDS:
+        ap.error(f"-np must be in [1, {256 - SPARE_SEQ_IDS}]")
     if args.timeout <= 0 or args.max_waiting < 0:
         ap.error("--timeout must be > 0 and --max-waiting >= 0")
     return args
@@ -383,7 +383,7 @@ class Service:
             self.model = Model.load(path)
             self.model_name = os.path.basename(path)
             self.load_template()
-            ctx = Context(self.model, n_ctx=a.ctx_size, n_seq_max=SEQ_IDS_PER_SLOT * a.parallel,
+            ctx = Context(self.model, n_ctx=a.ctx_size, n_seq_max=a.parallel + SPARE_SEQ_IDS,
                           n_ubatch=a.ubatch_size, type_k=a.cache_type_k, type_v=a.cache_type_v,
                           n_threads=a.threads)
             self.engine = Engine(ctx, a.parallel, prefix_cache=not a.no_prefix_cache)
@@ -586,7 +586,7 @@ class Service:
 
     async def metrics(self, request):
         self.check_ready()
-        stats = await self.on_engine_thread(self.engine.stats)
+        stats = self.engine.stats()
         lines = []
         for key, name, kind, help_text in METRICS:
             lines += [f"# HELP kvcells_{name} {help_text}", f"# TYPE kvcells_{name} {kind}",
