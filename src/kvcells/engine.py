@@ -164,41 +164,40 @@ class Engine:
         return True
 
     def _batch(self):
-        """The batch of this step and its plan: (request, tokens fed, logits row or None)."""
-        batch, plan = Batch(), []
+        """The batch of this step and its plan: (request, tokens fed, its
+        logits row or None)."""
+        batch, plan, n_rows = Batch(), [], 0
         followers = collections.defaultdict(list)
         for r in self.running.values():
             if r.leader is not None:
                 followers[r.leader].append(r)
-        decoding = [r for r in self.running.values()
-                    if r.leader is None and len(r.all_tokens) - r.n_past == 1]
-        prefilling = [r for r in self.running.values()
-                      if r.leader is None and len(r.all_tokens) - r.n_past > 1]
+        leading = [r for r in self.running.values() if r.leader is None]
+        decoding = [r for r in leading if len(r.all_tokens) - r.n_past == 1]
+        prefilling = [r for r in leading if len(r.all_tokens) - r.n_past > 1]
         budget = max(self.ctx.n_ubatch - len(decoding), 1)
-        for k, r in enumerate(decoding + prefilling):
+        for r in decoding + prefilling:
             pending = r.all_tokens[r.n_past:]
-            n = len(pending) if k < len(decoding) else min(len(pending), budget)
+            n = min(len(pending), budget) if len(pending) > 1 else 1
             if n == 0:
                 break
-            if k >= len(decoding):
+            if len(pending) > 1:
                 budget -= n
-            for k in range(n):
-                p = r.n_past + k
+            for i in range(n):
+                p = r.n_past + i
                 seqs = [r.seq] + [f.seq for f in followers[r] if p < f.share_end]
-                batch.add(pending[k], p, seqs, logits=k == len(pending) - 1)
-            row = len(plan) if n == len(pending) else None
-            plan.append((r, n, row))
+                batch.add(pending[i], p, seqs, logits=i == len(pending) - 1)
+            plan.append((r, n, n_rows if n == len(pending) else None))
+            n_rows += n == len(pending)
             for f in followers[r]:
                 plan.append((f, min(f.share_end, r.n_past + n) - f.n_past, None))
-        rows = [row for _, _, row in plan if row is not None]
-        plan = [(r, n, rows.index(row) if row is not None else None) for r, n, row in plan]
         return batch, plan
 
     def _advance(self, plan, logits):
         """After a decode: positions, checkpoints, window trimming, sampling."""
         for r, n, _ in plan:
-            if r.leader is None:
-                self.counts["computed_prompt_tokens"] += max(0, min(len(r.prompt), r.n_past + n) - r.n_past)
+            if r.leader is None:   # a follower's tokens were its leader's
+                self.counts["computed_prompt_tokens"] += max(0, min(len(r.prompt), r.n_past + n)
+                                                             - r.n_past)
             r.n_past += n
             if r.leader is not None and r.n_past >= r.share_end:
                 r.leader = None
