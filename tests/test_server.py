@@ -188,11 +188,11 @@ def test_sixteen_concurrent_streams_get_their_solo_tokens(gemma, model, solo):
 
 
 def test_a_repeated_long_prompt_comes_from_the_cache(client, model, solo):
-    prompt = "Here is a long story about a lighthouse keeper. " * 30 + "The keeper said"
+    prompt = "Here is a long story about a lighthouse keeper. " * 20 + "The keeper said"
     ids = model.tokenizer.encode(prompt)
     first = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0)
     second = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0)
-    assert first.usage.prompt_tokens == second.usage.prompt_tokens == len(ids) > 300
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens == len(ids) > 200
     assert 0 < second.usage.prompt_tokens_details.cached_tokens < len(ids)
     assert first.choices[0].text == second.choices[0].text == solo(ids, 4)
 
