@@ -167,6 +167,13 @@ def test_n_choices_with_a_seed_follow_the_sampler(client, model, solo):
         sampler = Sampler(top_k=50, min_p=0.02, repeat_penalty=1.1, seed=11 + i, **kw)
         assert c.text == solo(ids, 6, sampler)
     assert len({c.text for c in r.choices}) > 1
+    chunks = client.completions.create(model="x", prompt=prompt, max_tokens=6, n=3, seed=11,
+                                       stream=True, extra_body={"top_k": 50, "min_p": 0.02,
+                                                                "repeat_penalty": 1.1}, **kw)
+    streamed = ["", "", ""]
+    for c in chunks:
+        streamed[c.choices[0].index] += c.choices[0].text
+    assert streamed == [c.text for c in r.choices]
 
 
 def test_sixteen_concurrent_streams_get_their_solo_tokens(gemma, model, solo):
@@ -308,6 +315,24 @@ def test_an_internal_error_fails_one_request_and_the_server_goes_on(gemma, clien
     assert r.json()["error"]["type"] == "server_error" and "injected" in r.json()["error"]["message"]
     r = client.completions.create(model="x", prompt="Hello", max_tokens=3)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_request_without_a_token_for_timeout_seconds_gets_503(gemma, client):
+    url, service = gemma
+    ctx = service.engine.ctx
+
+    def slow(batch):
+        del ctx.decode
+        time.sleep(2.5)
+        return ctx.decode(batch)
+    service.args.timeout, ctx.decode = 1.0, slow
+    try:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+    finally:
+        service.args.timeout = 600
+    assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+    wait_idle(url)
+    assert client.completions.create(model="x", prompt="Hello", max_tokens=2).choices[0].text
 
 
 @pytest.mark.parametrize("body, param", [
