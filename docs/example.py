@@ -1,5 +1,7 @@
 """Several sequences in one cache: decode two prompts together, branch one
-with seq_cp, shift one with seq_add, save one and restore it elsewhere.
+with seq_cp, shift one with seq_add, save one and restore it elsewhere;
+then the generation loops: branches of one prompt (generate_parallel) and
+a queue of prompts through sequence slots (serve).
 
     python docs/example.py [MODEL.gguf]      (default: the bundled Gemma 3 270M)
 """
@@ -54,6 +56,25 @@ def main(path=None):
     first = greedy(logits[0])
     text = tok.decode(list(kvcells.generate(fresh, [first], 8)))
     print("restored sequence 0 goes on:", prompts[0] + tok.decode([first]) + text)
+
+    # 5. three sampled continuations of one prompt, its cells shared
+    ctx.memory.clear()
+    ids = tok.encode("Once upon a time")
+    sampler = kvcells.Sampler(temperature=0.8, top_k=40, seed=1)
+    branches = {0: [], 1: [], 2: []}
+    for s, t in kvcells.generate_parallel(ctx, ids, 3, 12, sampler):
+        branches[s].append(t)
+    for s, toks in branches.items():
+        print(f"branch {s}: Once upon a time{tok.decode(toks)}")
+
+    # 6. four prompts through two sequence slots (continuous batching)
+    ctx.memory.clear()
+    queue = ["The sky is", "Two plus two is", "My favourite fruit is", "Snow is"]
+    answers = {i: [] for i in range(len(queue))}
+    for i, t in kvcells.serve(ctx, [tok.encode(q) for q in queue], 8, n_slots=2):
+        answers[i].append(t)
+    for i, q in enumerate(queue):
+        print(f"served {i}: {q}{tok.decode(answers[i])}")
 
 
 if __name__ == "__main__":

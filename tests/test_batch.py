@@ -18,7 +18,9 @@ def test_add_and_split_keep_batch_order():
 
 
 @pytest.mark.parametrize("token,pos,seqs", [(-1, 0, 0), (1, -1, 0), (1.5, 0, 0),
-                                            (1, 0, []), (1, 0, [0, 0]), (1, 0, ["a"])])
+                                            (1, 0, []), (1, 0, [0, 0]), (1, 0, ["a"]),
+                                            (True, 0, 0), (1, False, 0), (1, 0, True),
+                                            (1, 0, [0, True]), (np.True_, 0, 0)])
 def test_bad_tokens_are_refused_and_leave_the_batch_alone(token, pos, seqs):
     b = Batch()
     b.add(1, 0, 0)

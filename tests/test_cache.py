@@ -850,3 +850,21 @@ class MemoryMachine(RuleBasedStateMachine):
 TestMemoryMachine = MemoryMachine.TestCase
 TestMemoryMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_holds_prefix_says_whether_a_cut_sequence_can_continue():
+    """Without a window every earlier position is needed; with one, only the
+    last n_swa; an ISWA cache's window half reuses cells out of every window."""
+    plain = KVCache(32, 1, 1, N_HEAD_KV, HEAD_DIM)
+    slot, = plain.prepare([(np.arange(10), [0] * 10)])
+    plain.apply(slot, np.arange(10), [0] * 10)
+    plain.seq_rm(0, 3, 5)
+    assert plain.holds_prefix(0, 3) and not plain.holds_prefix(0, 6)
+    iswa = ISWACache(1024, 1, 16, [True, False], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    for start in range(0, 300, 16):   # 300 tokens through 256 window cells
+        pos = np.arange(start, min(start + 16, 300))
+        slot, = iswa.prepare([(pos, [0] * len(pos))])
+        iswa.apply(slot, pos, [0] * len(pos))
+    _, held = iswa.swa.table.seq_cells(0)
+    gone = sorted(set(range(300)) - set(held.tolist()))
+    assert gone and iswa.holds_prefix(0, 299) and not iswa.holds_prefix(0, gone[-1] + 1)

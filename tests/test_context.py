@@ -1,5 +1,8 @@
 """kvcells.Context: decode through ubatches, the batch rules, rollback on a
 full cache, and state files; logits checked against the dense reference."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from reference_forward import ReferenceModel
@@ -78,6 +81,29 @@ def test_cache_full_leaves_the_cache_as_it_was(llama):
     np.testing.assert_allclose(out, ref.logits(toks[:16])[10:], atol=ATOL)
 
 
+def test_cache_full_message_counts_the_cells_in_use(llama):
+    model, _ = llama
+    ctx = Context(model, n_ctx=64, n_ubatch=16)
+    ctx.decode(one_sequence(tokens_for(model, 12, 1)))
+    with pytest.raises(CacheFullError, match=r"60 tokens: 12 of 64 cells in use"):
+        ctx.decode(one_sequence(tokens_for(model, 60, 2), start=12))
+
+
+def test_a_cache_that_cannot_be_allocated_says_how_much_it_needs(llama, tiny_gguf):
+    """Under a 1 GiB address-space limit a 2**24-cell cache (4 GiB) cannot be had."""
+    model, _ = llama
+    need = 2**24 * model.kv_bytes(1, type_k="f32", type_v="f32")
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+            f"from kvcells import Context, Model\n"
+            f"Context(Model.load({str(tiny_gguf('llama', 'F32'))!r}), n_ctx=2**24, "
+            f"type_k='f32', type_v='f32')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"MemoryError: a KV cache of {2**24} cells needs {need / 2**30:.1f} GiB "
+        f"(f32 K, f32 V) and could not be allocated")
+
+
 @pytest.mark.parametrize("bad", ["seq", "token", "gap", "repeat", "empty"])
 def test_bad_batches_raise_value_error_and_change_nothing(llama, bad):
     model, _ = llama
@@ -100,7 +126,8 @@ def test_bad_batches_raise_value_error_and_change_nothing(llama, bad):
 
 
 @pytest.mark.parametrize("kw", [dict(n_ctx=0), dict(n_seq_max=0), dict(n_seq_max=257),
-                                dict(n_ubatch=0), dict(type_k="q3_k"), dict(type_v="int8")])
+                                dict(n_ubatch=0), dict(type_k="q3_k"), dict(type_v="int8"),
+                                dict(n_threads=0), dict(n_threads=1000)])
 def test_bad_context_arguments(llama, kw):
     with pytest.raises(ValueError):
         Context(llama[0], **kw)

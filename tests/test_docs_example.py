@@ -10,3 +10,7 @@ def test_the_example_runs(tiny_gguf, capsys):
     out = capsys.readouterr().out
     assert "sequence 2 holds positions 0 to" in out
     assert "restored sequence 0 goes on:" in out
+    assert [line[:8] for line in out.splitlines() if line.startswith("branch")] == \
+        ["branch 0", "branch 1", "branch 2"]
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("served")] == \
+        ["served 0", "served 1", "served 2", "served 3"]

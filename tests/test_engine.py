@@ -266,6 +266,21 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():
     assert_solo(engine, [short, long], 128)
 
 
+def test_requests_admitted_together_compute_each_shared_token_once():
+    """Three system prompts with a common start, two questions each, all
+    admitted in one step: every distinct prompt token is computed once."""
+    model = tiny("gemma3")
+    engine = Engine(Context(model, n_ctx=256, n_seq_max=8, n_ubatch=32, **F32), 6)
+    common = random_tokens(model, 5, 1)
+    systems = [common + random_tokens(model, 15, 2 + k) for k in range(3)]
+    requests = [engine.submit(systems[i % 3] + random_tokens(model, 4, 10 + i), 3)
+                for i in range(6)]
+    run(engine)
+    assert engine.stats()["computed_prompt_tokens"] == 5 + 3 * 15 + 6 * 4
+    check_cells(engine)
+    assert_solo(engine, requests, 256)
+
+
 # ---- eviction and accounting ----
 
 def test_idle_prefixes_are_evicted_least_recently_used_first():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from reference_forward import ReferenceModel
 
-from kvcells import Batch, Context, Model, Sampler, generate, generate_parallel, serve
+from kvcells import Batch, CacheFullError, Context, Model, Sampler, generate, generate_parallel, serve
 from kvcells.generate import shift_context
 
 ATOL = 1e-4
@@ -158,3 +158,55 @@ def test_a_long_prompt_reports_progress_per_ubatch(llama):
     out = list(generate(ctx, p, 3, progress=lambda done, total: seen.append((done, total))))
     assert seen == [(4, 11), (8, 11), (11, 11)]
     assert out == greedy_by_recompute(model, ref, p, 3)
+
+
+def test_zero_tokens_asked_gives_none_in_every_loop(llama):
+    model, _ = llama
+    p = prompt(model, 4, 7)
+    ctx = Context(model, n_ctx=32, n_seq_max=2)
+    assert list(generate(ctx, p, 0)) == []
+    assert list(generate_parallel(ctx, p, 2, 0)) == []
+    ctx.memory.clear()
+    assert list(serve(ctx, [p, p[:2], p[1:]], 0)) == []
+    assert all(ctx.memory.seq_pos_max(s) == -1 for s in range(2))
+
+
+def test_serve_refuses_zero_slots(llama):
+    ctx = Context(llama[0], n_ctx=32, n_seq_max=2)
+    with pytest.raises(ValueError, match="n_slots"):
+        list(serve(ctx, [[1, 2]], 2, n_slots=0))
+
+
+def test_branches_continue_what_sequence_0_holds(llama):
+    model, ref = llama
+    p = prompt(model, 9, 8)
+    ctx = Context(model, n_ctx=64, n_seq_max=2, type_k="f32", type_v="f32")
+    prefill(ctx, p[:5])
+    outs = {0: [], 1: []}
+    for s, t in generate_parallel(ctx, p[5:], 2, 4):
+        outs[s].append(t)
+    alone = greedy_by_recompute(model, ref, p, 4)
+    assert outs == {0: alone, 1: alone}
+
+
+def test_branches_need_the_other_sequences_empty(llama):
+    model, _ = llama
+    ctx = Context(model, n_ctx=64, n_seq_max=3)
+    b = Batch()
+    b.add(5, 0, 2)
+    ctx.decode(b)
+    with pytest.raises(ValueError, match=r"sequences \[2\] hold tokens"):
+        list(generate_parallel(ctx, [1, 2], 3, 2))
+    assert ctx.memory.seq_pos_max(0) == -1
+
+
+def test_a_prompt_longer_than_the_context_says_so_not_n_keep(llama):
+    model, _ = llama
+    ctx = Context(model, n_ctx=16)
+    with pytest.raises(CacheFullError, match="20 tokens do not fit in 16 cells") as e:
+        list(generate(ctx, prompt(model, 20, 9), 4, context_shift=True))
+    assert "n_keep" not in str(e.value)
+    prefill(ctx, prompt(model, 12, 9))
+    with pytest.raises(CacheFullError, match="10 tokens do not fit in 16 cells after the 8 kept"):
+        list(generate(ctx, prompt(model, 10, 9), 4, context_shift=True, n_keep=8))
+    assert ctx.memory.seq_pos_max(0) == 11

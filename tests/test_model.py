@@ -247,3 +247,11 @@ def test_real_model_past_the_sliding_window(gemma):
     recomputed = decode_ubatch(gemma, fresh, tokens, np.arange(800), [0] * 800,
                                output_rows=np.arange(784, 800))
     assert np.abs(cached - recomputed).max() <= 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("kw", [dict(n_ctx=64), dict(n_ctx=1000, n_seq_max=3, n_ubatch=32,
+                                                     type_k="f16", type_v="f32")])
+def test_kv_bytes_foretells_the_allocation(tiny_gguf, arch, kw):
+    model = Model.load(tiny_gguf(arch, "F32", n_swa=4) if arch == "gemma3" else tiny_gguf(arch))
+    assert model.kv_bytes(**kw) == kvcells.Context(model, **kw).kv_bytes

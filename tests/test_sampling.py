@@ -99,7 +99,9 @@ def test_frequency_penalty_turns_a_greedy_choice_within_the_window():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),
-                                dict(min_p=2.0), dict(top_k=-1), dict(repeat_penalty=0)])
+                                dict(min_p=2.0), dict(top_k=-1), dict(repeat_penalty=0),
+                                dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(repeat_penalty=float("nan"))])
 def test_bad_settings(kw):
     with pytest.raises(ValueError):
         Sampler(**kw)
@@ -108,3 +110,21 @@ def test_bad_settings(kw):
 def test_bad_logits():
     with pytest.raises(ValueError):
         Sampler().sample(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("fill", [np.nan, -np.inf])
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=1.0, top_k=0, seed=1)])
+def test_logits_that_allow_no_choice_are_refused(fill, settings):
+    with pytest.raises(ValueError, match="NaN" if np.isnan(fill) else "-inf"):
+        Sampler(**settings).sample(np.full(8, fill, np.float32))
+
+
+def test_one_nan_logit_is_refused_and_an_inf_one_is_certain():
+    logits = np.zeros(8, np.float32)
+    logits[5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Sampler().sample(logits)
+    logits[5] = np.inf
+    assert Sampler(temperature=1.0, top_k=0, seed=1).sample(logits) == 5
+    logits[:5] = -np.inf
+    assert Sampler(temperature=1.0, top_k=0, seed=1).sample(logits) == 5

@@ -79,7 +79,8 @@ def shared_system_prompts(model, args, prefix_cache):
 def multi_turn(model, args, prefix_cache):
     tok = model.tokenizer
     engine = Engine(context(model, args), args.slots, prefix_cache=prefix_cache)
-    convs = [tok.encode(f"A conversation about {TOPICS[c % 8]}.") for c in range(args.conversations)]
+    convs = [tok.encode(f"A conversation about {TOPICS[c % 8]}.")
+             for c in range(args.conversations)]
     t0 = time.perf_counter()
     for turn in range(args.turns):
         reqs = [engine.submit(c + text_tokens(tok, 1000 + 10 * i + turn, 30), 32, ignore_eos=True)
@@ -130,9 +131,9 @@ def main():
     res = {pc: multi_turn(model, args, pc) for pc in (False, True)}
     for pc in (False, True):
         s = res[pc]["stats"]
+        hit = s["cached_tokens"] / s["prompt_tokens"]
         print(f"{'on ' if pc else 'off'}: prompt tokens {s['prompt_tokens']}, computed "
-              f"{s['computed_prompt_tokens']}, hit rate {s['cached_tokens'] / s['prompt_tokens']:.1%}, "
-              f"{res[pc]['time']:.1f} s")
+              f"{s['computed_prompt_tokens']}, hit rate {hit:.1%}, {res[pc]['time']:.1f} s")
     off, on = (res[pc]["stats"]["computed_prompt_tokens"] for pc in (False, True))
     print(f"prompt tokens computed on/off: {on / off:.2f}")
 

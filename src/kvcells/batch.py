@@ -5,6 +5,11 @@ import numbers
 import numpy as np
 
 
+def _is_int(x):
+    """An integer that is not a bool (True is not token 1)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
 class Batch:
     def __init__(self):
         self.tokens = []
@@ -13,12 +18,12 @@ class Batch:
         self.logits = []
 
     def add(self, token, pos, seq_ids, logits=False):
-        if not isinstance(token, numbers.Integral) or token < 0:
+        if not _is_int(token) or token < 0:
             raise ValueError(f"token must be a non-negative int, got {token!r}")
-        if not isinstance(pos, numbers.Integral) or pos < 0:
+        if not _is_int(pos) or pos < 0:
             raise ValueError(f"pos must be a non-negative int, got {pos!r}")
         seqs = [seq_ids] if isinstance(seq_ids, numbers.Integral) else list(seq_ids)
-        if not seqs or not all(isinstance(s, numbers.Integral) for s in seqs):
+        if not seqs or not all(_is_int(s) for s in seqs):
             raise ValueError("seq_ids must be an int or a non-empty iterable of ints")
         if len(set(seqs)) != len(seqs):
             raise ValueError("seq_ids of one token must be distinct")

@@ -94,7 +94,12 @@ class KVCache(Memory):
         sim = self.table.copy()
         slots = []
         for pos, seq_lists in ubatches:
-            idxs = sim.find_slot(len(pos))
+            try:
+                idxs = sim.find_slot(len(pos))
+            except CacheFullError:
+                n = sum(len(p) for p, _ in ubatches)
+                raise CacheFullError(f"no room for a batch of {n} tokens: {self.table.used} of "
+                                     f"{self.n_cells} cells in use") from None
             sim.apply_ubatch(idxs, pos, seq_lists)
             slots.append(idxs)
         return slots
@@ -213,6 +218,11 @@ class KVCache(Memory):
     def clear(self):
         self._ubatch = None
         self.table.clear()
+
+    def holds_prefix(self, seq_id, n):
+        _, held = self.table.seq_cells(seq_id)
+        lo = max(0, n - self.n_swa) if self.n_swa else 0   # a window lies within n_swa
+        return bool(np.isin(np.arange(lo, n), held).all())
 
     def occupancy(self):
         return "cells:\n" + self.table.occupancy()
@@ -376,6 +386,12 @@ class _Reader:
             raise StateError("state has trailing bytes")
 
 
+def swa_cells(n_ctx, n_seq_max, n_ubatch, n_swa):
+    """llama.cpp's size of a sliding-window cache: the window of every
+    sequence plus one ubatch, padded to 256."""
+    return min(n_ctx, -(-(n_swa * n_seq_max + n_ubatch) // 256) * 256)
+
+
 class ISWACache(Memory):
     """Interleaved sliding-window attention: full-attention layers in one
     cache, sliding-window layers in a smaller one whose cells are reused once
@@ -392,8 +408,7 @@ class ISWACache(Memory):
         self.swa_layers = [bool(x) for x in swa_layers]
         full = [il for il, s in enumerate(self.swa_layers) if not s]
         swa = [il for il, s in enumerate(self.swa_layers) if s]
-        # llama.cpp's size: the window of every sequence plus one ubatch, padded to 256
-        n_swa_cells = min(n_ctx, -(-(n_swa * n_seq_max + n_ubatch) // 256) * 256)
+        n_swa_cells = swa_cells(n_ctx, n_seq_max, n_ubatch, n_swa)
         if rope_freq_scale_swa is None:
             rope_freq_scale_swa = rope_freq_scale
         common = dict(n_head_kv=n_head_kv, head_dim=head_dim, type_k=type_k, type_v=type_v,
@@ -472,6 +487,9 @@ class ISWACache(Memory):
 
     def defrag(self):
         return sum(h.defrag() for h in self.halves)
+
+    def holds_prefix(self, seq_id, n):
+        return self.base.holds_prefix(seq_id, n) and self.swa.holds_prefix(seq_id, n)
 
     def occupancy(self):
         return (f"full-attention cells:\n{self.base.table.occupancy()}\n"

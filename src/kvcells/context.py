@@ -31,7 +31,12 @@ class Context:
         self.n_seq_max = n_seq_max
         self.n_ubatch = n_ubatch
         self.n_vocab = model.hparams.n_vocab
-        self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+        try:
+            self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+        except MemoryError:
+            need = model.kv_bytes(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
+            raise MemoryError(f"a KV cache of {n_ctx} cells needs {need / 2**30:.1f} GiB "
+                              f"({type_k} K, {type_v} V) and could not be allocated") from None
         self.memory.n_threads = n_threads
 
     @property

@@ -52,7 +52,7 @@ class Request:
         self.n_past = 0                   # tokens of prompt + tokens the sequence holds
         self.leader = None                # request whose prompt tokens carry this one's id
         self.share_end = 0                # ... up to this position
-        self.checkpoint = 0               # prefix length to keep in an idle sequence (SWA)
+        self.checkpoints = set()          # prefix lengths to keep in idle sequences (SWA)
         self.admitted = False
 
     @property
@@ -73,7 +73,7 @@ class Engine:
     """
 
     def __init__(self, ctx, n_slots=None, *, prefix_cache=True):
-        n_slots = n_slots or ctx.n_seq_max
+        n_slots = ctx.n_seq_max if n_slots is None else n_slots
         if not 1 <= n_slots <= ctx.n_seq_max:
             raise ValueError(f"n_slots must be in [1, {ctx.n_seq_max}]")
         swa = getattr(ctx.memory, "swa", None)
@@ -165,12 +165,18 @@ class Engine:
 
     def _batch(self):
         """The batch of this step and its plan: (request, tokens fed, its
-        logits row or None)."""
+        logits row or None). A follower rides on its leader's tokens (and
+        on whatever its leader rides on) up to its share_end."""
         batch, plan, n_rows = Batch(), [], 0
         followers = collections.defaultdict(list)
         for r in self.running.values():
             if r.leader is not None:
                 followers[r.leader].append(r)
+
+        def riders(r, p):
+            out = [f for f in followers[r] if p < f.share_end]
+            return out + [g for f in out for g in riders(f, p)]
+
         leading = [r for r in self.running.values() if r.leader is None]
         decoding = [r for r in leading if len(r.all_tokens) - r.n_past == 1]
         prefilling = [r for r in leading if len(r.all_tokens) - r.n_past > 1]
@@ -182,14 +188,15 @@ class Engine:
                 break
             if len(pending) > 1:
                 budget -= n
+            fed = collections.Counter()
             for i in range(n):
-                p = r.n_past + i
-                seqs = [r.seq] + [f.seq for f in followers[r] if p < f.share_end]
-                batch.add(pending[i], p, seqs, logits=i == len(pending) - 1)
+                along = riders(r, r.n_past + i)
+                fed.update(along)
+                batch.add(pending[i], r.n_past + i, [r.seq] + [f.seq for f in along],
+                          logits=i == len(pending) - 1)
             plan.append((r, n, n_rows if n == len(pending) else None))
             n_rows += n == len(pending)
-            for f in followers[r]:
-                plan.append((f, min(f.share_end, r.n_past + n) - f.n_past, None))
+            plan += [(f, k, None) for f, k in fed.items()]
         return batch, plan
 
     def _advance(self, plan, logits):
@@ -202,8 +209,9 @@ class Engine:
             if r.leader is not None and r.n_past >= r.share_end:
                 r.leader = None
         for r, _, _ in plan:
-            if r.checkpoint and r.n_past >= r.checkpoint:
-                self._keep_checkpoint(r)
+            for cp in sorted(c for c in r.checkpoints if c <= r.n_past):
+                r.checkpoints.discard(cp)
+                self._keep_checkpoint(r, cp)
             self._trim(r.seq, r.n_past)
         for r, _, row in plan:
             if row is not None and r.finish_reason is None:
@@ -257,9 +265,10 @@ class Engine:
                     self.idle.move_to_end(src)
             self._trim(seq, m)
             q.seq, q.n_past, q.leader, q.share_end = seq, m, leader, share_end
-            q.checkpoint = raw if raw > max(m, share_end) else 0
-            if leader is not None and self.swa is not None and not leader.checkpoint:
-                leader.checkpoint = share_end   # the branch point of the two
+            if raw > max(m, share_end):
+                q.checkpoints.add(raw)
+            if leader is not None and self.swa is not None:
+                leader.checkpoints.add(share_end)   # the branch point of the two
             if not q.admitted:
                 q.admitted = True
                 q.cached_tokens = m
@@ -285,7 +294,7 @@ class Engine:
                 m, src = n, s
         leader, share_end = None, 0
         for s, r in self.running.items():
-            if r.leader is None and r.n_past < len(r.prompt) and r.n_past >= m:
+            if r.n_past < len(r.prompt) and r.n_past >= m:
                 n = self._common(prompt, r.prompt, min(limit, len(r.prompt) - 1))
                 if n > max(r.n_past, share_end):
                     leader, share_end = r, n
@@ -358,10 +367,9 @@ class Engine:
         self.mem.seq_rm(s)
         self.counts["evictions"] += 1
 
-    def _keep_checkpoint(self, r):
-        """Copy r's prefix up to r.checkpoint into an idle sequence, so that
-        its window cells stay for the next request branching there."""
-        cp, r.checkpoint = r.checkpoint, 0
+    def _keep_checkpoint(self, r, cp):
+        """Copy r's prefix up to cp into an idle sequence, so that its window
+        cells stay for the next request branching there."""
         if self._usable(r.seq, cp) != cp:
             return
         s = self._take_id()
@@ -414,7 +422,8 @@ class Engine:
         for f in self.running.values():
             if f.leader is r:
                 f.leader = None
-        r.seq, r.leader, r.checkpoint = None, None, 0
+        r.seq, r.leader = None, None
+        r.checkpoints.clear()
 
     def _finish(self, r, reason, error=None):
         if r.seq is not None:

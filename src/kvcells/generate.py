@@ -25,6 +25,9 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
     for _ in range(max_tokens):
         pos = mem.seq_pos_max(seq_id) + 1
         if context_shift and pos + len(pending) > ctx.n_ctx:
+            if n_keep + len(pending) > ctx.n_ctx:
+                kept = f" after the {n_keep} kept" if n_keep else ""
+                raise CacheFullError(f"{len(pending)} tokens do not fit in {ctx.n_ctx} cells{kept}")
             pos = shift_context(mem, seq_id, pos, n_keep)
         for start in range(0, len(pending), ctx.n_ubatch):
             chunk = pending[start:start + ctx.n_ubatch]
@@ -48,7 +51,8 @@ def shift_context(mem, seq_id, n_past, n_keep):
     the new next position."""
     n_discard = (n_past - n_keep) // 2
     if n_discard <= 0:
-        raise CacheFullError("context full and nothing left to discard (n_keep too large)")
+        raise CacheFullError(f"context full: {n_past} tokens held and the first "
+                             f"n_keep={n_keep} kept, nothing left to discard")
     mem.seq_rm(seq_id, n_keep, n_keep + n_discard)
     mem.seq_add(seq_id, n_keep + n_discard, n_past, -n_discard)
     return n_past - n_discard
@@ -57,24 +61,30 @@ def shift_context(mem, seq_id, n_past, n_keep):
 def generate_parallel(ctx, prompt_ids, n_parallel, max_tokens, sampler=None):
     """n_parallel continuations of one prompt, decoded together.
 
-    The prompt is prefilled once in sequence 0 and shared with sequences
-    1..n_parallel-1 through seq_cp (the cells are shared, no K/V copied).
-    Yields (seq_id, token) as they are sampled.
+    The prompt continues whatever sequence 0 holds; it is prefilled once
+    there and shared with sequences 1..n_parallel-1, which must be empty,
+    through seq_cp (the cells are shared, no K/V copied). Yields (seq_id,
+    token) as they are sampled.
     """
     if not 1 <= n_parallel <= ctx.n_seq_max:
         raise ValueError(f"n_parallel must be in [1, {ctx.n_seq_max}]")
     if not prompt_ids:
         raise ValueError("generate_parallel needs at least one prompt token")
+    busy = [s for s in range(1, n_parallel) if ctx.memory.seq_pos_max(s) >= 0]
+    if busy:
+        raise ValueError(f"sequences {busy} hold tokens; the branches of sequence 0 need "
+                         f"sequences 1..{n_parallel - 1} empty")
     sampler = sampler or Sampler()
+    start = ctx.memory.seq_pos_max(0) + 1
     batch = Batch()
     for i, t in enumerate(prompt_ids):
-        batch.add(t, i, 0, logits=i == len(prompt_ids) - 1)
+        batch.add(t, start + i, 0, logits=i == len(prompt_ids) - 1)
     last = ctx.decode(batch)[-1]
     for s in range(1, n_parallel):
         ctx.memory.seq_cp(0, s)
     history = {s: list(prompt_ids) for s in range(n_parallel)}
     rows = {s: last for s in range(n_parallel)}
-    pos = len(prompt_ids)
+    pos = start + len(prompt_ids)
     for _ in range(max_tokens):
         batch = Batch()
         for s, row in rows.items():

@@ -62,6 +62,12 @@ class Memory(ABC):
         """Largest position of a sequence, -1 when it is empty."""
 
     @abstractmethod
+    def holds_prefix(self, seq_id, n):
+        """Whether a token at position n of the sequence, once the sequence is
+        cut back to [0, n), finds every position it attends still held (a
+        sliding-window cache reuses the cells that fell out of every window)."""
+
+    @abstractmethod
     def clear(self):
         """Empty every cell."""
 

@@ -1,8 +1,8 @@
 """kvcells.Model: a GGUF model ready to run through a KV cache."""
 import numpy as np
 
-from . import arch
-from .cache import ISWACache, KVCache
+from . import arch, kv_quant
+from .cache import ISWACache, KVCache, swa_cells
 from .errors import GGUFError
 from .gguf_model import load_gguf
 from .tokenizer import Tokenizer
@@ -47,6 +47,13 @@ class Model:
         return KVCache(n_ctx, n_seq_max, layers, hp.n_head_kv, hp.head_dim, type_k, type_v,
                        rope_base={il: hp.rope_base for il in layers},
                        rope_mode=hp.rope_mode, rope_freq_scale=hp.rope_freq_scale)
+
+    def kv_bytes(self, n_ctx, n_seq_max=1, n_ubatch=512, type_k="f16", type_v="f16"):
+        """The bytes make_memory would allocate for K and V."""
+        hp = self.hparams
+        n_swa_cells = swa_cells(n_ctx, n_seq_max, n_ubatch, hp.n_swa) if any(hp.swa_layers) else 0
+        row = sum(kv_quant.row_bytes(t, hp.n_head_kv * hp.head_dim) for t in (type_k, type_v))
+        return sum(row * (n_swa_cells if swa else n_ctx) for swa in hp.swa_layers)
 
     def forward(self, tokens, pos, seq_ids, output_rows, mem):
         """Run one ubatch, already applied to `mem` (mem.apply), through the

@@ -7,6 +7,8 @@ The penalties look at the last repeat_last_n tokens, as llama.cpp's do: the
 repetition penalty scales a repeated token's logit, the presence and
 frequency penalties subtract from it with OpenAI's formula.
 """
+import math
+
 import numpy as np
 
 # top-p first tries the nucleus inside this many best tokens before sorting all
@@ -17,12 +19,12 @@ class Sampler:
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
                  repeat_penalty=1.0, repeat_last_n=64, presence_penalty=0.0,
                  frequency_penalty=0.0):
-        if temperature < 0 or top_k < 0 or repeat_last_n < 0:
-            raise ValueError("temperature, top_k and repeat_last_n must be >= 0")
+        if not (temperature >= 0 and math.isfinite(temperature)) or top_k < 0 or repeat_last_n < 0:
+            raise ValueError("temperature must be finite and >= 0, top_k and repeat_last_n >= 0")
         if not 0.0 < top_p <= 1.0 or not 0.0 <= min_p <= 1.0:
             raise ValueError("top_p must be in (0, 1] and min_p in [0, 1]")
-        if repeat_penalty <= 0:
-            raise ValueError("repeat_penalty must be > 0")
+        if not (repeat_penalty > 0 and math.isfinite(repeat_penalty)):
+            raise ValueError("repeat_penalty must be finite and > 0")
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
@@ -45,7 +47,12 @@ class Sampler:
             if self.presence_penalty or self.frequency_penalty:
                 logits = penalize_presence(logits, window, self.presence_penalty,
                                            self.frequency_penalty)
-        if self.temperature == 0.0 or self.top_k == 1:
+        best = logits.max()
+        if np.isnan(best):
+            raise ValueError("logits contain NaN")
+        if best == -np.inf:
+            raise ValueError("every logit is -inf: no token can be sampled")
+        if self.temperature == 0.0 or self.top_k == 1 or best == np.inf:   # +inf is certain
             return int(np.argmax(logits))
         ids, kept = candidates(logits, self.top_k, self.top_p, self.min_p)
         z = (kept - kept.max()) / self.temperature
