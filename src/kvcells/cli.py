@@ -30,6 +30,8 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--cache-type-k", "-ctk", default="f16", choices=KV_TYPES)
     ap.add_argument("--cache-type-v", "-ctv", default="f16", choices=KV_TYPES)
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="queue mode: free finished sequences and prefill every prompt in full")
     ap.add_argument("--show-cache", action="store_true", help="print cell occupancy at the end")
     return ap.parse_args(argv)
 
@@ -137,7 +139,8 @@ def run_queue(ctx, prompts, args, sampler):
     encoded = [tok.encode(p) for p in prompts]
     outs = [[] for _ in prompts]
     t0 = time.perf_counter()
-    for i, t in serve(ctx, encoded, args.n_predict, sampler, n_slots=args.parallel):
+    for i, t in serve(ctx, encoded, args.n_predict, sampler, n_slots=args.parallel,
+                      prefix_cache=not args.no_prefix_cache):
         outs[i].append(t)
     elapsed = time.perf_counter() - t0
     for p, toks in zip(prompts, outs):
