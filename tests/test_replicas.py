@@ -6,6 +6,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -35,27 +37,31 @@ def model(tiny_gguf):
     return str(tiny_gguf("llama"))
 
 
-def server_args(model, *more):
-    return parse_args(["-m", model, "-c", "320", "-np", "1", "-t", "1", "--replicas", "2",
-                       "--replica-cpus", "0.5", "--timeout", str(TIMEOUT), *more])
+def sys_args(model):
+    return ["-m", model, "-c", "320", "-np", "1", "-t", "1", "--replicas", "2",
+            "--replica-cpus", "0.5", "--timeout", str(TIMEOUT)]
+
+
+def server_args(model):
+    return parse_args(sys_args(model))
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The base URL of Ray Serve's HTTP proxy on a fresh local cluster."""
+    """(base URL, Ray address) of a fresh local cluster; Ray Serve's HTTP
+    proxy listens on that URL once something is deployed."""
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20,
              include_dashboard=False, log_to_driver=False)
-    port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{free_port()}", ray.get_runtime_context().gcs_address
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def deploy(model, prefix_affinity=True):
+def deploy(cluster, model, prefix_affinity=True):
     """Fresh replicas (empty caches) of the app."""
+    serve.start(http_options={"host": "127.0.0.1", "port": int(cluster[0].rsplit(":", 1)[1])})
     serve.delete(APP_NAME)
     serve.run(build_app(server_args(model), prefix_affinity=prefix_affinity),
               name=APP_NAME, route_prefix="/")
@@ -87,6 +93,35 @@ def single(model):
         yield client
 
 
+def test_kvcells_server_replicas_joins_the_cluster_at_RAY_ADDRESS(cluster, model, single):
+    url, address = cluster
+    port = url.rsplit(":", 1)[1]
+    cmd = [sys.executable, "-m", "kvcells.server", *sys_args(model), "--port", port]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, RAY_ADDRESS=address),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        body = COMPARED[0][1]
+        while True:
+            assert proc.poll() is None, "kvcells-server --replicas exited"
+            assert time.monotonic() < deadline, "kvcells-server --replicas did not come up"
+            try:
+                r = httpx.post(url + "/v1/completions", json=body, timeout=CLIENT_TIMEOUT)
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        want = single.post("/v1/completions", json=body).json()
+        assert r.json()["choices"] == want["choices"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=60) == 0
+        finally:
+            proc.kill()
+
+
 COMPARED = [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}),
     ("/v1/completions", {"prompt": [5, 17, 42, 9, 31], "max_tokens": 10, "ignore_eos": True,
@@ -107,8 +142,8 @@ def without_ids(body):
 
 
 def test_replicas_answer_like_the_single_process_server(cluster, model, single):
-    deploy(model)
-    with httpx.Client(base_url=cluster, timeout=CLIENT_TIMEOUT) as http:
+    deploy(cluster, model)
+    with httpx.Client(base_url=cluster[0], timeout=CLIENT_TIMEOUT) as http:
         for path, body in COMPARED:
             want, got = single.post(path, json=body), http.post(path, json=body)
             assert got.status_code == want.status_code, (body, got.text)
@@ -176,10 +211,10 @@ def served_from_cache(base_url, prompts):
 def test_prefix_affinity_keeps_prefixes_cached(cluster, model):
     prompts = prefix_workload()
     ideal = ideal_cached(prompts)
-    deploy(model, prefix_affinity=True)
-    affinity = served_from_cache(cluster, prompts)
-    deploy(model, prefix_affinity=False)
-    blind = served_from_cache(cluster, prompts)
+    deploy(cluster, model, prefix_affinity=True)
+    affinity = served_from_cache(cluster[0], prompts)
+    deploy(cluster, model, prefix_affinity=False)
+    blind = served_from_cache(cluster[0], prompts)
     print(f"\nprompt tokens from cache, 4 prefixes x 10 requests on 2 replicas: one engine "
           f"{ideal}, prefix affinity {affinity} ({affinity / ideal:.0%}), Ray Serve's "
           f"default router {blind} ({blind / ideal:.0%})")
@@ -188,7 +223,7 @@ def test_prefix_affinity_keeps_prefixes_cached(cluster, model):
 
 
 def test_a_killed_replica_fails_its_requests_with_503_and_service_goes_on(cluster, model):
-    deploy(model)
+    deploy(cluster, model)
     prompts = [p[:20] for p in prefix_workload(seed=1, per_prefix=2)]
     body = {"max_tokens": 250, "ignore_eos": True, "temperature": 0}
     decoding = threading.Semaphore(0)
@@ -196,7 +231,7 @@ def test_a_killed_replica_fails_its_requests_with_503_and_service_goes_on(cluste
     def complete(prompt, stream):
         """(outcome, seconds): "ok", or the error code of an HTTP error or a stream's error event."""
         t0 = time.monotonic()
-        with httpx.Client(base_url=cluster, timeout=CLIENT_TIMEOUT) as http:
+        with httpx.Client(base_url=cluster[0], timeout=CLIENT_TIMEOUT) as http:
             if not stream:
                 r = http.post("/v1/completions", json=dict(body, prompt=prompt))
                 ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"

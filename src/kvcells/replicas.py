@@ -17,8 +17,7 @@ import copy
 import logging
 import os
 import signal
-import sys
-import time
+import threading
 
 import ray
 from ray import serve
@@ -155,29 +154,23 @@ class _ContextSize:
 
 class IngressService(Service):
     """The server's app with a RemoteEngine: it loads the model for its
-    tokenizer and chat template only."""
+    tokenizer and chat template only, before the app starts."""
 
     def __init__(self, args, replica_handle):
         args = copy.copy(args)
         args.parallel *= args.replicas          # slots over all replicas, for --max-waiting
         super().__init__(args)
-        self.replica_handle = replica_handle
-
-    def load(self):
-        a = self.args
-        try:
-            from .cli import default_model_path
-            from .model import Model
-            path = a.model or default_model_path()
-            self.model = Model.load(path)
-            self.model_name = os.path.basename(path)
-            self.load_template()
-        except (Exception, SystemExit) as e:
-            log.error("loading failed: %s", e)
-            self.load_error = e
-            return
-        self.engine = RemoteEngine(self.replica_handle, a.ctx_size, self.model.hparams.n_vocab)
+        from .cli import default_model_path
+        from .model import Model
+        path = args.model or default_model_path()
+        self.model = Model.load(path)
+        self.model_name = os.path.basename(path)
+        self.load_template()
+        self.engine = RemoteEngine(replica_handle, args.ctx_size, self.model.hparams.n_vocab)
         self.ready = True
+
+    async def lifespan(self, app):
+        yield
 
     async def slots(self, request):
         raise APIError(404, "/slots is per engine; with --replicas see the Ray dashboard",
@@ -216,15 +209,15 @@ def main(args):
     """Serve until SIGTERM or Ctrl-C: join the cluster at RAY_ADDRESS, or start a local one."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ray.init()      # RAY_ADDRESS, when set, names the cluster to join
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):     # after ray.init, which sets its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         log.info("%d replicas serving on http://%s:%d", args.replicas, args.host, args.port)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
         serve.delete(APP_NAME)
         ray.shutdown()
+    log.info("stopped")
