@@ -59,8 +59,16 @@ def cluster():
         ray.shutdown()
 
 
-def deploy(cluster, model, prefix_affinity=True):
-    """Fresh replicas (empty caches) of the app."""
+DEPLOYED = {}
+
+
+def deploy(cluster, model, prefix_affinity=True, fresh=True):
+    """Fresh replicas (empty caches) of the app; fresh=False keeps the app
+    the last call deployed with the same routing."""
+    if not fresh and DEPLOYED.get("prefix_affinity") == prefix_affinity and serve.status(
+            ).applications.get(APP_NAME):
+        return
+    DEPLOYED["prefix_affinity"] = prefix_affinity
     serve.start(http_options={"host": "127.0.0.1", "port": int(cluster[0].rsplit(":", 1)[1])})
     serve.delete(APP_NAME)
     serve.run(build_app(server_args(model), prefix_affinity=prefix_affinity),
@@ -93,35 +101,6 @@ def single(model):
         yield client
 
 
-def test_kvcells_server_replicas_joins_the_cluster_at_RAY_ADDRESS(cluster, model, single):
-    url, address = cluster
-    port = url.rsplit(":", 1)[1]
-    cmd = [sys.executable, "-m", "kvcells.server", *sys_args(model), "--port", port]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, RAY_ADDRESS=address),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        body = COMPARED[0][1]
-        while True:
-            assert proc.poll() is None, "kvcells-server --replicas exited"
-            assert time.monotonic() < deadline, "kvcells-server --replicas did not come up"
-            try:
-                r = httpx.post(url + "/v1/completions", json=body, timeout=CLIENT_TIMEOUT)
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        want = single.post("/v1/completions", json=body).json()
-        assert r.json()["choices"] == want["choices"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=60) == 0
-        finally:
-            proc.kill()
-
-
 COMPARED = [
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}),
     ("/v1/completions", {"prompt": [5, 17, 42, 9, 31], "max_tokens": 10, "ignore_eos": True,
@@ -141,24 +120,50 @@ def without_ids(body):
     return {k: v for k, v in body.items() if k not in ("id", "created")}
 
 
-def test_replicas_answer_like_the_single_process_server(cluster, model, single):
-    deploy(cluster, model)
-    with httpx.Client(base_url=cluster[0], timeout=CLIENT_TIMEOUT) as http:
-        for path, body in COMPARED:
-            want, got = single.post(path, json=body), http.post(path, json=body)
-            assert got.status_code == want.status_code, (body, got.text)
-            if want.status_code == 200:
-                want, got = without_ids(want.json()), without_ids(got.json())
-                # cached prompt tokens depend on what each engine served before
-                for u in (want["usage"], got["usage"]):
-                    del u["prompt_tokens_details"]
-            else:
-                want, got = want.json(), got.json()
-            assert got == want, body
-        stream = dict(COMPARED[2][1], stream=True)
-        want = sse_choices(single.post("/v1/completions", json=stream).text)
-        got = sse_choices(http.post("/v1/completions", json=stream).text)
-        assert got == want and len(want) == 2
+def test_kvcells_server_replicas_answers_like_the_single_process_server(cluster, model, single):
+    """The command itself, joining the cluster at RAY_ADDRESS."""
+    url, address = cluster
+    port = url.rsplit(":", 1)[1]
+    cmd = [sys.executable, "-m", "kvcells.server", *sys_args(model), "--port", port]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, RAY_ADDRESS=address),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "kvcells-server --replicas exited"
+            assert time.monotonic() < deadline, "kvcells-server --replicas did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT) as http:
+            compare_with_single(http, single)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=60) == 0
+        finally:
+            proc.kill()
+
+
+def compare_with_single(http, single):
+    for path, body in COMPARED:
+        want, got = single.post(path, json=body), http.post(path, json=body)
+        assert got.status_code == want.status_code, (body, got.text)
+        if want.status_code == 200:
+            want, got = without_ids(want.json()), without_ids(got.json())
+            # cached prompt tokens depend on what each engine served before
+            for u in (want["usage"], got["usage"]):
+                del u["prompt_tokens_details"]
+        else:
+            want, got = want.json(), got.json()
+        assert got == want, body
+    stream = dict(COMPARED[2][1], stream=True)
+    want = sse_choices(single.post("/v1/completions", json=stream).text)
+    got = sse_choices(http.post("/v1/completions", json=stream).text)
+    assert got == want and len(want) == 2
 
 
 def sse_choices(text):
@@ -211,10 +216,10 @@ def served_from_cache(base_url, prompts):
 def test_prefix_affinity_keeps_prefixes_cached(cluster, model):
     prompts = prefix_workload()
     ideal = ideal_cached(prompts)
-    deploy(cluster, model, prefix_affinity=True)
-    affinity = served_from_cache(cluster[0], prompts)
     deploy(cluster, model, prefix_affinity=False)
     blind = served_from_cache(cluster[0], prompts)
+    deploy(cluster, model, prefix_affinity=True)
+    affinity = served_from_cache(cluster[0], prompts)
     print(f"\nprompt tokens from cache, 4 prefixes x 10 requests on 2 replicas: one engine "
           f"{ideal}, prefix affinity {affinity} ({affinity / ideal:.0%}), Ray Serve's "
           f"default router {blind} ({blind / ideal:.0%})")
@@ -223,7 +228,7 @@ def test_prefix_affinity_keeps_prefixes_cached(cluster, model):
 
 
 def test_a_killed_replica_fails_its_requests_with_503_and_service_goes_on(cluster, model):
-    deploy(cluster, model)
+    deploy(cluster, model, fresh=False)
     prompts = [p[:20] for p in prefix_workload(seed=1, per_prefix=2)]
     body = {"max_tokens": 250, "ignore_eos": True, "temperature": 0}
     decoding = threading.Semaphore(0)
