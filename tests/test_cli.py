@@ -129,3 +129,11 @@ def test_repeat_penalty_applies_to_prompt_and_output(capsys, gemma_path):
     out = run(capsys, "-m", gemma_path, "-p", "a a a b b b", "-n", "8",
               "--repeat-penalty", "1.8").out
     assert out == "a a a b b b" + model.tokenizer.decode(want) + "\n"
+
+
+def test_no_prefix_cache_gives_the_same_queue_output(capsys, gemma_path, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("the same long start, then one\nthe same long start, then two\n")
+    outs = [run(capsys, "-m", gemma_path, "-f", str(f), "-np", "2", "-n", "4", *flag).out
+            for flag in ([], ["--no-prefix-cache"])]
+    assert outs[0] == outs[1] and outs[0].count("--- the same long start") == 2

@@ -84,7 +84,6 @@ class Engine:
         self.mem.clear()
         self.swa = swa
         self.n_swa = swa.n_swa if swa is not None else 0
-        self.table = getattr(self.mem, "base", self.mem).table   # the full-attention cells
         self.waiting = collections.deque()
         self.running = {}                          # seq id -> Request, in admission order
         self.idle = collections.OrderedDict()      # seq id -> tokens held; least recent first
@@ -93,6 +92,12 @@ class Engine:
         self._work = threading.Event()
         self.counts = dict(prompt_tokens=0, cached_tokens=0, computed_prompt_tokens=0,
                            generated_tokens=0, evictions=0, preemptions=0)
+        self._snapshot = self._count()
+
+    @property
+    def table(self):
+        """The cell table of the full-attention layers."""
+        return getattr(self.mem, "base", self.mem).table
 
     # ---- thread-safe entry points ----
 
@@ -128,6 +133,12 @@ class Engine:
 
     def step(self):
         """One decode step; False when there was nothing to do."""
+        try:
+            return self._step()
+        finally:
+            self._snapshot = self._count()
+
+    def _step(self):
         with self._lock:
             self.waiting.extend(self._inbox)
             cancels = self._cancels
@@ -153,41 +164,40 @@ class Engine:
         return True
 
     def _batch(self):
-        """The batch of this step and its plan: (request, tokens fed, logits row or None)."""
-        batch, plan = Batch(), []
+        """The batch of this step and its plan: (request, tokens fed, its
+        logits row or None)."""
+        batch, plan, n_rows = Batch(), [], 0
         followers = collections.defaultdict(list)
         for r in self.running.values():
             if r.leader is not None:
                 followers[r.leader].append(r)
-        decoding = [r for r in self.running.values()
-                    if r.leader is None and len(r.all_tokens) - r.n_past == 1]
-        prefilling = [r for r in self.running.values()
-                      if r.leader is None and len(r.all_tokens) - r.n_past > 1]
+        leading = [r for r in self.running.values() if r.leader is None]
+        decoding = [r for r in leading if len(r.all_tokens) - r.n_past == 1]
+        prefilling = [r for r in leading if len(r.all_tokens) - r.n_past > 1]
         budget = max(self.ctx.n_ubatch - len(decoding), 1)
-        for k, r in enumerate(decoding + prefilling):
+        for r in decoding + prefilling:
             pending = r.all_tokens[r.n_past:]
-            n = len(pending) if k < len(decoding) else min(len(pending), budget)
+            n = min(len(pending), budget) if len(pending) > 1 else 1
             if n == 0:
                 break
-            if k >= len(decoding):
+            if len(pending) > 1:
                 budget -= n
-            for k in range(n):
-                p = r.n_past + k
+            for i in range(n):
+                p = r.n_past + i
                 seqs = [r.seq] + [f.seq for f in followers[r] if p < f.share_end]
-                batch.add(pending[k], p, seqs, logits=k == len(pending) - 1)
-            row = len(plan) if n == len(pending) else None
-            plan.append((r, n, row))
+                batch.add(pending[i], p, seqs, logits=i == len(pending) - 1)
+            plan.append((r, n, n_rows if n == len(pending) else None))
+            n_rows += n == len(pending)
             for f in followers[r]:
                 plan.append((f, min(f.share_end, r.n_past + n) - f.n_past, None))
-        rows = [row for _, _, row in plan if row is not None]
-        plan = [(r, n, rows.index(row) if row is not None else None) for r, n, row in plan]
         return batch, plan
 
     def _advance(self, plan, logits):
         """After a decode: positions, checkpoints, window trimming, sampling."""
         for r, n, _ in plan:
-            if r.leader is None:
-                self.counts["computed_prompt_tokens"] += max(0, min(len(r.prompt), r.n_past + n) - r.n_past)
+            if r.leader is None:   # a follower's tokens were its leader's
+                self.counts["computed_prompt_tokens"] += max(0, min(len(r.prompt), r.n_past + n)
+                                                             - r.n_past)
             r.n_past += n
             if r.leader is not None and r.n_past >= r.share_end:
                 r.leader = None
@@ -242,6 +252,7 @@ class Engine:
                 self.mem.seq_rm(seq, m, -1)
             elif m:
                 self.mem.seq_cp(src, seq, 0, m)
+                self._touch(q.all_tokens[:m])
                 if src in self.idle:
                     self.idle.move_to_end(src)
             self._trim(seq, m)
@@ -318,12 +329,29 @@ class Engine:
         for s in range(self.ctx.n_seq_max):
             if s not in used:
                 return s
-        victims = [s for s in self.idle if s != keep] or [s for s in self.idle if s == keep]
-        if not victims:
-            return None
-        if victims[0] != keep:
-            self._evict(victims[0])
-        return victims[0]
+        victim = self._victim(keep)
+        if victim is not None and victim != keep:
+            self._evict(victim)
+        return victim
+
+    def _victim(self, keep=None):
+        """The idle sequence to evict: one whose prefix another sequence can
+        serve as well, else the least recently used, `keep` last."""
+        order = [s for s in self.idle if s != keep] + [s for s in self.idle if s == keep]
+        for s in order:
+            toks = self.idle[s]
+            others = [(o, r.all_tokens[:r.n_past]) for o, r in self.running.items()]
+            others += [(o, t) for o, t in self.idle.items() if o != s]
+            if any(len(t) >= len(toks) and t[:len(toks)] == toks
+                   and self._usable(o, len(toks)) == len(toks) for o, t in others):
+                return s
+        return order[0] if order else None
+
+    def _touch(self, tokens):
+        """Mark the idle sequences holding a prefix of tokens as just used."""
+        for s, held in list(self.idle.items()):
+            if len(held) <= len(tokens) and tokens[:len(held)] == held:
+                self.idle.move_to_end(s)
 
     def _evict(self, s):
         del self.idle[s]
@@ -346,8 +374,9 @@ class Engine:
     def _trim(self, s, n_past):
         """Drop the window cells that sequence s no longer sees: the table
         never reuses a cell two sequences share, even when both have left it."""
-        if self.swa is not None and n_past - self.n_swa + 1 > 0:
-            self.swa.seq_rm(s, 0, n_past - self.n_swa + 1)
+        below = min(n_past - self.n_swa + 1, n_past - 1)   # a sequence keeps its last cell
+        if self.swa is not None and below > 0:
+            self.swa.seq_rm(s, 0, below)
 
     # ---- when the cache is full ----
 
@@ -356,7 +385,7 @@ class Engine:
         the youngest running request (freed and requeued to recompute); a
         request alone that does not fit fails."""
         if self.idle:
-            self._evict(next(iter(self.idle)))
+            self._evict(self._victim())
             return
         youngest = list(self.running.values())[-1]
         if len(self.running) == 1:
@@ -391,6 +420,7 @@ class Engine:
         if r.seq is not None:
             if self.prefix_cache and reason in ("stop", "length"):
                 del self.running[r.seq]
+                self._touch(r.all_tokens[:r.n_past])
                 self.idle[r.seq] = r.all_tokens[:r.n_past]
                 r.seq = None
             else:
@@ -405,6 +435,10 @@ class Engine:
     # ---- accounting ----
 
     def stats(self):
+        """The figures as of the end of the last step (safe from any thread)."""
+        return dict(self._snapshot)
+
+    def _count(self):
         idle_cells = 0
         if self.idle:
             m = self.table.seq_matrix()

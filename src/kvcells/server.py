@@ -5,8 +5,8 @@ One engine thread runs Engine.step() in a loop. Request handlers run on the
 asyncio event loop: they submit to the engine (thread-safe) and receive each
 token through their own asyncio.Queue, fed from the engine thread with
 loop.call_soon_threadsafe. Anything else the handlers need from the engine
-(stats, slots) runs on the engine thread between steps, so only that thread
-ever touches the cache.
+(the running requests for /slots) runs on the engine thread between steps;
+/metrics reads the engine's snapshot of its figures.
 
 The app is plain Starlette on uvicorn, the ASGI stack FastAPI itself sits on:
 requests are validated by hand so that every error has an OpenAI-style body
@@ -44,7 +44,7 @@ from .sampling import Sampler
 
 log = logging.getLogger("kvcells.server")
 
-SEQ_IDS_PER_SLOT = 4        # the ids beyond the running slots keep finished prompts as cached prefixes
+SPARE_SEQ_IDS = 8           # sequence ids beyond the slots: cached prefixes and checkpoints (docs/engine.md)
 MAX_N = 16                  # choices per request
 MAX_STOPS = 4               # stop strings per request, as OpenAI allows
 SHUTDOWN_GRACE_S = 10       # on SIGTERM, requests in flight get this long before they are cancelled
@@ -75,8 +75,8 @@ def parse_args(argv):
                     help="engines on Ray Serve behind this port (RAY_ADDRESS: the cluster to join)")
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica")
     args = ap.parse_args(argv)
-    if not 1 <= args.parallel <= 256 // SEQ_IDS_PER_SLOT:
-        ap.error(f"-np must be in [1, {256 // SEQ_IDS_PER_SLOT}]")
+    if not 1 <= args.parallel <= 256 - SPARE_SEQ_IDS:
+        ap.error(f"-np must be in [1, {256 - SPARE_SEQ_IDS}]")
     if args.timeout <= 0 or args.max_waiting < 0:
         ap.error("--timeout must be > 0 and --max-waiting >= 0")
     if args.replicas < 1 or args.replica_cpus <= 0:
@@ -114,6 +114,10 @@ async def on_http_error(request, e):
 
 async def on_client_gone(request, e):
     return PlainTextResponse("client closed the request", 499)
+
+
+async def on_chat_template_error(request, e):
+    return APIError(400, str(e), "invalid_value", "messages").response()
 
 
 async def on_internal_error(request, e):
@@ -190,6 +194,7 @@ CHAT_PARAMS = dict(PARAMS, messages=(None, is_messages, "a non-empty list of mes
 TOKENIZE_PARAMS = {"content": (None, lambda v: isinstance(v, str), "a string"),
                    "add_special": (False, lambda v: isinstance(v, bool), "a boolean"),
                    "parse_special": (True, lambda v: isinstance(v, bool), "a boolean")}
+TEMPLATE_PARAMS = {"messages": (None, is_messages, "a non-empty list of messages")}
 DETOKENIZE_PARAMS = {"tokens": (None, lambda v: isinstance(v, list) and all(map(is_int, v)),
                                 "a list of token ids")}
 
@@ -355,11 +360,13 @@ class Service:
                   Route("/metrics", self.metrics),
                   Route("/tokenize", self.tokenize, methods=["POST"]),
                   Route("/detokenize", self.detokenize, methods=["POST"]),
+                  Route("/apply-template", self.apply_template, methods=["POST"]),
                   Route("/slots", self.slots)]
         middleware = [Middleware(BearerAuth, key=args.api_key)] if args.api_key else []
         self.app = Starlette(routes=routes, middleware=middleware, lifespan=self.lifespan,
                              exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
                                                  ClientGone: on_client_gone,
+                                                 ChatTemplateError: on_chat_template_error,
                                                  Exception: on_internal_error})
 
     # ---- life ----
@@ -383,7 +390,7 @@ class Service:
             self.model = Model.load(path)
             self.model_name = os.path.basename(path)
             self.load_template()
-            ctx = Context(self.model, n_ctx=a.ctx_size, n_seq_max=SEQ_IDS_PER_SLOT * a.parallel,
+            ctx = Context(self.model, n_ctx=a.ctx_size, n_seq_max=a.parallel + SPARE_SEQ_IDS,
                           n_ubatch=a.ubatch_size, type_k=a.cache_type_k, type_v=a.cache_type_v,
                           n_threads=a.threads)
             self.engine = Engine(ctx, a.parallel, prefix_cache=not a.no_prefix_cache)
@@ -493,15 +500,15 @@ class Service:
     def prompt_ids(self, p, chat):
         tok = self.model.tokenizer
         if chat:
-            if self.template is None:
-                raise APIError(400, self.template_error, "no_chat_template")
-            try:
-                return self.template.encode(tok, p["messages"])
-            except ChatTemplateError as e:
-                raise APIError(400, str(e), "invalid_value", "messages") from None
+            return self.chat_template().encode(tok, p["messages"])
         if isinstance(p["prompt"], str):
             return tok.encode(p["prompt"], add_bos=True, special=True)
         return p["prompt"]
+
+    def chat_template(self):
+        if self.template is None:
+            raise APIError(400, self.template_error, "no_chat_template")
+        return self.template
 
     async def stream(self, job, request, head, chat, include_usage):
         """Server-Sent Events: a chunk per piece of text, one with each
@@ -567,6 +574,12 @@ class Service:
         except ValueError as e:
             raise APIError(400, str(e), "invalid_value", "tokens") from None
 
+    async def apply_template(self, request):
+        """The prompt text a chat request renders to."""
+        self.check_ready()
+        p = await read_params(request, TEMPLATE_PARAMS, ("messages",))
+        return JSONResponse({"prompt": self.chat_template().render(p["messages"])})
+
     async def slots(self, request):
         self.check_ready()
         running = await self.on_engine_thread(lambda: [
@@ -580,7 +593,7 @@ class Service:
 
     async def metrics(self, request):
         self.check_ready()
-        stats = await self.on_engine_thread(self.engine.stats)
+        stats = self.engine.stats()
         lines = []
         for key, name, kind, help_text in METRICS:
             lines += [f"# HELP kvcells_{name} {help_text}", f"# TYPE kvcells_{name} {kind}",
