@@ -8,8 +8,6 @@
 
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -49,26 +47,9 @@ struct kvc_table {
     int32_t *tmp_pos;   // n_cells
     int32_t *tmp_seq;   // n_seq_max
     uint8_t *tmp_mark;  // n_cells, all zero between calls
-    char err[192];
 };
 
-static int fail(kvc_table *t, int code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(t->err, sizeof t->err, fmt, ap);
-    va_end(ap);
-    return code;
-}
-
-static int say(char *err, int32_t err_len, int code, const char *fmt, ...) {
-    if (err && err_len > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, (size_t)err_len, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
+#define fail(t, ...) kvc_fail(__VA_ARGS__)
 
 // ---------------------------------------------------------------- SWA
 
@@ -371,11 +352,12 @@ static const char *params_error(int64_t n_cells, int64_t n_seq_max, int64_t n_sw
     return NULL;
 }
 
-int kvc_new(int32_t n_cells, int32_t n_seq_max, int32_t n_swa, int32_t swa_type, kvc_table **out) {
+kvc_status kvc_new(int32_t n_cells, int32_t n_seq_max, int32_t n_swa, int32_t swa_type, kvc_table **out) {
     *out = NULL;
-    if (params_error(n_cells, n_seq_max, n_swa, swa_type)) return KVC_EINVAL;
+    const char *why = params_error(n_cells, n_seq_max, n_swa, swa_type);
+    if (why) return kvc_fail(KVC_EINVAL, "%s", why);
     kvc_table *t = calloc(1, sizeof *t);
-    if (!t) return KVC_ENOMEM;
+    if (!t) return kvc_fail(KVC_ENOMEM, "cannot allocate the cell table");
     size_t n = (size_t)n_cells, ns = (size_t)n_seq_max;
     t->n_cells = n_cells;
     t->n_seq_max = n_seq_max;
@@ -398,7 +380,7 @@ int kvc_new(int32_t n_cells, int32_t n_seq_max, int32_t n_swa, int32_t swa_type,
     if (!t->pos || !t->shift || !t->nseq || !t->seq || !t->used_bits || !t->root || !t->count ||
         !t->pos_min || !t->pos_max || !t->tmp_cell || !t->tmp_pos || !t->tmp_seq || !t->tmp_mark) {
         kvc_free(t);
-        return KVC_ENOMEM;
+        return kvc_fail(KVC_ENOMEM, "cannot allocate the cell table");
     }
     for (size_t i = 0; i < n; i++) t->pos[i] = -1;
     for (size_t s = 0; s < ns; s++) t->root[s] = t->pos_min[s] = t->pos_max[s] = -1;
@@ -414,7 +396,7 @@ static void *dup(const void *p, size_t size) {
     return q;
 }
 
-int kvc_clone(const kvc_table *t, kvc_table **out) {
+kvc_status kvc_clone(const kvc_table *t, kvc_table **out) {
     kvc_table *c;
     int rc = kvc_new(t->n_cells, t->n_seq_max, t->n_swa, t->swa_type, &c);
     *out = NULL;
@@ -423,7 +405,7 @@ int kvc_clone(const kvc_table *t, kvc_table **out) {
     node *nodes = dup(t->nodes, (size_t)t->cap_nodes * sizeof(node));
     if (!nodes) {
         kvc_free(c);
-        return KVC_ENOMEM;
+        return kvc_fail(KVC_ENOMEM, "cannot copy the cell table");
     }
     c->nodes = nodes;
     c->cap_nodes = t->cap_nodes;
@@ -448,7 +430,6 @@ int kvc_clone(const kvc_table *t, kvc_table **out) {
     return KVC_OK;
 }
 
-const char *kvc_error(const kvc_table *t) { return t->err; }
 int32_t kvc_n_cells(const kvc_table *t) { return t->n_cells; }
 int32_t kvc_n_seq_max(const kvc_table *t) { return t->n_seq_max; }
 int32_t kvc_n_swa(const kvc_table *t) { return t->n_swa; }
@@ -470,7 +451,7 @@ static int bad_cell(kvc_table *t, int32_t i) {
 
 // ---------------------------------------------------------------- find_slot / apply_ubatch
 
-int kvc_find_slot(kvc_table *t, int32_t n_tokens, int32_t cont, int32_t *idxs_out) {
+kvc_status kvc_find_slot(kvc_table *t, int32_t n_tokens, int32_t cont, int32_t *idxs_out) {
     if (n_tokens < 1) return fail(t, KVC_EINVAL, "n_tokens must be >= 1, got %d", n_tokens);
     const uint32_t size = (uint32_t)t->n_cells;
     uint32_t head = (uint32_t)t->head;
@@ -553,7 +534,7 @@ static int check_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs, con
 
 static void seq_rm_range(kvc_table *t, int32_t s, int64_t p0, int64_t p1, int32_t *first_freed);
 
-int kvc_apply_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs, const int32_t *pos,
+kvc_status kvc_apply_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs, const int32_t *pos,
                      int32_t n_seq_entries, const int32_t *seq_ids, const int32_t *seq_offsets) {
     int rc = check_ubatch(t, n_tokens, idxs, pos, n_seq_entries, seq_ids, seq_offsets);
     if (rc) return rc;
@@ -588,14 +569,14 @@ int kvc_apply_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs, const 
 
 // ---------------------------------------------------------------- cell queries
 
-int kvc_cell_pos(kvc_table *t, int32_t i, int32_t *pos_out) {
+kvc_status kvc_cell_pos(kvc_table *t, int32_t i, int32_t *pos_out) {
     int rc = bad_cell(t, i);
     if (rc) return rc;
     *pos_out = t->pos[i];
     return KVC_OK;
 }
 
-int kvc_cell_seqs(kvc_table *t, int32_t i, int32_t *seqs_out, int32_t *n_out) {
+kvc_status kvc_cell_seqs(kvc_table *t, int32_t i, int32_t *seqs_out, int32_t *n_out) {
     int rc = bad_cell(t, i);
     if (rc) return rc;
     int32_t n = 0;
@@ -638,7 +619,7 @@ static void seq_rm_range(kvc_table *t, int32_t s, int64_t p0, int64_t p1, int32_
     }
 }
 
-int kvc_seq_rm(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1) {
+kvc_status kvc_seq_rm(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1) {
     if (seq_id != -1 && bad_seq(t, seq_id)) return KVC_EINVAL;
     int64_t lo = range_lo(p0), hi = range_hi(p1);
     int32_t first_freed = t->n_cells;
@@ -658,7 +639,7 @@ int kvc_seq_rm(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1) {
     return KVC_OK;
 }
 
-int kvc_seq_cp(kvc_table *t, int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1) {
+kvc_status kvc_seq_cp(kvc_table *t, int32_t seq_src, int32_t seq_dst, int32_t p0, int32_t p1) {
     int rc;
     if ((rc = bad_seq(t, seq_src)) || (rc = bad_seq(t, seq_dst))) return rc;
     if (seq_src == seq_dst) return KVC_OK;
@@ -671,7 +652,7 @@ int kvc_seq_cp(kvc_table *t, int32_t seq_src, int32_t seq_dst, int32_t p0, int32
     return KVC_OK;
 }
 
-int kvc_seq_keep(kvc_table *t, int32_t seq_id) {
+kvc_status kvc_seq_keep(kvc_table *t, int32_t seq_id) {
     int rc = bad_seq(t, seq_id);
     if (rc) return rc;
     int32_t first_freed = t->n_cells;
@@ -687,7 +668,7 @@ int kvc_seq_keep(kvc_table *t, int32_t seq_id) {
     return KVC_OK;
 }
 
-int kvc_seq_add(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1, int32_t delta) {
+kvc_status kvc_seq_add(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1, int32_t delta) {
     int rc = bad_seq(t, seq_id);
     if (rc) return rc;
     int64_t lo = range_lo(p0), hi = range_hi(p1);
@@ -717,7 +698,7 @@ int kvc_seq_add(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1, int32_t de
     return KVC_OK;
 }
 
-int kvc_seq_div(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1, int32_t d) {
+kvc_status kvc_seq_div(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1, int32_t d) {
     int rc = bad_seq(t, seq_id);
     if (rc) return rc;
     if (d < 1) return fail(t, KVC_EINVAL, "seq_div: divisor must be >= 1, got %d", d);
@@ -737,14 +718,14 @@ int kvc_seq_div(kvc_table *t, int32_t seq_id, int32_t p0, int32_t p1, int32_t d)
     return KVC_OK;
 }
 
-int kvc_seq_pos_min(kvc_table *t, int32_t seq_id, int32_t *out) {
+kvc_status kvc_seq_pos_min(kvc_table *t, int32_t seq_id, int32_t *out) {
     int rc = bad_seq(t, seq_id);
     if (rc) return rc;
     *out = t->pos_min[seq_id];
     return KVC_OK;
 }
 
-int kvc_seq_pos_max(kvc_table *t, int32_t seq_id, int32_t *out) {
+kvc_status kvc_seq_pos_max(kvc_table *t, int32_t seq_id, int32_t *out) {
     int rc = bad_seq(t, seq_id);
     if (rc) return rc;
     *out = t->pos_max[seq_id];
@@ -756,14 +737,14 @@ void kvc_seq_pos_bounds(const kvc_table *t, int32_t *mins_out, int32_t *maxs_out
     memcpy(maxs_out, t->pos_max, (size_t)t->n_seq_max * sizeof(int32_t));
 }
 
-int kvc_seq_count(kvc_table *t, int32_t seq_id, int32_t *n_out) {
+kvc_status kvc_seq_count(kvc_table *t, int32_t seq_id, int32_t *n_out) {
     int rc = bad_seq(t, seq_id);
     if (rc) return rc;
     *n_out = t->count[seq_id];
     return KVC_OK;
 }
 
-int kvc_seq_cells(kvc_table *t, int32_t seq_id, int32_t *idxs_out, int32_t *pos_out) {
+kvc_status kvc_seq_cells(kvc_table *t, int32_t seq_id, int32_t *idxs_out, int32_t *pos_out) {
     int rc = bad_seq(t, seq_id);
     if (rc) return rc;
     int32_t n = 0;
@@ -822,7 +803,7 @@ static void mask_walk(const kvc_table *t, int32_t n, int64_t lo, int64_t p1, int
     }
 }
 
-int kvc_kq_mask(kvc_table *t, int32_t n_tokens, const int32_t *pos, const int32_t *seq_ids,
+kvc_status kvc_kq_mask(kvc_table *t, int32_t n_tokens, const int32_t *pos, const int32_t *seq_ids,
                 int32_t n_kv, float *mask_out) {
     if (n_tokens < 0) return fail(t, KVC_EINVAL, "n_tokens must be >= 0");
     if (n_kv < 0 || n_kv > t->n_cells) return fail(t, KVC_EINVAL, "n_kv %d outside [0, %d]", n_kv, t->n_cells);
@@ -892,9 +873,11 @@ static int64_t state_size(int64_t n_cells, int64_t n_words) {
 
 int64_t kvc_state_size(const kvc_table *t) { return state_size(t->n_cells, t->n_words); }
 
-int kvc_state_write(const kvc_table *t, uint8_t *buf, int64_t len) {
+kvc_status kvc_state_write(const kvc_table *t, uint8_t *buf, int64_t len) {
     int64_t size = kvc_state_size(t);
-    if (len != size) return KVC_EINVAL;
+    if (len != size)
+        return kvc_fail(KVC_EINVAL, "state buffer of %lld bytes, need %lld", (long long)len,
+                        (long long)size);
     uint32_t header[8] = {STATE_MAGIC, STATE_VERSION, (uint32_t)t->n_cells, (uint32_t)t->n_seq_max,
                           (uint32_t)t->n_swa, (uint32_t)t->swa_type, (uint32_t)t->head,
                           (uint32_t)t->has_shift};
@@ -911,15 +894,14 @@ int kvc_state_write(const kvc_table *t, uint8_t *buf, int64_t len) {
 }
 
 // validates one serialised cell; returns its number of sequences, or -1
-static int read_cell(const uint8_t *p, int32_t n_seq_max, int32_t n_words, int32_t has_shift,
-                     char *err, int32_t err_len, int32_t c) {
+static int read_cell(const uint8_t *p, int32_t n_seq_max, int32_t n_words, int32_t has_shift, int32_t c) {
     int32_t pos = (int32_t)get32(p), shift = (int32_t)get32(p + 4);
     int n = 0;
     for (int32_t k = 0; k < n_words; k++) {
         uint64_t w = get64(p + 8 + 8 * k);
         int32_t valid = n_seq_max - 64 * k; // bits of this word that name a sequence
         if (valid < 64 && (w >> valid)) {
-            say(err, err_len, 0, "cell %d names a sequence >= n_seq_max", c);
+            kvc_fail(KVC_ESTATE, "cell %d names a sequence >= n_seq_max", c);
             return -1;
         }
         n += __builtin_popcountll(w);
@@ -931,38 +913,38 @@ static int read_cell(const uint8_t *p, int32_t n_seq_max, int32_t n_words, int32
     else if (!has_shift && shift) why = "has a shift while has_shift is off";
     else if (pos >= 0 && ((int64_t)pos - shift < 0 || (int64_t)pos - shift > INT32_MAX)) why = "has a shift beyond its position";
     if (why) {
-        say(err, err_len, 0, "cell %d %s", c, why);
+        kvc_fail(KVC_ESTATE, "cell %d %s", c, why);
         return -1;
     }
     return n;
 }
 
-int kvc_state_read(const uint8_t *buf, int64_t len, kvc_table **out, char *err, int32_t err_len) {
+kvc_status kvc_state_read(const uint8_t *buf, int64_t len, kvc_table **out) {
     *out = NULL;
-    if (len < STATE_HEADER + STATE_TRAILER) return say(err, err_len, KVC_ESTATE, "truncated: %lld bytes", (long long)len);
-    if (get32(buf) != STATE_MAGIC) return say(err, err_len, KVC_ESTATE, "not a cell table state (bad magic)");
+    if (len < STATE_HEADER + STATE_TRAILER) return kvc_fail(KVC_ESTATE, "truncated: %lld bytes", (long long)len);
+    if (get32(buf) != STATE_MAGIC) return kvc_fail(KVC_ESTATE, "not a cell table state (bad magic)");
     if (get32(buf + 4) != STATE_VERSION) {
-        return say(err, err_len, KVC_ESTATE, "unsupported format version %u", get32(buf + 4));
+        return kvc_fail(KVC_ESTATE, "unsupported format version %u", get32(buf + 4));
     }
     int32_t n_cells = (int32_t)get32(buf + 8), n_seq_max = (int32_t)get32(buf + 12);
     int32_t n_swa = (int32_t)get32(buf + 16), swa_type = (int32_t)get32(buf + 20);
     int32_t head = (int32_t)get32(buf + 24), has_shift = (int32_t)get32(buf + 28);
     const char *why = params_error(n_cells, n_seq_max, n_swa, swa_type);
-    if (why) return say(err, err_len, KVC_ESTATE, "bad header: %s", why);
+    if (why) return kvc_fail(KVC_ESTATE, "bad header: %s", why);
     int32_t n_words = (n_seq_max + 63) / 64;
     if (len != state_size(n_cells, n_words)) {
-        return say(err, err_len, KVC_ESTATE, "size %lld does not match %d cells", (long long)len, n_cells);
+        return kvc_fail(KVC_ESTATE, "size %lld does not match %d cells", (long long)len, n_cells);
     }
     if (get64(buf + len - STATE_TRAILER) != fnv1a(buf, len - STATE_TRAILER)) {
-        return say(err, err_len, KVC_ESTATE, "checksum mismatch");
+        return kvc_fail(KVC_ESTATE, "checksum mismatch");
     }
-    if (head < 0 || head > n_cells) return say(err, err_len, KVC_ESTATE, "head %d outside [0, %d]", head, n_cells);
-    if (has_shift != 0 && has_shift != 1) return say(err, err_len, KVC_ESTATE, "bad has_shift flag");
+    if (head < 0 || head > n_cells) return kvc_fail(KVC_ESTATE, "head %d outside [0, %d]", head, n_cells);
+    if (has_shift != 0 && has_shift != 1) return kvc_fail(KVC_ESTATE, "bad has_shift flag");
 
     int64_t n_entries = 0;
     const uint8_t *p = buf + STATE_HEADER;
     for (int32_t c = 0; c < n_cells; c++, p += 8 + 8 * n_words) {
-        int n = read_cell(p, n_seq_max, n_words, has_shift, err, err_len, c);
+        int n = read_cell(p, n_seq_max, n_words, has_shift, c);
         if (n < 0) return KVC_ESTATE;
         n_entries += n;
     }
@@ -972,7 +954,7 @@ int kvc_state_read(const uint8_t *buf, int64_t len, kvc_table **out, char *err, 
     if (!rc) rc = nodes_reserve(t, n_entries);
     if (rc) {
         kvc_free(t);
-        return say(err, err_len, KVC_ENOMEM, "out of memory");
+        return kvc_fail(KVC_ENOMEM, "out of memory");
     }
     p = buf + STATE_HEADER;
     for (int32_t c = 0; c < n_cells; c++, p += 8 + 8 * n_words) {
@@ -997,55 +979,54 @@ int kvc_state_read(const uint8_t *buf, int64_t len, kvc_table **out, char *err, 
 // ---------------------------------------------------------------- invariants
 
 // walks one treap: keys strictly increasing within (lo, hi), heap order, keys match the cells
-static int check_tree(const kvc_table *t, int32_t s, int32_t n, int32_t depth, int64_t *n_seen,
-                      char *err, int32_t err_len) {
+static int check_tree(const kvc_table *t, int32_t s, int32_t n, int32_t depth, int64_t *n_seen) {
     const node *nd = t->nodes;
     if (n < 0) return KVC_OK;
     if (n >= t->n_nodes || depth > 4096 || ++*n_seen > t->count[s]) {
-        return say(err, err_len, KVC_EBROKEN, "index of sequence %d: bad node link", s);
+        return kvc_fail(KVC_EBROKEN, "index of sequence %d: bad node link", s);
     }
     int32_t c = nd[n].cell;
     if (c < 0 || c >= t->n_cells || t->pos[c] != nd[n].pos || !has_seq(t, c, s)) {
-        return say(err, err_len, KVC_EBROKEN, "index of sequence %d: entry (pos %d, cell %d) "
+        return kvc_fail(KVC_EBROKEN, "index of sequence %d: entry (pos %d, cell %d) "
                    "does not match the cell", s, nd[n].pos, c);
     }
     int32_t kids[2] = {nd[n].left, nd[n].right};
     for (int k = 0; k < 2; k++) {
         int32_t m = kids[k];
         if (m < 0) continue;
-        if (m >= t->n_nodes) return say(err, err_len, KVC_EBROKEN, "index of sequence %d: bad node link", s);
+        if (m >= t->n_nodes) return kvc_fail(KVC_EBROKEN, "index of sequence %d: bad node link", s);
         int ordered = k == 0 ? key_less(nd[m].pos, nd[m].cell, nd[n].pos, nd[n].cell)
                              : key_less(nd[n].pos, nd[n].cell, nd[m].pos, nd[m].cell);
         if (!ordered || nd[m].prio > nd[n].prio) {
-            return say(err, err_len, KVC_EBROKEN, "index of sequence %d: treap order broken", s);
+            return kvc_fail(KVC_EBROKEN, "index of sequence %d: treap order broken", s);
         }
-        int rc = check_tree(t, s, m, depth + 1, n_seen, err, err_len);
+        int rc = check_tree(t, s, m, depth + 1, n_seen);
         if (rc) return rc;
     }
     return KVC_OK;
 }
 
 // the in-order sequence must be sorted: compare each key with the next one
-static int check_sorted(const kvc_table *t, int32_t s, char *err, int32_t err_len) {
+static int check_sorted(const kvc_table *t, int32_t s) {
     int32_t n = t->count[s];
     int32_t *cells = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
     int32_t *poss = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
     int rc = KVC_OK;
     if (!cells || !poss) {
-        rc = say(err, err_len, KVC_ENOMEM, "out of memory");
+        rc = kvc_fail(KVC_ENOMEM, "out of memory");
     } else {
         int32_t got = 0;
         tree_collect(t->nodes, t->root[s], INT64_MIN, INT64_MAX, cells, poss, &got);
         for (int32_t k = 1; k < got && !rc; k++) {
             if (!key_less(poss[k - 1], cells[k - 1], poss[k], cells[k])) {
-                rc = say(err, err_len, KVC_EBROKEN, "index of sequence %d is not sorted", s);
+                rc = kvc_fail(KVC_EBROKEN, "index of sequence %d is not sorted", s);
             }
         }
         if (!rc && got > 0 && (t->pos_min[s] != poss[0] || t->pos_max[s] != poss[got - 1])) {
-            rc = say(err, err_len, KVC_EBROKEN, "cached min/max of sequence %d is stale", s);
+            rc = kvc_fail(KVC_EBROKEN, "cached min/max of sequence %d is stale", s);
         }
         if (!rc && got == 0 && (t->pos_min[s] != -1 || t->pos_max[s] != -1)) {
-            rc = say(err, err_len, KVC_EBROKEN, "empty sequence %d has a min/max", s);
+            rc = kvc_fail(KVC_EBROKEN, "empty sequence %d has a min/max", s);
         }
     }
     free(cells);
@@ -1053,11 +1034,11 @@ static int check_sorted(const kvc_table *t, int32_t s, char *err, int32_t err_le
     return rc;
 }
 
-static int check_cells(const kvc_table *t, int64_t *n_entries, char *err, int32_t err_len) {
+static int check_cells(const kvc_table *t, int64_t *n_entries) {
     int32_t used = 0, used_max_p1 = 0;
     int64_t entries = 0;
     int32_t *per_seq = calloc((size_t)t->n_seq_max, sizeof(int32_t));
-    if (!per_seq) return say(err, err_len, KVC_ENOMEM, "out of memory");
+    if (!per_seq) return kvc_fail(KVC_ENOMEM, "out of memory");
     int rc = KVC_OK;
     for (int32_t c = 0; c < t->n_cells && !rc; c++) {
         int bit = (t->used_bits[c / 64] >> (c % 64)) & 1;
@@ -1082,7 +1063,7 @@ static int check_cells(const kvc_table *t, int64_t *n_entries, char *err, int32_
         else if (t->pos[c] >= 0 && (!n || !bit)) why = "used cell without sequence or used bit";
         else if (!t->has_shift && t->shift[c]) why = "shift recorded while has_shift is off";
         else if (t->pos[c] >= 0 && (int64_t)t->pos[c] - t->shift[c] < 0) why = "shift larger than the position";
-        if (why) rc = say(err, err_len, KVC_EBROKEN, "cell %d: %s", c, why);
+        if (why) rc = kvc_fail(KVC_EBROKEN, "cell %d: %s", c, why);
         if (t->pos[c] >= 0) {
             used++;
             used_max_p1 = c + 1;
@@ -1090,37 +1071,37 @@ static int check_cells(const kvc_table *t, int64_t *n_entries, char *err, int32_
     }
     for (int32_t s = 0; s < t->n_seq_max && !rc; s++) {
         if (per_seq[s] != t->count[s]) {
-            rc = say(err, err_len, KVC_EBROKEN, "sequence %d: count %d but %d cells hold it", s, t->count[s], per_seq[s]);
+            rc = kvc_fail(KVC_EBROKEN, "sequence %d: count %d but %d cells hold it", s, t->count[s], per_seq[s]);
         }
     }
     free(per_seq);
     if (rc) return rc;
-    if (used != t->used) return say(err, err_len, KVC_EBROKEN, "used is %d but %d cells are used", t->used, used);
+    if (used != t->used) return kvc_fail(KVC_EBROKEN, "used is %d but %d cells are used", t->used, used);
     if (used_max_p1 != t->used_max_p1) {
-        return say(err, err_len, KVC_EBROKEN, "used_max_p1 is %d, should be %d", t->used_max_p1, used_max_p1);
+        return kvc_fail(KVC_EBROKEN, "used_max_p1 is %d, should be %d", t->used_max_p1, used_max_p1);
     }
-    if (t->head < 0 || t->head > t->n_cells) return say(err, err_len, KVC_EBROKEN, "head %d out of range", t->head);
+    if (t->head < 0 || t->head > t->n_cells) return kvc_fail(KVC_EBROKEN, "head %d out of range", t->head);
     *n_entries = entries;
     return KVC_OK;
 }
 
-int kvc_check(const kvc_table *t, char *err, int32_t err_len) {
+kvc_status kvc_check(const kvc_table *t) {
     int64_t entries = 0;
-    int rc = check_cells(t, &entries, err, err_len);
+    int rc = check_cells(t, &entries);
     if (rc) return rc;
     for (int32_t s = 0; s < t->n_seq_max; s++) {
         int64_t seen = 0;
-        if ((rc = check_tree(t, s, t->root[s], 0, &seen, err, err_len))) return rc;
+        if ((rc = check_tree(t, s, t->root[s], 0, &seen))) return rc;
         if (seen != t->count[s]) {
-            return say(err, err_len, KVC_EBROKEN, "index of sequence %d has %lld entries, count %d",
+            return kvc_fail(KVC_EBROKEN, "index of sequence %d has %lld entries, count %d",
                        s, (long long)seen, t->count[s]);
         }
-        if ((rc = check_sorted(t, s, err, err_len))) return rc;
+        if ((rc = check_sorted(t, s))) return rc;
     }
     int64_t n_free = 0;
     for (int32_t n = t->free_node; n >= 0 && n_free <= t->n_nodes; n = t->nodes[n].left) n_free++;
     if (n_free != t->n_free || entries != (int64_t)t->n_nodes - t->n_free) {
-        return say(err, err_len, KVC_EBROKEN, "node pool: %lld entries, %d nodes, %d free (list %lld)",
+        return kvc_fail(KVC_EBROKEN, "node pool: %lld entries, %d nodes, %d free (list %lld)",
                    (long long)entries, t->n_nodes, t->n_free, (long long)n_free);
     }
     return KVC_OK;

@@ -1,19 +1,18 @@
 // Attention over the K/V rows of a list of cells, for f32, f16, q8_0 and
 // q4_0 storage, and the K-shift's re-rotation of stored rows.
-// Tiled path (default): blocks of query tokens whose ranges overlap go over
-// chunks of cells, each K/V row widened once for all of a block's query rows,
-// with a streaming softmax; batch-invariant (see kv.h).
-// Per-token path: per (token, kv head), one pass scores every visible cell
-// for up to four query heads sharing that kv head, then the softmax, then
-// one pass sums the V rows, 16 at a time with the sums in registers.
-// The AVX2/FMA/F16C kernels, specialised per element type, are chosen at run
-// time; the plain C ones are the reference.
+// Blocks of query tokens whose ranges overlap go over chunks of cells, each
+// K/V row widened once for all of a block's query rows, with a streaming
+// softmax; batch-invariant (see kv.h). The work units run on the thread
+// pool. The AVX2/FMA/F16C kernels, specialised per element type, are chosen
+// at run time; the plain C ones are the reference.
 #include "kv.h"
 
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "pool.h"
+#include "quants.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -22,52 +21,16 @@
 
 #define QK 32
 #define CELLS_PER_THREAD 16384
-#define QB 16  // query tokens per block of the tiled path
-#define KC 32  // cells per chunk of the tiled path
-#define SEG KV_SEGMENT  // cells per segment: the tiled path's unit of work along a row
+#define QB 16  // query tokens per block
+#define KC 32  // cells per chunk
+#define SEG KV_SEGMENT  // cells per segment: the unit of work along a row
 
+// bytes of one head's row, 0 when the type cannot hold head_dim values
 static int64_t head_bytes(int type, int head_dim) {
-    switch (type) {
-    case KV_TYPE_F32: return 4 * (int64_t)head_dim;
-    case KV_TYPE_F16: return 2 * (int64_t)head_dim;
-    case KV_TYPE_Q8_0: return (int64_t)head_dim / QK * (2 + QK);
-    case KV_TYPE_Q4_0: return (int64_t)head_dim / QK * (2 + QK / 2);
-    default: return -1;
-    }
-}
-
-static float f16_to_f32(const uint8_t *p) {
-    _Float16 h;
-    memcpy(&h, p, 2);
-    return (float)h;
-}
-
-// ---- plain C inner loops ----
-
-static void widen_plain(int type, const uint8_t *src, int n, float *dst) {
-    switch (type) {
-    case KV_TYPE_F32:
-        memcpy(dst, src, (size_t)n * 4);
-        break;
-    case KV_TYPE_F16:
-        for (int i = 0; i < n; i++) dst[i] = f16_to_f32(src + 2 * i);
-        break;
-    case KV_TYPE_Q8_0:
-        for (int b = 0; b < n / QK; b++, src += 2 + QK) {
-            const float d = f16_to_f32(src);
-            for (int i = 0; i < QK; i++) dst[b * QK + i] = d * (float)(int8_t)src[2 + i];
-        }
-        break;
-    case KV_TYPE_Q4_0:
-        for (int b = 0; b < n / QK; b++, src += 2 + QK / 2) {
-            const float d = f16_to_f32(src);
-            for (int i = 0; i < QK / 2; i++) {
-                dst[b * QK + i] = d * (float)((src[2 + i] & 0x0F) - 8);
-                dst[b * QK + i + QK / 2] = d * (float)((src[2 + i] >> 4) - 8);
-            }
-        }
-        break;
-    }
+    if (type != KVC_TYPE_F32 && type != KVC_TYPE_F16 && type != KVC_TYPE_Q8_0
+        && type != KVC_TYPE_Q4_0)
+        return 0;
+    return type_row_bytes(type, head_dim);
 }
 
 static float dot_plain(const float *a, const float *b, int n) {
@@ -80,30 +43,37 @@ static void axpy_plain(float a, const float *x, float *y, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-// ---- AVX2 passes, specialised per element type (head_dim % 16 == 0) ----
+// ---- AVX2 kernels, specialised per element type (head_dim % 16 == 0) ----
 
 #ifdef KV_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+// a block's f16 scale
+AVX2 float scale_of(const uint8_t *block) {
+    uint16_t h;
+    memcpy(&h, block, 2);
+    return _cvtsh_ss(h);
+}
 
 // elements i .. i+15 of a row (i % 16 == 0, so one quantised block), widened
 // to float in x[0] (i .. i+7) and x[1] (i+8 .. i+15)
 AVX2 void load16(int type, const uint8_t *row, int i, __m256 x[2]) {
     switch (type) {
-    case KV_TYPE_F16:
+    case KVC_TYPE_F16:
         x[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)));
         x[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i + 16)));
         break;
-    case KV_TYPE_Q8_0: {
+    case KVC_TYPE_Q8_0: {
         const uint8_t *b = row + i / QK * (2 + QK);
-        const __m256 d = _mm256_set1_ps(f16_to_f32(b));
+        const __m256 d = _mm256_set1_ps(scale_of(b));
         const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2 + i % QK));
         x[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
         x[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))));
         break;
     }
-    case KV_TYPE_Q4_0: {
+    case KVC_TYPE_Q4_0: {
         const uint8_t *b = row + i / QK * (2 + QK / 2);
-        const __m256 d = _mm256_set1_ps(f16_to_f32(b));
+        const __m256 d = _mm256_set1_ps(scale_of(b));
         // the low nibbles hold elements 0..15 of the block, the high ones 16..31
         __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
         if (i % QK) q = _mm_srli_epi16(q, 4);
@@ -124,82 +94,7 @@ AVX2 float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
 }
 
-// s[k * n + j] = scale * q_k . K_j for nh (1 or 4) query heads q_k = q + k * d
-AVX2 void scores_body(int type, int nh, const uint8_t *const *rows, int64_t n,
-                      const float *q, int d, float scale, float *s) {
-    for (int64_t j = 0; j < n; j++) {
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                       _mm256_setzero_ps()};
-        __m256 b[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                       _mm256_setzero_ps()};
-        for (int i = 0; i < d; i += 16) {
-            __m256 x[2];
-            load16(type, rows[j], i, x);
-            for (int k = 0; k < nh; k++) {
-                a[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i), x[0], a[k]);
-                b[k] = _mm256_fmadd_ps(_mm256_loadu_ps(q + k * d + i + 8), x[1], b[k]);
-            }
-        }
-        for (int k = 0; k < nh; k++) s[k * n + j] = scale * hsum(_mm256_add_ps(a[k], b[k]));
-    }
-}
-
-// out_k += sum_j p[k * n + j] V_j for nh (1 or 4) heads out_k = out + k * d;
-// V rows are summed TILE at a time so the sums stay in registers
-#define TILE 16
-AVX2 void values_body(int type, int nh, const uint8_t *const *rows, int64_t n,
-                      const float *p, int d, float *out) {
-    for (int64_t j0 = 0; j0 < n; j0 += TILE) {
-        const int64_t j1 = j0 + TILE < n ? j0 + TILE : n;
-        for (int i = 0; i < d; i += 16) {
-            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                           _mm256_setzero_ps()};
-            __m256 b[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                           _mm256_setzero_ps()};
-            for (int64_t j = j0; j < j1; j++) {
-                __m256 x[2];
-                load16(type, rows[j], i, x);
-                for (int k = 0; k < nh; k++) {
-                    const __m256 pk = _mm256_set1_ps(p[k * n + j]);
-                    a[k] = _mm256_fmadd_ps(pk, x[0], a[k]);
-                    b[k] = _mm256_fmadd_ps(pk, x[1], b[k]);
-                }
-            }
-            for (int k = 0; k < nh; k++) {
-                float *o = out + k * d + i;
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), a[k]));
-                _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), b[k]));
-            }
-        }
-    }
-}
-
-// one instance per (type, nh): the compiler keeps the sums in registers
-#define KV_CASES(body, ...)                                                          \
-    switch (type * 8 + nh) {                                                         \
-    case KV_TYPE_F32 * 8 + 1: body(KV_TYPE_F32, 1, __VA_ARGS__); break;              \
-    case KV_TYPE_F32 * 8 + 4: body(KV_TYPE_F32, 4, __VA_ARGS__); break;              \
-    case KV_TYPE_F16 * 8 + 1: body(KV_TYPE_F16, 1, __VA_ARGS__); break;              \
-    case KV_TYPE_F16 * 8 + 4: body(KV_TYPE_F16, 4, __VA_ARGS__); break;              \
-    case KV_TYPE_Q8_0 * 8 + 1: body(KV_TYPE_Q8_0, 1, __VA_ARGS__); break;            \
-    case KV_TYPE_Q8_0 * 8 + 4: body(KV_TYPE_Q8_0, 4, __VA_ARGS__); break;            \
-    case KV_TYPE_Q4_0 * 8 + 1: body(KV_TYPE_Q4_0, 1, __VA_ARGS__); break;            \
-    case KV_TYPE_Q4_0 * 8 + 4: body(KV_TYPE_Q4_0, 4, __VA_ARGS__); break;            \
-    }
-
-__attribute__((target("avx2,fma,f16c")))
-static void scores_avx2(int type, int nh, const uint8_t *const *rows, int64_t n,
-                        const float *q, int d, float scale, float *s) {
-    KV_CASES(scores_body, rows, n, q, d, scale, s)
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static void values_avx2(int type, int nh, const uint8_t *const *rows, int64_t n,
-                        const float *p, int d, float *out) {
-    KV_CASES(values_body, rows, n, p, d, out)
-}
-
-// ---- AVX2 kernels of the tiled (prompt) path, on rows widened to float ----
+// ---- AVX2 kernels on rows widened to float ----
 
 AVX2 void widen_body(int type, const uint8_t *row, int d, float *dst) {
     for (int i = 0; i < d; i += 16) {
@@ -213,10 +108,10 @@ AVX2 void widen_body(int type, const uint8_t *row, int d, float *dst) {
 __attribute__((target("avx2,fma,f16c")))
 static void widen_avx2(int type, const uint8_t *row, int d, float *dst) {
     switch (type) {
-    case KV_TYPE_F32: widen_body(KV_TYPE_F32, row, d, dst); break;
-    case KV_TYPE_F16: widen_body(KV_TYPE_F16, row, d, dst); break;
-    case KV_TYPE_Q8_0: widen_body(KV_TYPE_Q8_0, row, d, dst); break;
-    case KV_TYPE_Q4_0: widen_body(KV_TYPE_Q4_0, row, d, dst); break;
+    case KVC_TYPE_F32: widen_body(KVC_TYPE_F32, row, d, dst); break;
+    case KVC_TYPE_F16: widen_body(KVC_TYPE_F16, row, d, dst); break;
+    case KVC_TYPE_Q8_0: widen_body(KVC_TYPE_Q8_0, row, d, dst); break;
+    case KVC_TYPE_Q4_0: widen_body(KVC_TYPE_Q4_0, row, d, dst); break;
     }
 }
 
@@ -345,41 +240,9 @@ static void tile_values_avx2(const float *p, int nr, const float *v, int nc, int
 }
 #endif
 
-static int simd_allowed = -1;   // -1: not yet read from KVCELLS_NO_SIMD
-
-void kv_allow_simd(int on) { simd_allowed = on != 0; }
-
-static int have_avx2(int head_dim) {
-    if (simd_allowed < 0) {
-        const char *no_simd = getenv("KVCELLS_NO_SIMD");
-        simd_allowed = !(no_simd && strcmp(no_simd, "1") == 0);
-    }
-#ifdef KV_X86
-    __builtin_cpu_init();
-    return simd_allowed && head_dim % 16 == 0 && __builtin_cpu_supports("avx2")
-        && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    return 0;
-#endif
-}
+static int have_avx2(int head_dim) { return kvc_simd_enabled() && head_dim % 16 == 0; }
 
 // ---- plain C passes ----
-
-static void scores_plain(int type, int nh, const uint8_t *const *rows, int64_t n,
-                         const float *q, int d, float scale, float *s, float *row) {
-    for (int64_t j = 0; j < n; j++) {
-        widen_plain(type, rows[j], d, row);
-        for (int k = 0; k < nh; k++) s[k * n + j] = scale * dot_plain(q + k * d, row, d);
-    }
-}
-
-static void values_plain(int type, int nh, const uint8_t *const *rows, int64_t n,
-                         const float *p, int d, float *out, float *row) {
-    for (int64_t j = 0; j < n; j++) {
-        widen_plain(type, rows[j], d, row);
-        for (int k = 0; k < nh; k++) axpy_plain(p[k * n + j], row, out + k * d, d);
-    }
-}
 
 static void tile_scores_plain(const float *q, int nr, const float *k, int nc, int d, float *s) {
     for (int r = 0; r < nr; r++)
@@ -389,46 +252,6 @@ static void tile_scores_plain(const float *q, int nr, const float *k, int nc, in
 static void tile_values_plain(const float *p, int nr, const float *v, int nc, int d, float *o) {
     for (int r = 0; r < nr; r++)
         for (int j = 0; j < nc; j++) axpy_plain(p[r * KC + j], v + j * d, o + r * d, d);
-}
-
-// ---- quantising rows (ggml's reference rounding) ----
-
-static void f32_to_f16(float x, uint8_t *p) {
-    _Float16 h = (_Float16)x;
-    memcpy(p, &h, 2);
-}
-
-static void quantize_q8_0(const float *x, uint8_t *b) {
-    float amax = 0.0f;
-    for (int i = 0; i < QK; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    f32_to_f16(d, b);
-    for (int i = 0; i < QK; i++) b[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);
-}
-
-static void quantize_q4_0(const float *x, uint8_t *b) {
-    float amax = 0.0f, max = 0.0f;  // max: the value of largest magnitude, first one
-    for (int i = 0; i < QK; i++)
-        if (fabsf(x[i]) > amax) amax = fabsf(x[i]), max = x[i];
-    const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    f32_to_f16(d, b);
-    for (int i = 0; i < QK / 2; i++) {
-        // x/d + 8.5 lies in [0.5, 16.5]: truncated, then clamped to 15
-        const int lo = (int)(x[i] * id + 8.5f), hi = (int)(x[i + QK / 2] * id + 8.5f);
-        b[2 + i] = (uint8_t)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
-    }
-}
-
-int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out) {
-    if ((type != KV_TYPE_Q8_0 && type != KV_TYPE_Q4_0) || n_rows < 0 || n <= 0 || n % QK)
-        return KV_EINVAL;
-    if (n_rows > 0 && (!x || !out)) return KV_EINVAL;
-    const int64_t block = head_bytes(type, QK), n_blocks = n_rows * (n / QK);
-    for (int64_t i = 0; i < n_blocks; i++) {
-        if (type == KV_TYPE_Q8_0) quantize_q8_0(x + i * QK, out + i * block);
-        else quantize_q4_0(x + i * QK, out + i * block);
-    }
-    return KV_OK;
 }
 
 // ---- re-rotating K rows after a shift ----
@@ -442,49 +265,43 @@ static void widen_row(int avx2, int type, const uint8_t *row, int n, float *x) {
     }
 #endif
     (void)avx2;
-    widen_plain(type, row, n, x);
+    quant_dequantize_row(type, row, x, n);
 }
 
 static void narrow(int avx2, int type, const float *x, int n, uint8_t *dst) {
-    switch (type) {
-    case KV_TYPE_F32: memcpy(dst, x, (size_t)n * 4); break;
-    case KV_TYPE_F16:
 #ifdef KV_X86
-        if (avx2) {
-            f16_from_f32_avx2(x, n, dst);
-            break;
-        }
-#endif
-        for (int i = 0; i < n; i++) f32_to_f16(x[i], dst + 2 * i);
-        break;
-    case KV_TYPE_Q8_0:
-        for (int b = 0; b < n / QK; b++) quantize_q8_0(x + b * QK, dst + b * (2 + QK));
-        break;
-    case KV_TYPE_Q4_0:
-        for (int b = 0; b < n / QK; b++) quantize_q4_0(x + b * QK, dst + b * (2 + QK / 2));
-        break;
+    if (avx2 && type == KVC_TYPE_F16) {
+        f16_from_f32_avx2(x, n, dst);
+        return;
     }
+#endif
+    (void)avx2;
+    quant_quantize_row(type, x, n, dst);
 }
 
-int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, int n_head,
-                  int head_dim, const int32_t *cells, const int32_t *delta, int64_t n,
-                  double base, double freq_scale, int neox) {
-    if (head_bytes(type, head_dim) < 0 || head_dim <= 0 || head_dim % 2 || n_head <= 0
-        || n_layers < 0 || n_rows < 0 || n < 0 || !(base > 0.0))
-        return KV_EINVAL;
-    if (type >= KV_TYPE_Q8_0 && head_dim % QK) return KV_EINVAL;
-    if ((n > 0 && (!cells || !delta)) || (n_layers > 0 && !rows)) return KV_EINVAL;
+kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows,
+                         int n_head, int head_dim, const int32_t *cells, const int32_t *delta,
+                         int64_t n, double base, double freq_scale, int neox) {
+    if (head_bytes(type, head_dim) == 0 || head_dim % 2)
+        return kvc_fail(KVC_EINVAL, "rope_shift: type %d cannot hold rows of %d values",
+                        type, head_dim);
+    if (n_head <= 0 || n_layers < 0 || n_rows < 0 || n < 0 || !(base > 0.0))
+        return kvc_fail(KVC_EINVAL, "rope_shift: bad sizes or base");
+    if ((n > 0 && (!cells || !delta)) || (n_layers > 0 && !rows))
+        return kvc_fail(KVC_EINVAL, "rope_shift: missing array");
     for (int l = 0; l < n_layers; l++)
-        if (!rows[l]) return KV_EINVAL;
+        if (!rows[l]) return kvc_fail(KVC_EINVAL, "rope_shift: layer %d has no rows", l);
     for (int64_t i = 0; i < n; i++)
-        if (cells[i] < 0 || cells[i] >= n_rows) return KV_EINVAL;
+        if (cells[i] < 0 || cells[i] >= n_rows)
+            return kvc_fail(KVC_EINVAL, "rope_shift: cell %d outside [0, %lld)", cells[i],
+                            (long long)n_rows);
     const int half = head_dim / 2, width = n_head * head_dim, avx2 = have_avx2(head_dim);
     const int64_t row_bytes = head_bytes(type, head_dim) * n_head;
     double *inv_freq = malloc(sizeof(double) * (size_t)half);
     float *cs = malloc(sizeof(float) * (size_t)head_dim), *x = malloc(sizeof(float) * (size_t)width);
     if (!inv_freq || !cs || !x) {
         free(inv_freq), free(cs), free(x);
-        return KV_ENOMEM;
+        return kvc_fail(KVC_ENOMEM, "rope_shift: out of memory");
     }
     // the angles as kvcells.rope computes them: float64, cos/sin rounded to float
     for (int p = 0; p < half; p++) inv_freq[p] = pow(base, -(double)(2 * p) / head_dim);
@@ -516,17 +333,13 @@ int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, 
     free(inv_freq);
     free(cs);
     free(x);
-    return KV_OK;
+    return KVC_OK;
 }
 
 // ---- attention ----
-//
-// A work unit is one (token, kv head) item, or a part of its cells when there
-// are fewer items than threads (one long sequence decoding): each part then
-// leaves unnormalised sums with their max and total, merged at the end.
 
 typedef struct {
-    int type_k, type_v, n_head_kv, head_dim, n_head, avx2, n_split;
+    int type_k, type_v, n_head_kv, head_dim, n_head, avx2;
     const uint8_t *k, *v;
     int64_t row_k, row_v, hb_k, hb_v;
     const int32_t *cells;
@@ -534,112 +347,8 @@ typedef struct {
     const float *q;
     float scale;
     float *out;
-    float *parts;          // split items: per unit g*d sums, g maxima, g totals
-    int64_t unit0, unit1;  // this thread's units [unit0, unit1)
-    float *scores;         // scratch: 4 * (longest visible list)
-    const uint8_t **rows;  // scratch: 2 * (longest visible list)
-    float *row;            // scratch: head_dim
-    float *stats;          // scratch: 2 * g (maxima, totals of an unsplit item)
 } job;
 
-// s[j] = exp(s[j] - max); returns the total, the max in *mx
-static float exp_scores(float *s, int64_t n, float *mx) {
-    float m = s[0], sum = 0.0f;
-    for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
-    for (int64_t j = 0; j < n; j++) {
-        s[j] = expf(s[j] - m);
-        sum += s[j];
-    }
-    *mx = m;
-    return sum;
-}
-
-// o (g x d) = sum_j exp(score_j - m) V_j over cells[0..n) for the g query
-// heads of kv head h, with m (maxima) and l (totals) per head
-static void attend_cells(job *jb, int t, int h, const int32_t *cells, int64_t n,
-                         float *o, float *m, float *l) {
-    const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
-    const float *q = jb->q + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
-    const uint8_t **krows = jb->rows, **vrows = jb->rows + n;
-
-    memset(o, 0, sizeof(float) * (size_t)g * d);
-    for (int k = 0; k < g; k++) m[k] = -INFINITY, l[k] = 0.0f;
-    if (n == 0) return;
-    for (int64_t j = 0; j < n; j++) {
-        krows[j] = jb->k + cells[j] * jb->row_k + h * jb->hb_k;
-        vrows[j] = jb->v + cells[j] * jb->row_v + h * jb->hb_v;
-    }
-    // four query heads at a time (then one at a time)
-    for (int g0 = 0; g0 < g;) {
-        const int nh = g - g0 >= 4 ? 4 : 1;
-#ifdef KV_X86
-        if (jb->avx2) scores_avx2(jb->type_k, nh, krows, n, q + g0 * d, d, jb->scale, jb->scores);
-        else
-#endif
-            scores_plain(jb->type_k, nh, krows, n, q + g0 * d, d, jb->scale, jb->scores, jb->row);
-        for (int k = 0; k < nh; k++) l[g0 + k] = exp_scores(jb->scores + k * n, n, &m[g0 + k]);
-#ifdef KV_X86
-        if (jb->avx2) values_avx2(jb->type_v, nh, vrows, n, jb->scores, d, o + g0 * d);
-        else
-#endif
-            values_plain(jb->type_v, nh, vrows, n, jb->scores, d, o + g0 * d, jb->row);
-        g0 += nh;
-    }
-}
-
-static void attend_unit(job *jb, int64_t u) {
-    const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
-    const int64_t item = u / jb->n_split, part = u % jb->n_split;
-    const int t = (int)(item / jb->n_head_kv), h = (int)(item % jb->n_head_kv);
-    const int64_t n = (int64_t)jb->hi[t] - jb->lo[t];
-    const int64_t j0 = n * part / jb->n_split, j1 = n * (part + 1) / jb->n_split;
-    const int32_t *cells = jb->cells + jb->lo[t] + j0;
-    if (jb->n_split > 1) {
-        float *o = jb->parts + u * (int64_t)g * (d + 2);
-        attend_cells(jb, t, h, cells, j1 - j0, o, o + g * d, o + g * d + g);
-        return;
-    }
-    float *o = jb->out + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
-    attend_cells(jb, t, h, cells, j1 - j0, o, jb->stats, jb->stats + g);
-    for (int k = 0; k < g; k++)
-        for (int i = 0; jb->stats[g + k] > 0.0f && i < d; i++) o[k * d + i] /= jb->stats[g + k];
-}
-
-static void *run_job(void *arg) {
-    job *jb = arg;
-    for (int64_t u = jb->unit0; u < jb->unit1; u++) attend_unit(jb, u);
-    return NULL;
-}
-
-// out = sum_p exp(m_p - M) o_p / sum_p exp(m_p - M) l_p over the parts of each item
-static void merge_parts(const job *jb, int64_t n_items) {
-    const int g = jb->n_head / jb->n_head_kv, d = jb->head_dim;
-    const int64_t stride = (int64_t)g * (d + 2);
-    for (int64_t item = 0; item < n_items; item++) {
-        const int t = (int)(item / jb->n_head_kv), h = (int)(item % jb->n_head_kv);
-        float *out = jb->out + ((int64_t)t * jb->n_head + (int64_t)h * g) * d;
-        const float *first = jb->parts + item * jb->n_split * stride;
-        for (int k = 0; k < g; k++) {
-            float mx = -INFINITY, total = 0.0f;
-            for (int p = 0; p < jb->n_split; p++) {
-                const float mp = first[p * stride + g * d + k];
-                mx = mp > mx ? mp : mx;
-            }
-            memset(out + k * d, 0, sizeof(float) * (size_t)d);
-            for (int p = 0; p < jb->n_split; p++) {
-                const float *o = first + p * stride;
-                if (o[g * d + g + k] == 0.0f) continue;  // a part with no cells
-                const float w = expf(o[g * d + k] - mx);
-                total += w * o[g * d + g + k];
-                for (int i = 0; i < d; i++) out[k * d + i] += w * o[k * d + i];
-            }
-            for (int i = 0; total > 0.0f && i < d; i++) out[k * d + i] /= total;
-        }
-    }
-}
-
-// ---- attention, tiled: the prompt path ----
-//
 // Consecutive tokens whose cell ranges overlap (a prompt's tokens: nested or
 // sliding ranges of one sequence's cells) form blocks of up to QB tokens. An
 // item is (block, kv head): its g * QB query rows go over the union of their
@@ -653,7 +362,7 @@ typedef struct {
     const int64_t *unit_item, *unit_seg;  // work unit u: (item, segment)
     int64_t n_units, part_floats;
     float *parts;             // per unit: o (rows x d), m (rows), l (rows)
-    int tid, n_threads;       // this thread takes units tid, tid + n_threads, ...
+    int64_t *next;            // the first unit no thread has taken (atomic)
     float *q, *o, *m, *l, *s, *kc, *vc;  // scratch, rows padded to a multiple of 4
     int32_t *lo, *hi;
 } tile_job;
@@ -665,7 +374,7 @@ static void widen(const job *jb, int type, const uint8_t *row, float *dst) {
         return;
     }
 #endif
-    widen_plain(type, row, jb->head_dim, dst);
+    quant_dequantize_row(type, row, dst, jb->head_dim);
 }
 
 // the chunk's scores of row r (cells c0 + j, j < nc) turned into
@@ -763,11 +472,14 @@ static void tile_unit(tile_job *tj, int64_t item, int64_t seg, float *part) {
     }
 }
 
-static void *run_tiles(void *arg) {
-    tile_job *tj = arg;
-    for (int64_t u = tj->tid; u < tj->n_units; u += tj->n_threads)
+// slot: this thread's scratch; the units go to whichever thread asks first
+static void run_tiles(void *arg, int slot) {
+    tile_job *tj = (tile_job *)arg + slot;
+    for (;;) {
+        const int64_t u = __atomic_fetch_add(tj->next, 1, __ATOMIC_RELAXED);
+        if (u >= tj->n_units) return;
         tile_unit(tj, tj->unit_item[u], tj->unit_seg[u], tj->parts + u * tj->part_floats);
-    return NULL;
+    }
 }
 
 // out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s over an item's
@@ -816,13 +528,14 @@ static int make_blocks(int n_tokens, const int32_t *lo, const int32_t *hi, int m
     return n;
 }
 
-static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, int n_threads) {
+static kvc_status attend_tiled(const job *proto, const int32_t *block, int n_blocks,
+                               int n_threads) {
     const int g = proto->n_head / proto->n_head_kv, d = proto->head_dim;
     const int64_t rows = (QB * g + 3) / 4 * 4, part_floats = rows * (d + 2);
     const int64_t n_items = (int64_t)n_blocks * proto->n_head_kv;
     // the units: each item's segments, in order; first[item] is its first unit
-    int64_t *first = malloc(sizeof(int64_t) * (size_t)(n_items + 1)), n_units = 0;
-    if (!first) return KV_ENOMEM;
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)(n_items + 1)), n_units = 0, next = 0;
+    if (!first) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
     for (int64_t item = 0; item < n_items; item++) {
         int64_t u0, u1;
         block_union(proto, block, (int)(item / proto->n_head_kv), &u0, &u1);
@@ -834,17 +547,16 @@ static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, in
     int64_t *unit_seg = malloc(sizeof(int64_t) * (size_t)n_units);
     float *parts = malloc(sizeof(float) * (size_t)(n_units * part_floats));
     tile_job *tjs = calloc((size_t)n_threads, sizeof(tile_job));
-    pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));
-    int status = unit_item && unit_seg && parts && tjs && tids ? KV_OK : KV_ENOMEM;
-    for (int64_t item = 0; status == KV_OK && item < n_items; item++) {
+    int ok = unit_item && unit_seg && parts && tjs;
+    for (int64_t item = 0; ok && item < n_items; item++) {
         int64_t u0, u1;
         block_union(proto, block, (int)(item / proto->n_head_kv), &u0, &u1);
         for (int64_t u = first[item]; u < first[item + 1]; u++)
             unit_item[u] = item, unit_seg[u] = (u0 < u1 ? u0 / SEG : 0) + (u - first[item]);
     }
-    for (int i = 0; status == KV_OK && i < n_threads; i++) {
+    for (int i = 0; ok && i < n_threads; i++) {
         tile_job *tj = &tjs[i];
-        tj->jb = proto, tj->block = block, tj->tid = i, tj->n_threads = n_threads;
+        tj->jb = proto, tj->block = block, tj->next = &next;
         tj->unit_item = unit_item, tj->unit_seg = unit_seg, tj->n_units = n_units;
         tj->parts = parts, tj->part_floats = part_floats;
         tj->q = malloc(sizeof(float) * (size_t)(rows * d));
@@ -853,15 +565,10 @@ static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, in
         tj->vc = malloc(sizeof(float) * (size_t)(KC * d));
         tj->lo = malloc(sizeof(int32_t) * (size_t)rows);
         tj->hi = malloc(sizeof(int32_t) * (size_t)rows);
-        if (!tj->q || !tj->s || !tj->kc || !tj->vc || !tj->lo || !tj->hi) status = KV_ENOMEM;
+        ok = tj->q && tj->s && tj->kc && tj->vc && tj->lo && tj->hi;
     }
-    if (status == KV_OK) {
-        int started = 1;
-        for (; started < n_threads; started++)
-            if (pthread_create(&tids[started], NULL, run_tiles, &tjs[started]) != 0) break;
-        run_tiles(&tjs[0]);
-        for (int i = started; i < n_threads; i++) run_tiles(&tjs[i]);
-        for (int i = 1; i < started; i++) pthread_join(tids[i], NULL);
+    if (ok) {
+        pool_run(run_tiles, tjs, n_threads);
         for (int64_t item = 0; item < n_items; item++)
             merge_segments(proto, block, item, parts + first[item] * part_floats,
                            first[item + 1] - first[item], part_floats);
@@ -870,93 +577,53 @@ static int attend_tiled(const job *proto, const int32_t *block, int n_blocks, in
         tile_job *tj = &tjs[i];
         free(tj->q), free(tj->s), free(tj->kc), free(tj->vc), free(tj->lo), free(tj->hi);
     }
-    free(tjs), free(tids), free(parts), free(unit_item), free(unit_seg), free(first);
-    return status;
+    free(tjs), free(parts), free(unit_item), free(unit_seg), free(first);
+    return ok ? KVC_OK : kvc_fail(KVC_ENOMEM, "attend: out of memory");
 }
 
-static int kv_path = KV_PATH_TILE;
-
-void kv_force_path(int path) { kv_path = path; }
-
-static int valid_args(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
-                      int64_t n_rows, int n_head_kv, int head_dim,
-                      const int32_t *cells, int64_t n_list, int n_tokens,
-                      const int32_t *lo, const int32_t *hi, const float *q, int n_head,
-                      const float *out) {
-    if (head_bytes(type_k, head_dim) < 0 || head_bytes(type_v, head_dim) < 0) return 0;
-    if (n_rows < 0 || n_head_kv <= 0 || head_dim <= 0 || n_list < 0 || n_tokens < 0) return 0;
-    if (n_head <= 0 || n_head % n_head_kv != 0) return 0;
-    if ((type_k >= KV_TYPE_Q8_0 || type_v >= KV_TYPE_Q8_0) && head_dim % QK != 0) return 0;
-    if (n_tokens > 0 && (!lo || !hi || !q || !out)) return 0;
-    if (n_list > 0 && !cells) return 0;
-    if (n_rows > 0 && (!k || !v)) return 0;
+static kvc_status check_args(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+                             int64_t n_rows, int n_head_kv, int head_dim,
+                             const int32_t *cells, int64_t n_list, int n_tokens,
+                             const int32_t *lo, const int32_t *hi, const float *q, int n_head,
+                             const float *out) {
+    if (head_bytes(type_k, head_dim) == 0 || head_bytes(type_v, head_dim) == 0)
+        return kvc_fail(KVC_EINVAL, "attend: types %d/%d cannot hold heads of %d values",
+                        type_k, type_v, head_dim);
+    if (n_rows < 0 || n_head_kv <= 0 || n_list < 0 || n_tokens < 0)
+        return kvc_fail(KVC_EINVAL, "attend: negative size");
+    if (n_head <= 0 || n_head % n_head_kv != 0)
+        return kvc_fail(KVC_EINVAL, "attend: n_head %d is not a multiple of n_head_kv %d",
+                        n_head, n_head_kv);
+    if ((n_tokens > 0 && (!lo || !hi || !q || !out)) || (n_list > 0 && !cells)
+        || (n_rows > 0 && (!k || !v)))
+        return kvc_fail(KVC_EINVAL, "attend: missing array");
     for (int64_t j = 0; j < n_list; j++)
-        if (cells[j] < 0 || cells[j] >= n_rows) return 0;
+        if (cells[j] < 0 || cells[j] >= n_rows)
+            return kvc_fail(KVC_EINVAL, "attend: cell %d outside [0, %lld)", cells[j],
+                            (long long)n_rows);
     for (int t = 0; t < n_tokens; t++)
-        if (lo[t] < 0 || lo[t] > hi[t] || hi[t] > n_list) return 0;
-    return 1;
+        if (lo[t] < 0 || lo[t] > hi[t] || hi[t] > n_list)
+            return kvc_fail(KVC_EINVAL, "attend: token %d's range [%d, %d) is not in [0, %lld]",
+                            t, lo[t], hi[t], (long long)n_list);
+    return KVC_OK;
 }
 
-static int attend_tokens(const job *proto, int n_tokens, int n_threads, int64_t longest) {
-    const int64_t n_items = (int64_t)n_tokens * proto->n_head_kv;
-    const int n_split = n_items < n_threads ? (int)((n_threads + n_items - 1) / n_items) : 1;
-    const int64_t n_units = n_items * n_split;
-    const int g = proto->n_head / proto->n_head_kv;
-
-    job *jobs = calloc((size_t)n_threads, sizeof(job));
-    pthread_t *tids = calloc((size_t)n_threads, sizeof(pthread_t));
-    float *parts = n_split > 1
-        ? malloc(sizeof(float) * (size_t)(n_units * g * (proto->head_dim + 2))) : NULL;
-    int status = jobs && tids && (n_split == 1 || parts) ? KV_OK : KV_ENOMEM;
-    for (int i = 0; status == KV_OK && i < n_threads; i++) {
-        job *jb = &jobs[i];
-        *jb = *proto;
-        jb->n_split = n_split, jb->parts = parts;
-        jb->unit0 = n_units * i / n_threads, jb->unit1 = n_units * (i + 1) / n_threads;
-        jb->scores = malloc(sizeof(float) * (size_t)(4 * longest));
-        jb->rows = malloc(sizeof(uint8_t *) * (size_t)(2 * longest));
-        jb->row = malloc(sizeof(float) * (size_t)proto->head_dim);
-        jb->stats = malloc(sizeof(float) * (size_t)(2 * g));
-        if (!jb->scores || !jb->rows || !jb->row || !jb->stats) status = KV_ENOMEM;
-    }
-    if (status == KV_OK) {
-        int started = 1;
-        for (; started < n_threads; started++)
-            if (pthread_create(&tids[started], NULL, run_job, &jobs[started]) != 0) break;
-        run_job(&jobs[0]);
-        for (int i = started; i < n_threads; i++) run_job(&jobs[i]);  // threads that did not start
-        for (int i = 1; i < started; i++) pthread_join(tids[i], NULL);
-        if (n_split > 1) merge_parts(&jobs[0], n_items);
-    }
-    for (int i = 0; jobs && i < n_threads; i++) {
-        free(jobs[i].scores);
-        free(jobs[i].rows);
-        free(jobs[i].row);
-        free(jobs[i].stats);
-    }
-    free(jobs);
-    free(tids);
-    free(parts);
-    return status;
-}
-
-int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
-              int64_t n_rows, int n_head_kv, int head_dim,
-              const int32_t *cells, int64_t n_list,
-              int n_tokens, const int32_t *lo, const int32_t *hi,
-              const float *q, int n_head, float scale, float *out,
-              int n_threads) {
-    if (!valid_args(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, n_list,
-                    n_tokens, lo, hi, q, n_head, out))
-        return KV_EINVAL;
-    int64_t longest = 1, visits = 0;
-    for (int t = 0; t < n_tokens; t++) {
-        if (hi[t] - lo[t] > longest) longest = hi[t] - lo[t];
-        visits += (int64_t)(hi[t] - lo[t]) * n_head_kv;
-    }
+kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+                     int64_t n_rows, int n_head_kv, int head_dim,
+                     const int32_t *cells, int64_t n_list,
+                     int n_tokens, const int32_t *lo, const int32_t *hi,
+                     const float *q, int n_head, float scale, float *out,
+                     int n_threads) {
+    kvc_status st = check_args(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, n_list,
+                               n_tokens, lo, hi, q, n_head, out);
+    if (st) return st;
+    if (n_tokens == 0) return KVC_OK;
+    int64_t visits = 0;
+    for (int t = 0; t < n_tokens; t++) visits += (int64_t)(hi[t] - lo[t]) * n_head_kv;
     // a thread is worth starting for about a millisecond of work or more
     if (n_threads > visits / CELLS_PER_THREAD + 1) n_threads = (int)(visits / CELLS_PER_THREAD + 1);
-    if (n_threads < 1 || n_tokens == 0) n_threads = 1;
+    if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
+    if (n_threads < 1) n_threads = 1;
 
     job proto = {0};
     proto.type_k = type_k, proto.type_v = type_v, proto.n_head_kv = n_head_kv;
@@ -965,16 +632,14 @@ int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
     proto.hb_k = head_bytes(type_k, head_dim), proto.hb_v = head_bytes(type_v, head_dim);
     proto.row_k = proto.hb_k * n_head_kv, proto.row_v = proto.hb_v * n_head_kv;
     proto.scale = scale, proto.out = out;
-    if (kv_path == KV_PATH_TOKEN || n_tokens == 0)
-        return attend_tokens(&proto, n_tokens, n_threads, longest);
 
     // blocks of tokens, smaller ones when there would be fewer items than threads
     int32_t *block = malloc(sizeof(int32_t) * ((size_t)n_tokens + 1));
-    if (!block) return KV_ENOMEM;
+    if (!block) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
     int max_len = QB, n_blocks = make_blocks(n_tokens, lo, hi, max_len, block);
     while (max_len > 1 && (int64_t)n_blocks * n_head_kv < n_threads)
         n_blocks = make_blocks(n_tokens, lo, hi, max_len /= 2, block);
-    const int status = attend_tiled(&proto, block, n_blocks, n_threads);
+    st = attend_tiled(&proto, block, n_blocks, n_threads);
     free(block);
-    return status;
+    return st;
 }

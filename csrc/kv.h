@@ -3,33 +3,24 @@
 
 #include <stdint.h>
 
+#include "status.h"
+
 // Attention over K/V rows stored by cell (cells x n_head_kv x head_dim, one
-// row of bytes per cell, in one of the element types below).
+// row of bytes per cell, in one of the K/V element types of quants.h: F32,
+// F16, Q8_0, Q4_0).
 
 // cffi-begin
-#define KV_TYPE_F32 0
-#define KV_TYPE_F16 1
-#define KV_TYPE_Q8_0 2
-#define KV_TYPE_Q4_0 3
-
-#define KV_OK 0
-#define KV_EINVAL -1
-#define KV_ENOMEM -2
-
 // For each token t, attends the cells cells[lo[t]], ..., cells[hi[t] - 1]:
 // out[t, h] = softmax_j(scale * q[t, h] . K[cell_j, h / g]) . V[cell_j, h / g]
 // with g = n_head / n_head_kv. q and out are float32 (n_tokens, n_head,
 // head_dim); k and v hold n_rows rows. A token that sees no cell gets zeros.
-int kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
-              int64_t n_rows, int n_head_kv, int head_dim,
-              const int32_t *cells, int64_t n_list,
-              int n_tokens, const int32_t *lo, const int32_t *hi,
-              const float *q, int n_head, float scale, float *out,
-              int n_threads);
-
-// rows (n_rows x n values, n % 32 == 0) into q8_0 or q4_0 blocks, rounding
-// as ggml's reference quantisers do; out holds n_rows * row bytes
-int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out);
+// Runs on up to n_threads threads of the pool.
+kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+                     int64_t n_rows, int n_head_kv, int head_dim,
+                     const int32_t *cells, int64_t n_list,
+                     int n_tokens, const int32_t *lo, const int32_t *hi,
+                     const float *q, int n_head, float scale, float *out,
+                     int n_threads);
 
 // Re-rotates K rows after a position shift: row cells[i] of each of the
 // n_layers arrays rows[l] (n_rows rows of n_head x head_dim values of `type`)
@@ -37,30 +28,17 @@ int kv_quantize(int type, const float *x, int64_t n_rows, int n, uint8_t *out);
 // delta * freq_scale * base^(-2p / head_dim), the pairs (x[p], x[p + d/2])
 // when neox, else (x[2p], x[2p + 1]). Quantised rows are widened, rotated
 // and quantised again. Cells with delta 0 are left as they are.
-int kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows, int n_head,
-                  int head_dim, const int32_t *cells, const int32_t *delta, int64_t n,
-                  double base, double freq_scale, int neox);
+kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n_rows,
+                         int n_head, int head_dim, const int32_t *cells, const int32_t *delta,
+                         int64_t n, double base, double freq_scale, int neox);
 
-// 0: use only the plain C loops (the reference; tests compare both); 1: the
-// AVX2 ones where the CPU has them (default, unless KVCELLS_NO_SIMD=1).
-// Affects calls made afterwards.
-void kv_allow_simd(int on);
-
-// The tiled path cuts the cell list at multiples of KV_SEGMENT (segments,
-// the units threads share) and of 32 (chunks); a token's bits depend only on
-// its own cells and where those cuts fall among them. A caller that puts the
+// kv_attend cuts the cell list at multiples of KV_SEGMENT (segments, the
+// units threads share) and of 32 (chunks); a token's bits depend only on its
+// own cells and where those cuts fall among them. A caller that puts the
 // cell of position p at an index equal to p modulo KV_SEGMENT (padding with
-// entries no range covers) gets the same bits for a token in any ubatch.
+// entries no range covers) gets the same bits for a token in any ubatch: a
+// token decoded alone gets the bits it gets inside a prompt.
 #define KV_SEGMENT 2048
-
-// Which kv_attend path runs. TILE (the default): its result for a token does
-// not depend on the rest of the ubatch (see KV_SEGMENT), so a token decoded
-// alone gets the bits it gets inside a prompt. TOKEN: the per-token path,
-// faster for decoding (one token per sequence) by 5-30% but with other bits
-// than the tiled path; tests and benchmarks compare the two.
-#define KV_PATH_TILE 0
-#define KV_PATH_TOKEN 1
-void kv_force_path(int path);
 // cffi-end
 
 #endif

@@ -17,6 +17,8 @@
 #include "quants.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -33,40 +35,49 @@ static uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); retur
 
 static float f32_from_bits(uint32_t bits) { float f; memcpy(&f, &bits, 4); return f; }
 
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-    if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (mant << 13));
-    if (exp != 0) return f32_from_bits(sign | ((exp + 112) << 23) | (mant << 13));
-    float sub = (float)mant * 5.9604644775390625e-8f;   // mant * 2^-24, exact
-    return sign ? -sub : sub;
-}
-
 static float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
 
-static float load_f16(const uint8_t *p) { return f16_to_f32(load_u16(p)); }
-
-size_t quant_row_bytes(int type, int64_t n) {
-    int64_t block, bytes;
+int type_block(int type) {
     switch (type) {
-    case QUANT_F32: block = 1; bytes = 4; break;
-    case QUANT_F16: case QUANT_BF16: block = 1; bytes = 2; break;
-    case QUANT_Q4_0: block = QK; bytes = 18; break;
-    case QUANT_Q4_1: block = QK; bytes = 20; break;
-    case QUANT_Q5_0: block = QK; bytes = 22; break;
-    case QUANT_Q5_1: block = QK; bytes = 24; break;
-    case QUANT_Q8_0: block = QK; bytes = 34; break;
-    case QUANT_Q4_K: block = QK_K; bytes = 144; break;
-    case QUANT_Q5_K: block = QK_K; bytes = 176; break;
-    case QUANT_Q6_K: block = QK_K; bytes = 210; break;
+    case KVC_TYPE_F32: case KVC_TYPE_F16: case KVC_TYPE_BF16: return 1;
+    case KVC_TYPE_Q4_0: case KVC_TYPE_Q4_1: case KVC_TYPE_Q5_0: case KVC_TYPE_Q5_1:
+    case KVC_TYPE_Q8_0: return QK;
+    case KVC_TYPE_Q4_K: case KVC_TYPE_Q5_K: case KVC_TYPE_Q6_K: return QK_K;
     default: return 0;
     }
+}
+
+int64_t type_row_bytes(int type, int64_t n) {
+    int64_t bytes;
+    switch (type) {
+    case KVC_TYPE_F32: bytes = 4; break;
+    case KVC_TYPE_F16: case KVC_TYPE_BF16: bytes = 2; break;
+    case KVC_TYPE_Q4_0: bytes = 18; break;
+    case KVC_TYPE_Q4_1: bytes = 20; break;
+    case KVC_TYPE_Q5_0: bytes = 22; break;
+    case KVC_TYPE_Q5_1: bytes = 24; break;
+    case KVC_TYPE_Q8_0: bytes = 34; break;
+    case KVC_TYPE_Q4_K: bytes = 144; break;
+    case KVC_TYPE_Q5_K: bytes = 176; break;
+    case KVC_TYPE_Q6_K: bytes = 210; break;
+    default: return 0;
+    }
+    const int64_t block = type_block(type);
     if (n <= 0 || n % block != 0 || n / block > INT64_MAX / bytes) return 0;
-    return (size_t)(n / block * bytes);
+    return n / block * bytes;
+}
+
+kvc_status quant_row_bytes(int type, int64_t n, int64_t *bytes_out) {
+    if (!type_block(type)) return kvc_fail(KVC_EINVAL, "unknown element type %d", type);
+    *bytes_out = type_row_bytes(type, n);
+    if (*bytes_out == 0)
+        return kvc_fail(KVC_EINVAL, "%lld is not a positive multiple of type %d's block of %d",
+                        (long long)n, type, type_block(type));
+    return KVC_OK;
 }
 
 int quant_is_integer(int type) {
-    return type != QUANT_F32 && type != QUANT_F16 && type != QUANT_BF16;
+    return type != KVC_TYPE_F32 && type != KVC_TYPE_F16 && type != KVC_TYPE_BF16;
 }
 
 // Round to nearest, ties to even, like the AVX2 conversion, for |v| < 2^22
@@ -129,13 +140,14 @@ static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], flo
     const uint8_t *blk;
     *off = 0.0f;
     switch (type) {
-    case QUANT_Q8_0:
+    case KVC_TYPE_Q8_0:
         blk = row + 34 * g;
         a[0] = a[1] = load_f16(blk);
         for (int i = 0; i < QK; i++) q[i] = (int8_t)blk[2 + i];
         return;
-    case QUANT_Q4_0: case QUANT_Q4_1: case QUANT_Q5_0: case QUANT_Q5_1: {
-        int five = type == QUANT_Q5_0 || type == QUANT_Q5_1, has_min = type == QUANT_Q4_1 || type == QUANT_Q5_1;
+    case KVC_TYPE_Q4_0: case KVC_TYPE_Q4_1: case KVC_TYPE_Q5_0: case KVC_TYPE_Q5_1: {
+        int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
+        int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
         int bias = has_min ? 0 : five ? 16 : 8;
         blk = row + (18 + 2 * has_min + 4 * five) * g;
         const uint8_t *qs = blk + 2 + 2 * has_min + 4 * five;
@@ -148,8 +160,8 @@ static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], flo
         }
         return;
     }
-    case QUANT_Q4_K: case QUANT_Q5_K: {
-        int five = type == QUANT_Q5_K, s = (int)(g % 8), sc, m;
+    case KVC_TYPE_Q4_K: case KVC_TYPE_Q5_K: {
+        int five = type == KVC_TYPE_Q5_K, s = (int)(g % 8), sc, m;
         blk = row + (five ? 176 : 144) * (g / 8);
         k_scale_min(blk + 4, s, &sc, &m);
         a[0] = a[1] = load_f16(blk) * (float)sc;
@@ -157,7 +169,7 @@ static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], flo
         for (int l = 0; l < 32; l++) q[l] = k45_value(blk, five, s, l);
         return;
     }
-    case QUANT_Q6_K: {
+    case KVC_TYPE_Q6_K: {
         int s = (int)(g % 8);
         blk = row + 210 * (g / 8);
         float d = load_f16(blk + 208);
@@ -170,8 +182,8 @@ static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], flo
 }
 
 static float float_at(int type, const uint8_t *row, int64_t i) {
-    if (type == QUANT_F16) return load_f16(row + 2 * i);
-    if (type == QUANT_BF16) return bf16_to_f32(load_u16(row + 2 * i));
+    if (type == KVC_TYPE_F16) return load_f16(row + 2 * i);
+    if (type == KVC_TYPE_BF16) return bf16_to_f32(load_u16(row + 2 * i));
     float w;
     memcpy(&w, row + 4 * i, 4);
     return w;
@@ -488,18 +500,18 @@ void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd) {
 }
 
 dot_q8_fn quant_dot_q8(int type, int simd) {
-    if (!quant_is_integer(type) || quant_row_bytes(type, QK_K) == 0) return NULL;
+    if (!quant_is_integer(type) || type_block(type) == 0) return NULL;
 #ifdef HAVE_X86
     if (simd) {
         switch (type) {
-        case QUANT_Q8_0: return dot_q8_0_avx2;
-        case QUANT_Q4_0: return dot_q4_0_avx2;
-        case QUANT_Q4_1: return dot_q4_1_avx2;
-        case QUANT_Q5_0: return dot_q5_0_avx2;
-        case QUANT_Q5_1: return dot_q5_1_avx2;
-        case QUANT_Q4_K: return dot_q4_k_avx2;
-        case QUANT_Q5_K: return dot_q5_k_avx2;
-        case QUANT_Q6_K: return dot_q6_k_avx2;
+        case KVC_TYPE_Q8_0: return dot_q8_0_avx2;
+        case KVC_TYPE_Q4_0: return dot_q4_0_avx2;
+        case KVC_TYPE_Q4_1: return dot_q4_1_avx2;
+        case KVC_TYPE_Q5_0: return dot_q5_0_avx2;
+        case KVC_TYPE_Q5_1: return dot_q5_1_avx2;
+        case KVC_TYPE_Q4_K: return dot_q4_k_avx2;
+        case KVC_TYPE_Q5_K: return dot_q5_k_avx2;
+        case KVC_TYPE_Q6_K: return dot_q6_k_avx2;
         }
     }
 #endif
@@ -510,8 +522,90 @@ dot_q8_fn quant_dot_q8(int type, int simd) {
 dot_f32_fn quant_dot_f32(int type, int simd) {
     if (quant_is_integer(type)) return NULL;
 #ifdef HAVE_X86
-    if (simd) return type == QUANT_F32 ? dot_f32_avx2 : type == QUANT_F16 ? dot_f16_avx2 : dot_bf16_avx2;
+    if (simd)
+        return type == KVC_TYPE_F32 ? dot_f32_avx2
+             : type == KVC_TYPE_F16 ? dot_f16_avx2 : dot_bf16_avx2;
 #endif
     (void)simd;
     return dot_f32_portable;
+}
+
+// ---- quantising rows (ggml's reference rounding) ----
+
+static void quantize_q8_0(const float *x, uint8_t *b) {
+    float amax = 0.0f;
+    for (int i = 0; i < QK; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    store_f16(d, b);
+    for (int i = 0; i < QK; i++) b[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);
+}
+
+static void quantize_q4_0(const float *x, uint8_t *b) {
+    float amax = 0.0f, max = 0.0f;  // max: the value of largest magnitude, first one
+    for (int i = 0; i < QK; i++)
+        if (fabsf(x[i]) > amax) amax = fabsf(x[i]), max = x[i];
+    const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    store_f16(d, b);
+    for (int i = 0; i < QK / 2; i++) {
+        // x/d + 8.5 lies in [0.5, 16.5]: truncated, then clamped to 15
+        const int lo = (int)(x[i] * id + 8.5f), hi = (int)(x[i + QK / 2] * id + 8.5f);
+        b[2 + i] = (uint8_t)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
+    }
+}
+
+void quant_quantize_row(int type, const float *x, int64_t n, uint8_t *out) {
+    switch (type) {
+    case KVC_TYPE_F32: memcpy(out, x, (size_t)n * 4); break;
+    case KVC_TYPE_F16:
+        for (int64_t i = 0; i < n; i++) store_f16(x[i], out + 2 * i);
+        break;
+    case KVC_TYPE_Q8_0:
+        for (int64_t b = 0; b < n / QK; b++) quantize_q8_0(x + b * QK, out + b * (2 + QK));
+        break;
+    case KVC_TYPE_Q4_0:
+        for (int64_t b = 0; b < n / QK; b++) quantize_q4_0(x + b * QK, out + b * (2 + QK / 2));
+        break;
+    }
+}
+
+kvc_status quant_quantize(int type, const float *x, int64_t n_rows, int64_t n, uint8_t *out) {
+    if (type != KVC_TYPE_Q8_0 && type != KVC_TYPE_Q4_0)
+        return kvc_fail(KVC_EINVAL, "quantize: type %d is not Q8_0 or Q4_0", type);
+    if (n_rows < 0 || n <= 0 || n % QK)
+        return kvc_fail(KVC_EINVAL, "quantize: %lld rows of %lld values (need a multiple of %d)",
+                        (long long)n_rows, (long long)n, QK);
+    if (n_rows > 0 && (!x || !out)) return kvc_fail(KVC_EINVAL, "quantize: no input or output");
+    const int64_t row = type_row_bytes(type, n);
+    for (int64_t r = 0; r < n_rows; r++) quant_quantize_row(type, x + r * n, n, out + r * row);
+    return KVC_OK;
+}
+
+// ---- which kernels run ----
+
+static pthread_once_t simd_once = PTHREAD_ONCE_INIT;
+static int simd_supported, simd_enabled;
+
+static void simd_init(void) {
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    simd_supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+        && __builtin_cpu_supports("f16c");
+#endif
+    const char *no_simd = getenv("KVCELLS_NO_SIMD");
+    simd_enabled = simd_supported && !(no_simd && strcmp(no_simd, "1") == 0);
+}
+
+int kvc_simd_supported(void) {
+    pthread_once(&simd_once, simd_init);
+    return simd_supported;
+}
+
+void kvc_set_simd(int on) {
+    pthread_once(&simd_once, simd_init);
+    __atomic_store_n(&simd_enabled, on && simd_supported, __ATOMIC_RELAXED);
+}
+
+int kvc_simd_enabled(void) {
+    pthread_once(&simd_once, simd_init);
+    return __atomic_load_n(&simd_enabled, __ATOMIC_RELAXED);
 }

@@ -1,5 +1,6 @@
-// GGUF weight block formats: row sizes, dequantisation, and the dot products
-// of a quantised weight row with activations.
+// The element types of every C file: ids, row sizes, f16 conversion,
+// (de)quantisation, and the dot products of a quantised weight row with
+// activations.
 //
 // Quantised weights are multiplied with activations quantised per block of 32
 // to int8 (act_q8 below), so the inner loops are integer multiply-adds; F16,
@@ -8,27 +9,72 @@
 #ifndef KVCELLS_QUANTS_H
 #define KVCELLS_QUANTS_H
 
-#include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+
+#include "status.h"
 
 // cffi-begin
-// Type ids are ggml's (gguf.GGMLQuantizationType).
-#define QUANT_F32 0
-#define QUANT_F16 1
-#define QUANT_Q4_0 2
-#define QUANT_Q4_1 3
-#define QUANT_Q5_0 6
-#define QUANT_Q5_1 7
-#define QUANT_Q8_0 8
-#define QUANT_Q4_K 12
-#define QUANT_Q5_K 13
-#define QUANT_Q6_K 14
-#define QUANT_BF16 30
+// Element types, ggml's ids (gguf.GGMLQuantizationType); K/V rows use F32,
+// F16, Q8_0 and Q4_0.
+#define KVC_TYPE_F32 0
+#define KVC_TYPE_F16 1
+#define KVC_TYPE_Q4_0 2
+#define KVC_TYPE_Q4_1 3
+#define KVC_TYPE_Q5_0 6
+#define KVC_TYPE_Q5_1 7
+#define KVC_TYPE_Q8_0 8
+#define KVC_TYPE_Q4_K 12
+#define KVC_TYPE_Q5_K 13
+#define KVC_TYPE_Q6_K 14
+#define KVC_TYPE_BF16 30
 
-// Bytes of one row of n values, or 0 when the type is unknown or n is not a
-// positive multiple of the type's block size.
-size_t quant_row_bytes(int type, int64_t n);
+// *bytes_out = bytes of one row of n values; KVC_EINVAL when the type is
+// unknown or n is not a positive multiple of its block size.
+kvc_status quant_row_bytes(int type, int64_t n, int64_t *bytes_out);
+// n_rows rows of n values (n % 32 == 0) into Q8_0 or Q4_0 blocks, rounding
+// as ggml's reference quantisers do; out holds n_rows row_bytes.
+kvc_status quant_quantize(int type, const float *x, int64_t n_rows, int64_t n, uint8_t *out);
+
+// The AVX2+FMA+F16C kernels (matmul and attention) when the CPU has them
+// and on != 0, else the portable C ones (the reference; tests compare both).
+// Default: on, unless the environment sets KVCELLS_NO_SIMD=1.
+int kvc_simd_supported(void);
+void kvc_set_simd(int on);
+int kvc_simd_enabled(void);
 // cffi-end
+
+// quant_row_bytes's value, 0 when invalid
+int64_t type_row_bytes(int type, int64_t n);
+// the block size of a type, 0 when unknown
+int type_block(int type);
+
+static inline float f16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    const uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    if (exp == 0x1f) {
+        v.u = sign | 0x7f800000u | (mant << 13);
+    } else if (exp != 0) {
+        v.u = sign | ((exp + 112) << 23) | (mant << 13);
+    } else {
+        const float sub = (float)mant * 5.9604644775390625e-8f;   // mant * 2^-24, exact
+        return sign ? -sub : sub;
+    }
+    return v.f;
+}
+
+static inline float load_f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_to_f32(h);
+}
+
+// rounding to nearest even, as a C cast does
+static inline void store_f16(float x, uint8_t *p) {
+    _Float16 h = (_Float16)x;
+    memcpy(p, &h, 2);
+}
 
 // Activations of a group of nt (1, 4 or ACT_GROUP = 8) tokens quantised per block of
 // 32 and interleaved by block, so a kernel reads the group's block g from
@@ -47,7 +93,10 @@ int quant_is_integer(int type);   // 1: dot with act_q8; 0: dot with f32 x
 // identical blocks (round half to even).
 void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd);
 
+// n values of a row of any type as floats
 void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n);
+// n values (whole blocks) into a row of F32, F16, Q8_0 or Q4_0
+void quant_quantize_row(int type, const float *x, int64_t n, uint8_t *out);
 
 // One weight row (n values) times each token of group x: out[t], t < x.nt.
 typedef void (*dot_q8_fn)(int type, const uint8_t *row, act_q8 x, int64_t n, float *out);

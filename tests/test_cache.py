@@ -1,6 +1,6 @@
 """The K/V memory against independent truths: naive dense attention over the
 table's kq_mask, attention recomputed from scratch at shifted positions, the
-DESIGN.md size formula, and a plain model of which tokens each sequence holds
+size formula of docs/architecture.md, and a plain model of which tokens each sequence holds
 (hypothesis state machine at the end)."""
 import numpy as np
 import pytest
@@ -9,8 +9,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvcells import CacheFullError, KVCellsError, StateError, kv_quant
-from kvcells._core import ffi, lib
+from kvcells import CacheFullError, KVCellsError, StateError, kv_quant, native
 from kvcells.cache import ISWACache, KVCache
 from kvcells.rope import NEOX, NORM, rope
 
@@ -85,21 +84,14 @@ def fill_shared_prefix(mem, layers, n_prompt=6):
 @pytest.fixture(params=[True, False], ids=["simd", "plain"])
 def simd(request):
     """Runs a test with the AVX2 passes of kv_attend, then with the plain C ones."""
-    lib.kv_allow_simd(request.param)
+    before = native.simd_enabled()
+    native.set_simd(request.param)
     yield request.param
-    lib.kv_allow_simd(True)
-
-
-@pytest.fixture(params=[lib.KV_PATH_TOKEN, lib.KV_PATH_TILE], ids=["per_token", "tiled"])
-def path(request):
-    """Runs a test with kv_attend's per-token kernel, then with the tiled one."""
-    lib.kv_force_path(request.param)
-    yield request.param
-    lib.kv_force_path(lib.KV_PATH_TILE)
+    native.set_simd(before)
 
 
 @pytest.mark.parametrize("type_k,type_v", [(t, t) for t in TYPES] + [("q8_0", "f16")])
-def test_attend_matches_dense_masked_attention(type_k, type_v, simd, path):
+def test_attend_matches_dense_masked_attention(type_k, type_v, simd):
     mem = KVCache(40, 3, [0, 3], N_HEAD_KV, HEAD_DIM, type_k, type_v)
     fill_shared_prefix(mem, [0, 3])
     # one ubatch mixing sequences, one token in two sequences at once
@@ -110,7 +102,7 @@ def test_attend_matches_dense_masked_attention(type_k, type_v, simd, path):
 
 
 @pytest.mark.parametrize("swa_type", ["standard", "chunked", "symmetric"])
-def test_sliding_window_attend_matches_dense(swa_type, path):
+def test_sliding_window_attend_matches_dense(swa_type):
     mem = KVCache(24, 2, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=5, swa_type=swa_type)
     nxt = [0, 0]
     for step in range(14):       # far beyond the cells: masked cells get reused
@@ -137,7 +129,7 @@ def test_many_sequences_decoding_on_two_threads_matches_dense():
 
 
 @pytest.mark.parametrize("head_dim,n_head", [(40, 4), (48, 6), (16, 2)])
-def test_any_head_dim_and_group_size(head_dim, n_head, simd, path):
+def test_any_head_dim_and_group_size(head_dim, n_head, simd):
     """head_dim not a multiple of 16 takes the plain loops; query heads
     grouped by 4 and then one at a time (6 over 2 kv heads: 3 per kv head)."""
     mem = KVCache(32, 2, [0], 2, head_dim, "f16", "f32")
@@ -169,7 +161,7 @@ def test_one_long_sequence_split_over_threads_matches_dense(simd):
 @pytest.mark.parametrize("swa_type", ["none", "standard", "chunked", "symmetric"])
 @pytest.mark.parametrize("type_k", ["f32", "q8_0"])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_prompt_ubatch_matches_dense(swa_type, type_k, n_threads, simd, path):
+def test_prompt_ubatch_matches_dense(swa_type, type_k, n_threads, simd):
     """A prompt of one sequence (spanning several blocks of query tokens and
     chunks of cells) next to single tokens and a short prompt of others, in
     one ubatch; enough work for two threads."""
@@ -228,7 +220,7 @@ def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
         np.testing.assert_array_equal(run([1000, 1300], 0, 1), whole)
 
 
-def test_kv_attend_any_ranges_matches_naive(simd, path):
+def test_kv_attend_any_ranges_matches_naive(simd):
     """kv_attend straight from C's view: any cell list, any per-token ranges
     (empty, nested, disjoint, overlapping in no order, across the tiled
     path's 2048-cell segments), 1, 2 and 5 threads."""
@@ -243,13 +235,10 @@ def test_kv_attend_any_ranges_matches_naive(simd, path):
     lo[5], hi[5] = 7, 7
     out = np.empty_like(q)
     for n_threads in (1, 2, 5):
-        rc = lib.kv_attend(lib.KV_TYPE_F32, ffi.from_buffer(k), lib.KV_TYPE_F32,
-                           ffi.from_buffer(v), n_rows, N_HEAD_KV, HEAD_DIM,
-                           ffi.from_buffer("int32_t[]", cells), n_list, n_tokens,
-                           ffi.from_buffer("int32_t[]", lo), ffi.from_buffer("int32_t[]", hi),
-                           ffi.from_buffer("float[]", q), N_HEAD_KV * g, 0.2,
-                           ffi.from_buffer("float[]", out, require_writable=True), n_threads)
-        assert rc == lib.KV_OK
+        out[:] = np.nan
+        f32 = native.TYPES["F32"]
+        native.kv_attend(f32, k, f32, v, n_rows, N_HEAD_KV, HEAD_DIM, cells, lo, hi, q, 0.2,
+                         out, n_threads)
         for t in range(n_tokens):
             ref = np.zeros((1, N_HEAD_KV * g, HEAD_DIM))
             if hi[t] > lo[t]:
@@ -260,7 +249,7 @@ def test_kv_attend_any_ranges_matches_naive(simd, path):
 
 
 @pytest.mark.parametrize("n_new", [1, 6])
-def test_attention_reads_only_the_sequence_own_cells(n_new, path):
+def test_attention_reads_only_the_sequence_own_cells(n_new):
     """Rows of other sequences and of unused cells are NaN: a read of any of
     them would turn the output into NaN (a decode step and a short prompt)."""
     mem = KVCache(64, 3, [0], N_HEAD_KV, HEAD_DIM, "f16", "f16")

@@ -1,4 +1,4 @@
-"""CellTable: worked examples from llama.cpp's rules, and every error row of API.md.
+"""CellTable: worked examples from llama.cpp's rules, and every error row of docs/api.md.
 
 The random comparison against the plain reference model is in
 test_cells_state_machine.py.

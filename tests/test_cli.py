@@ -16,11 +16,11 @@ def gemma_path(tiny_gguf):
 
 @pytest.fixture(autouse=True)
 def keep_matmul_threads():
-    """-t sets the process-wide matmul threads; give them back after each run."""
-    from kvcells import matmul
-    n = matmul.get_num_threads()
+    """Give the process-wide thread count back after each run, whatever it did."""
+    import kvcells
+    n = kvcells.get_num_threads()
     yield
-    matmul.set_num_threads(n)
+    kvcells.set_num_threads(n)
 
 
 def run(capsys, *argv):

@@ -154,11 +154,19 @@ def test_corrupt_or_foreign_state_raises_and_changes_nothing(llama, gemma, tmp_p
     assert target.memory.state_bytes() == before
 
 
-def test_n_threads_reaches_the_matmul_and_attention_kernels(llama):
-    from kvcells import matmul
-    before = matmul.get_num_threads()
-    try:
-        ctx = Context(llama[0], n_ctx=16, n_threads=1)
-        assert ctx.memory.n_threads == 1 and matmul.get_num_threads() == 1
-    finally:
-        matmul.set_num_threads(before)
+def test_n_threads_reaches_the_matmul_and_attention_kernels(llama, monkeypatch):
+    """Context(n_threads=k) runs that context's matmuls and attention on k
+    threads and leaves the process default alone."""
+    import kvcells
+    from kvcells import native
+    seen = []
+    for name in ("matmul", "kv_attend"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name,
+                            lambda *a, real=real, name=name: seen.append((name, a[-1])) or real(*a))
+    before = kvcells.get_num_threads()
+    ctx = Context(llama[0], n_ctx=16, n_threads=1)
+    ctx.decode(one_sequence([1, 2]))
+    assert ctx.memory.n_threads == 1 and kvcells.get_num_threads() == before
+    assert {name for name, _ in seen} == {"matmul", "kv_attend"}
+    assert all(n == 1 for _, n in seen)

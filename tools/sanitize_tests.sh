@@ -44,7 +44,7 @@ export PYTHONPATH="$out"
 "$py" -c "import kvcells._core as c, sys; assert c.__file__.startswith('$out'), c.__file__"
 cd "$root"
 if [ $# -eq 0 ]; then
-  set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py \
+  set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py tests/test_native.py \
     tests/test_ops.py
 fi
 "$py" -m pytest -p no:cacheprovider "$@"

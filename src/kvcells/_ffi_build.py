@@ -23,11 +23,12 @@ def declarations(header):
 
 
 def make_builder(absolute_paths=False):
-    headers = sorted(CSRC.glob("*.h"))
+    # status.h first: the others use its kvc_status
+    headers = sorted(CSRC.glob("*.h"), key=lambda h: (h.name != "status.h", h.name))
     sources = sorted(CSRC.glob("*.c"))
     ffi = FFI()
     ffi.cdef("\n".join(declarations(h) for h in headers))
-    cflags = ["-std=c99", "-O3", "-pthread", "-Wall", "-Wextra",
+    cflags = ["-std=c11", "-O3", "-pthread", "-Wall", "-Wextra",
               "-Wno-unused-parameter"]
     lflags = ["-pthread"]
     if os.environ.get("KVCELLS_SANITIZE") == "1":

@@ -8,21 +8,17 @@ K/V rows are written into its cells, and each token attends the cells of its
 first sequence that it may see (kq_mask semantics), gathered per sequence
 with seq_cells, so a sequence never pays for the length of another.
 """
-import operator
-import os
 import struct
 import zlib
 
 import numpy as np
 
-from . import kv_quant
-from ._core import ffi, lib
+from . import kv_quant, native
 from .cells import SWA_TYPES, CellTable
 from .errors import CacheFullError, KVCellsError, StateError
+from .memory import Memory
+from .native import KV_TYPES, as_int
 from .rope import NEOX, NORM
-
-_TYPE_CODE = {"f32": lib.KV_TYPE_F32, "f16": lib.KV_TYPE_F16,
-              "q8_0": lib.KV_TYPE_Q8_0, "q4_0": lib.KV_TYPE_Q4_0}
 
 STATE_MAGIC = b"KVCSTATE"
 ISWA_STATE_MAGIC = b"KVCISWA\0"
@@ -32,16 +28,6 @@ _WHOLE, _SEQUENCE = 0, 1
 
 def _seq_lists(seq_ids):
     return [[int(s)] if np.ndim(s) == 0 else [int(x) for x in s] for s in seq_ids]
-
-
-def _positive(x, name, lo=1):
-    try:
-        x = operator.index(x)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {x!r}") from None
-    if x < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {x}")
-    return x
 
 
 def _window_start(p1, n_swa, swa_type):
@@ -55,18 +41,19 @@ def _window_start(p1, n_swa, swa_type):
     return np.zeros_like(p1)
 
 
-class KVCache:
+class KVCache(Memory):
     """K/V rows of the given layers on one cell table."""
 
     def __init__(self, n_cells, n_seq_max, layers, n_head_kv, head_dim,
                  type_k="f16", type_v="f16", *, n_swa=0, swa_type="none",
                  rope_base=10000.0, rope_mode=NEOX, rope_freq_scale=1.0):
         if np.ndim(layers) == 0:
-            layers = range(_positive(layers, "layers", 0))
-        self.layers = [_positive(il, "layer id", 0) for il in layers]
+            layers = range(as_int(layers, "layers", 0, None))
+        self.layers = [as_int(il, "layer id", 0, None) for il in layers]
         if len(set(self.layers)) != len(self.layers):
             raise ValueError("layer ids must be distinct")
-        n_head_kv, head_dim = _positive(n_head_kv, "n_head_kv"), _positive(head_dim, "head_dim")
+        n_head_kv = as_int(n_head_kv, "n_head_kv", 1, None)
+        head_dim = as_int(head_dim, "head_dim", 1, None)
         if rope_mode not in (NEOX, NORM):
             raise ValueError(f"unknown RoPE mode {rope_mode!r}")
         for t in (type_k, type_v):
@@ -85,7 +72,7 @@ class KVCache:
         self.n_head_kv, self.head_dim = n_head_kv, head_dim
         self.type_k, self.type_v = type_k, type_v
         self.rope_mode, self.rope_freq_scale = rope_mode, float(rope_freq_scale)
-        self.n_threads = os.cpu_count() or 1   # kv_attend threads
+        self.n_threads = None   # attention threads; None: native.get_num_threads()
         self.row_k = kv_quant.row_bytes(type_k, n_head_kv * head_dim)
         self.row_v = kv_quant.row_bytes(type_v, n_head_kv * head_dim)
         self.k = {il: np.zeros((n_cells, self.row_k), np.uint8) for il in self.layers}
@@ -145,7 +132,7 @@ class KVCache:
             # run without gaps): kv_attend's chunks then fall on the same
             # positions whatever else the ubatch holds or the window dropped,
             # so a token gets the same bits in any ubatch
-            pad = (int(cpos[0]) - offset) % lib.KV_SEGMENT if len(cpos) else 0
+            pad = (int(cpos[0]) - offset) % native.KV_SEGMENT if len(cpos) else 0
             offset += pad
             p1 = pos[toks]
             start = _window_start(p1, self.n_swa, self.swa_type)
@@ -187,21 +174,13 @@ class KVCache:
         self._check(layer, q, n_head, "q")
         ub = self._ubatch
         out = np.empty_like(q)
-        rc = lib.kv_attend(
-            _TYPE_CODE[self.type_k], ffi.from_buffer(self.k[layer]),
-            _TYPE_CODE[self.type_v], ffi.from_buffer(self.v[layer]),
-            self.n_cells, self.n_head_kv, self.head_dim,
-            ffi.from_buffer("int32_t[]", ub.cells), len(ub.cells),
-            len(q), ffi.from_buffer("int32_t[]", ub.lo), ffi.from_buffer("int32_t[]", ub.hi),
-            ffi.from_buffer("float[]", q), n_head, float(scale),
-            ffi.from_buffer("float[]", out, require_writable=True), self.n_threads)
-        if rc == lib.KV_ENOMEM:
-            raise MemoryError("kv_attend: out of memory")
-        if rc != lib.KV_OK:
-            raise KVCellsError(f"kv_attend rejected its arguments ({rc})")
+        native.kv_attend(native.kv_type_id(self.type_k), self.k[layer],
+                         native.kv_type_id(self.type_v), self.v[layer], self.n_cells,
+                         self.n_head_kv, self.head_dim, ub.cells, ub.lo, ub.hi, q, scale, out,
+                         self.n_threads or native.get_num_threads())
         return out
 
-    # ---- sequence operations (API.md semantics) ----
+    # ---- sequence operations (docs/api.md semantics) ----
 
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         self._ubatch = None
@@ -235,6 +214,9 @@ class KVCache:
         self._ubatch = None
         self.table.clear()
 
+    def occupancy(self):
+        return "cells:\n" + self.table.occupancy()
+
     def _shift_k(self):
         """Re-rotate the K rows of shifted cells by their shift, in place in
         their type (kv_rope_shift): RoPE by p then by delta equals RoPE by
@@ -248,15 +230,10 @@ class KVCache:
             return
         delta = np.ascontiguousarray(shifts[cells], dtype=np.int32)
         for base in set(self.rope_base.values()):
-            bufs = [ffi.from_buffer(self.k[il], require_writable=True)
-                    for il in self.layers if self.rope_base[il] == base]
-            rc = lib.kv_rope_shift(
-                _TYPE_CODE[self.type_k], ffi.new("uint8_t *[]", bufs), len(bufs), self.n_cells,
-                self.n_head_kv, self.head_dim, ffi.from_buffer("int32_t[]", cells),
-                ffi.from_buffer("int32_t[]", delta), len(cells), base, self.rope_freq_scale,
-                self.rope_mode == NEOX)
-            if rc != lib.KV_OK:
-                raise KVCellsError(f"kv_rope_shift failed ({rc})")
+            layers = [self.k[il] for il in self.layers if self.rope_base[il] == base]
+            native.kv_rope_shift(native.kv_type_id(self.type_k), layers, self.n_cells,
+                                 self.n_head_kv, self.head_dim, cells, delta, base,
+                                 self.rope_freq_scale, self.rope_mode == NEOX)
 
     def defrag(self):
         """Compact the used cells to [0, used); K and V rows follow their
@@ -274,7 +251,7 @@ class KVCache:
     def _shape(self):
         """What a saved sequence must agree on with the cache it loads into."""
         return struct.pack(f"<7i{len(self.layers)}i", self.n_swa, SWA_TYPES[self.swa_type],
-                           _TYPE_CODE[self.type_k], _TYPE_CODE[self.type_v], self.n_head_kv,
+                           KV_TYPES.index(self.type_k), KV_TYPES.index(self.type_v), self.n_head_kv,
                            self.head_dim, len(self.layers), *self.layers)
 
     def _header(self, kind):
@@ -399,7 +376,7 @@ class _Reader:
             raise StateError("state has trailing bytes")
 
 
-class ISWACache:
+class ISWACache(Memory):
     """Interleaved sliding-window attention: full-attention layers in one
     cache, sliding-window layers in a smaller one whose cells are reused once
     the window has passed them. Both always hold the same ubatches."""
@@ -408,8 +385,8 @@ class ISWACache:
                  type_k="f16", type_v="f16", *, n_swa, swa_type="standard",
                  rope_base=10000.0, rope_base_swa=10000.0, rope_mode=NEOX,
                  rope_freq_scale=1.0, rope_freq_scale_swa=None):
-        n_ctx, n_seq_max = _positive(n_ctx, "n_ctx"), _positive(n_seq_max, "n_seq_max")
-        n_ubatch, n_swa = _positive(n_ubatch, "n_ubatch"), _positive(n_swa, "n_swa")
+        n_ctx, n_seq_max = as_int(n_ctx, "n_ctx", 1, None), as_int(n_seq_max, "n_seq_max", 1, None)
+        n_ubatch, n_swa = as_int(n_ubatch, "n_ubatch", 1, None), as_int(n_swa, "n_swa", 1, None)
         if swa_type == "none":
             raise ValueError("ISWACache needs a sliding-window type")
         self.swa_layers = [bool(x) for x in swa_layers]
@@ -444,7 +421,7 @@ class ISWACache:
     @n_threads.setter
     def n_threads(self, n):
         for h in self.halves:
-            h.n_threads = _positive(n, "n_threads")
+            h.n_threads = None if n is None else native.check_threads(n)
 
     def prepare(self, ubatches):
         ubatches = list(ubatches)
@@ -495,6 +472,10 @@ class ISWACache:
 
     def defrag(self):
         return sum(h.defrag() for h in self.halves)
+
+    def occupancy(self):
+        return (f"full-attention cells:\n{self.base.table.occupancy()}\n"
+                f"sliding-window cells:\n{self.swa.table.occupancy()}")
 
     def state_bytes(self, seq_id=None):
         base, swa = self.base.state_bytes(seq_id), self.swa.state_bytes(seq_id)

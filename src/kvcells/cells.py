@@ -1,38 +1,24 @@
-"""CellTable: the KV cell table of csrc/cells.c (API.md, "Cell table").
+"""CellTable: the KV cell table of csrc/cells.c (docs/api.md, "Cell table").
 
 Which position and which sequences each KV cell holds, placed and edited with
 llama.cpp's rules for one stream. Arrays go in and out as numpy int32; every
 argument is checked (in C as well), and an error leaves the table unchanged.
 """
 import numbers
-import operator
 
 import numpy as np
 
-from ._core import ffi, lib
-from .errors import CacheFullError, KVCellsError, StateError
+from .errors import StateError
+from .native import I32_MAX, I32_MIN, as_int, check, ffi, int32s, lib
 
 SWA_TYPES = {"none": lib.KVC_SWA_NONE, "standard": lib.KVC_SWA_STANDARD,
              "chunked": lib.KVC_SWA_CHUNKED, "symmetric": lib.KVC_SWA_SYMMETRIC}
 _SWA_NAMES = {v: k for k, v in SWA_TYPES.items()}
-_I32_MIN, _I32_MAX = -2**31, 2**31 - 1
-_ERRORS = {lib.KVC_EINVAL: ValueError, lib.KVC_EFULL: CacheFullError,
-           lib.KVC_ESTATE: StateError, lib.KVC_ENOMEM: MemoryError}
 
 # occupancy(): '.' empty, 'M' several sequences, else one character per sequence id
 _SEQ_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 _LABELS = np.frombuffer(
     ("M." + _SEQ_CHARS + "+" * (256 - len(_SEQ_CHARS))).encode(), dtype=np.uint8)
-
-
-def _int(x, name, lo=_I32_MIN, hi=_I32_MAX):
-    try:
-        v = operator.index(x)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {x!r}") from None
-    if not lo <= v <= hi:
-        raise ValueError(f"{name} = {v} outside [{lo}, {hi}]")
-    return v
 
 
 def _int32_array(a, name):
@@ -44,7 +30,7 @@ def _int32_array(a, name):
     if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.dtype != np.int32:
-        if arr.min() < _I32_MIN or arr.max() > _I32_MAX:
+        if arr.min() < I32_MIN or arr.max() > I32_MAX:
             raise ValueError(f"{name} has values outside int32")
         arr = arr.astype(np.int32)
     return np.ascontiguousarray(arr)
@@ -63,7 +49,7 @@ def _seq_lists(seq_ids, n_tokens):
                 raise ValueError(f"seq_ids has {len(lists)} entries for {n_tokens} tokens")
             offsets = np.zeros(n_tokens + 1, np.int64)
             np.cumsum([len(x) for x in lists], out=offsets[1:])
-            if offsets[-1] > _I32_MAX:
+            if offsets[-1] > I32_MAX:
                 raise ValueError("seq_ids: too many entries")
             flat = _int32_array([s for x in lists for s in x], "seq_ids")
             return flat, offsets.astype(np.int32)
@@ -74,26 +60,19 @@ def _seq_lists(seq_ids, n_tokens):
     return flat, None
 
 
-def _i32p(arr):
-    return ffi.from_buffer("int32_t[]", arr)
-
-
 class CellTable:
-    """llama.cpp's KV cell table for one stream; see API.md and docs/cells.md."""
+    """llama.cpp's KV cell table for one stream; see docs/api.md and docs/cells.md."""
 
     def __init__(self, n_cells, n_seq_max=1, *, n_swa=0, swa_type="none"):
-        n_cells = _int(n_cells, "n_cells", 1, lib.KVC_MAX_CELLS)
-        n_seq_max = _int(n_seq_max, "n_seq_max", 1, lib.KVC_MAX_SEQ)
-        n_swa = _int(n_swa, "n_swa", 0)
+        n_cells = as_int(n_cells, "n_cells", 1, lib.KVC_MAX_CELLS)
+        n_seq_max = as_int(n_seq_max, "n_seq_max", 1, lib.KVC_MAX_SEQ)
+        n_swa = as_int(n_swa, "n_swa", 0)
         if swa_type not in SWA_TYPES:
             raise ValueError(f"unknown swa_type {swa_type!r}; one of {sorted(SWA_TYPES)}")
         if swa_type != "none" and n_swa < 1:
             raise ValueError(f"swa_type {swa_type!r} needs n_swa >= 1")
         out = ffi.new("kvc_table **")
-        rc = lib.kvc_new(n_cells, n_seq_max, n_swa, SWA_TYPES[swa_type], out)
-        if rc:
-            raise MemoryError("cannot allocate the cell table") if rc == lib.KVC_ENOMEM else \
-                ValueError("bad cell table parameters")
+        check(lib.kvc_new(n_cells, n_seq_max, n_swa, SWA_TYPES[swa_type], out))
         self._own(out[0])
 
     def _own(self, ptr):
@@ -109,13 +88,8 @@ class CellTable:
         t._own(ptr)
         return t
 
-    def _call(self, rc):
-        if rc:
-            msg = ffi.string(lib.kvc_error(self._t)).decode()
-            raise _ERRORS.get(rc, KVCellsError)(msg)
-
     def _seq(self, seq_id, name="seq_id", allow_all=False):
-        return _int(seq_id, name, -1 if allow_all else 0, self.n_seq_max - 1)
+        return as_int(seq_id, name, -1 if allow_all else 0, self.n_seq_max - 1)
 
     # ------------------------------------------------------------ properties
 
@@ -139,10 +113,10 @@ class CellTable:
 
     def find_slot(self, n_tokens, *, cont=False):
         """The cells llama.cpp's find_slot would give a ubatch of n_tokens (no change)."""
-        n_tokens = _int(n_tokens, "n_tokens", 1)
+        n_tokens = as_int(n_tokens, "n_tokens", 1)
         # C fails before writing when n_tokens > n_cells, so this room is enough
         out = np.empty(min(n_tokens, self.n_cells), np.int32)
-        self._call(lib.kvc_find_slot(self._t, n_tokens, bool(cont), _i32p(out)))
+        check(lib.kvc_find_slot(self._t, n_tokens, bool(cont), int32s(out)))
         return out
 
     def apply_ubatch(self, idxs, pos, seq_ids):
@@ -155,29 +129,29 @@ class CellTable:
         if len(idxs) == 0:
             raise ValueError("a ubatch needs at least one token")
         flat, offsets = _seq_lists(seq_ids, len(idxs))
-        self._call(lib.kvc_apply_ubatch(
-            self._t, len(idxs), _i32p(idxs), _i32p(pos), len(flat), _i32p(flat),
-            ffi.NULL if offsets is None else _i32p(offsets)))
+        check(lib.kvc_apply_ubatch(
+            self._t, len(idxs), int32s(idxs), int32s(pos), len(flat), int32s(flat),
+            ffi.NULL if offsets is None else int32s(offsets)))
 
     # ------------------------------------------------------------ cells
 
     def pos(self, i):
         """Position of cell i, -1 when empty."""
         out = ffi.new("int32_t *")
-        self._call(lib.kvc_cell_pos(self._t, _int(i, "cell index"), out))
+        check(lib.kvc_cell_pos(self._t, as_int(i, "cell index"), out))
         return out[0]
 
     def seqs(self, i):
         """The sequences of cell i."""
         buf = ffi.new("int32_t[]", self.n_seq_max)
         n = ffi.new("int32_t *")
-        self._call(lib.kvc_cell_seqs(self._t, _int(i, "cell index"), buf, n))
+        check(lib.kvc_cell_seqs(self._t, as_int(i, "cell index"), buf, n))
         return frozenset(buf[k] for k in range(n[0]))
 
     def positions(self):
         """Positions of all cells (int32, -1 = empty)."""
         out = np.empty(self.n_cells, np.int32)
-        lib.kvc_positions(self._t, _i32p(out))
+        lib.kvc_positions(self._t, int32s(out))
         return out
 
     def seq_matrix(self):
@@ -189,9 +163,9 @@ class CellTable:
     def occupancy(self, width=64):
         """llama.cpp's debug picture: '.' empty, the sequence for one ('0'-'9',
         then 'a'-'z', '+' above 35), 'M' for several; `width` cells a line."""
-        width = _int(width, "width", 1)
+        width = as_int(width, "width", 1)
         labels = np.empty(self.n_cells, np.int32)
-        lib.kvc_cell_labels(self._t, _i32p(labels))
+        lib.kvc_cell_labels(self._t, int32s(labels))
         text = _LABELS[labels + 2].tobytes().decode()
         return "\n".join(text[k:k + width] for k in range(0, len(text), width))
 
@@ -199,54 +173,54 @@ class CellTable:
 
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         """Remove seq_id (-1: every sequence) from cells with position in [p0, p1)."""
-        self._call(lib.kvc_seq_rm(self._t, self._seq(seq_id, allow_all=True),
-                                  _int(p0, "p0"), _int(p1, "p1")))
+        check(lib.kvc_seq_rm(self._t, self._seq(seq_id, allow_all=True),
+                                  as_int(p0, "p0"), as_int(p1, "p1")))
         return True
 
     def seq_cp(self, src, dst, p0=-1, p1=-1):
         """Add dst to the cells of src with position in [p0, p1)."""
-        self._call(lib.kvc_seq_cp(self._t, self._seq(src, "src"), self._seq(dst, "dst"),
-                                  _int(p0, "p0"), _int(p1, "p1")))
+        check(lib.kvc_seq_cp(self._t, self._seq(src, "src"), self._seq(dst, "dst"),
+                                  as_int(p0, "p0"), as_int(p1, "p1")))
 
     def seq_keep(self, seq_id):
         """Drop every sequence but seq_id."""
-        self._call(lib.kvc_seq_keep(self._t, self._seq(seq_id)))
+        check(lib.kvc_seq_keep(self._t, self._seq(seq_id)))
 
     def seq_add(self, seq_id, p0, p1, delta):
         """Add delta to the positions of seq_id in [p0, p1); cells pushed below 0 are freed."""
-        self._call(lib.kvc_seq_add(self._t, self._seq(seq_id), _int(p0, "p0"), _int(p1, "p1"),
-                                   _int(delta, "delta")))
+        check(lib.kvc_seq_add(self._t, self._seq(seq_id), as_int(p0, "p0"), as_int(p1, "p1"),
+                                   as_int(delta, "delta")))
 
     def seq_div(self, seq_id, p0, p1, d):
         """Integer-divide the positions of seq_id in [p0, p1) by d >= 1."""
-        self._call(lib.kvc_seq_div(self._t, self._seq(seq_id), _int(p0, "p0"), _int(p1, "p1"),
-                                   _int(d, "d", 1)))
+        check(lib.kvc_seq_div(self._t, self._seq(seq_id), as_int(p0, "p0"), as_int(p1, "p1"),
+                                   as_int(d, "d", 1)))
 
     def seq_pos_min(self, seq_id):
         out = ffi.new("int32_t *")
-        self._call(lib.kvc_seq_pos_min(self._t, self._seq(seq_id), out))
+        check(lib.kvc_seq_pos_min(self._t, self._seq(seq_id), out))
         return out[0]
 
     def seq_pos_max(self, seq_id):
         out = ffi.new("int32_t *")
-        self._call(lib.kvc_seq_pos_max(self._t, self._seq(seq_id), out))
+        check(lib.kvc_seq_pos_max(self._t, self._seq(seq_id), out))
         return out[0]
 
     def seq_pos_bounds(self):
         """(mins, maxs): seq_pos_min and seq_pos_max of every sequence, int32 arrays."""
         mins = np.empty(self.n_seq_max, np.int32)
         maxs = np.empty(self.n_seq_max, np.int32)
-        lib.kvc_seq_pos_bounds(self._t, _i32p(mins), _i32p(maxs))
+        lib.kvc_seq_pos_bounds(self._t, int32s(mins), int32s(maxs))
         return mins, maxs
 
     def seq_cells(self, seq_id):
         """(idxs, pos) of the sequence's cells, ordered by position."""
         seq_id = self._seq(seq_id)
         n = ffi.new("int32_t *")
-        self._call(lib.kvc_seq_count(self._t, seq_id, n))
+        check(lib.kvc_seq_count(self._t, seq_id, n))
         idxs = np.empty(n[0], np.int32)
         pos = np.empty(n[0], np.int32)
-        self._call(lib.kvc_seq_cells(self._t, seq_id, _i32p(idxs), _i32p(pos)))
+        check(lib.kvc_seq_cells(self._t, seq_id, int32s(idxs), int32s(pos)))
         return idxs, pos
 
     # ------------------------------------------------------------ maintenance
@@ -254,7 +228,7 @@ class CellTable:
     def take_shifts(self):
         """Per-cell position shifts accumulated since the last call (int32), then reset."""
         out = np.empty(self.n_cells, np.int32)
-        lib.kvc_take_shifts(self._t, _i32p(out))
+        lib.kvc_take_shifts(self._t, int32s(out))
         return out
 
     def defrag(self):
@@ -267,14 +241,14 @@ class CellTable:
     def kq_mask(self, pos, seq_ids, n_kv):
         """float32 (n_tokens, n_kv): 0 where a token (its first sequence) may attend a cell."""
         pos = _int32_array(pos, "pos")
-        n_kv = _int(n_kv, "n_kv", 0, self.n_cells)
+        n_kv = as_int(n_kv, "n_kv", 0, self.n_cells)
         flat, offsets = _seq_lists(seq_ids, len(pos))
         if offsets is not None:
             if np.any(offsets[1:] == offsets[:-1]):
                 raise ValueError("kq_mask: a token has no sequence")
             flat = np.ascontiguousarray(flat[offsets[:-1]])
         out = np.empty((len(pos), n_kv), np.float32)
-        self._call(lib.kvc_kq_mask(self._t, len(pos), _i32p(pos), _i32p(flat), n_kv,
+        check(lib.kvc_kq_mask(self._t, len(pos), int32s(pos), int32s(flat), n_kv,
                                    ffi.from_buffer("float[]", out)))
         return out
 
@@ -286,7 +260,7 @@ class CellTable:
     def to_bytes(self):
         size = lib.kvc_state_size(self._t)
         buf = bytearray(size)
-        self._call(lib.kvc_state_write(self._t, ffi.from_buffer(buf), size))
+        check(lib.kvc_state_write(self._t, ffi.from_buffer(buf), size))
         return bytes(buf)
 
     @classmethod
@@ -296,17 +270,12 @@ class CellTable:
         except TypeError:
             raise StateError(f"a cell table state must be bytes, got {type(data).__name__}") from None
         out = ffi.new("kvc_table **")
-        err = ffi.new("char[]", 256)
-        rc = lib.kvc_state_read(ffi.from_buffer(view), len(view), out, err, 256)
-        if rc:
-            msg = "cell table state: " + ffi.string(err).decode()
-            raise MemoryError(msg) if rc == lib.KVC_ENOMEM else StateError(msg)
+        check(lib.kvc_state_read(ffi.from_buffer(view), len(view), out), "cell table state: ")
         return cls._wrap(out[0])
 
     def copy(self):
         out = ffi.new("kvc_table **")
-        if lib.kvc_clone(self._t, out):
-            raise MemoryError("cannot copy the cell table")
+        check(lib.kvc_clone(self._t, out))
         return self._wrap(out[0])
 
     def __reduce__(self):
@@ -314,10 +283,7 @@ class CellTable:
 
     def check(self):
         """Verify every internal invariant; KVCellsError names the broken one."""
-        err = ffi.new("char[]", 256)
-        rc = lib.kvc_check(self._t, err, 256)
-        if rc:
-            raise KVCellsError("cell table invariant broken: " + ffi.string(err).decode())
+        check(lib.kvc_check(self._t), "cell table invariant broken: ")
 
     def __repr__(self):
         return (f"CellTable(n_cells={self.n_cells}, n_seq_max={self.n_seq_max}, "

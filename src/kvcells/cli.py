@@ -79,15 +79,7 @@ def run(args):
         stats = run_single(ctx, args, sampler)
     report(ctx, load_s, *stats)
     if args.show_cache:
-        print(occupancy(ctx.memory), file=sys.stderr)
-
-
-def occupancy(mem):
-    """The cell tables' pictures: '.' empty, a digit for one sequence, 'M' for several."""
-    if hasattr(mem, "table"):
-        return "cells:\n" + mem.table.occupancy()
-    return (f"full-attention cells:\n{mem.base.table.occupancy()}\n"
-            f"sliding-window cells:\n{mem.swa.table.occupancy()}")
+        print(ctx.memory.occupancy(), file=sys.stderr)
 
 
 def progress_bar(done, total):

@@ -3,15 +3,18 @@ import struct
 
 import numpy as np
 
-from . import matmul
+from . import native
 from .errors import StateError
-
-KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
+from .native import KV_TYPES
 STATE_MAGIC = b"KVCELLS-CTX\0"
 STATE_VERSION = 1
 
 
 class Context:
+    """A model with its K/V memory (docs/api.md, "Decoding"). n_threads: the
+    threads of this context's matmuls and attention; None uses the process
+    default, kvcells.get_num_threads()."""
+
     def __init__(self, model, n_ctx=4096, n_seq_max=1, n_ubatch=512,
                  type_k="f16", type_v="f16", n_threads=None):
         if n_ctx <= 0 or n_ubatch <= 0:
@@ -21,15 +24,15 @@ class Context:
         for t in (type_k, type_v):
             if t not in KV_TYPES:
                 raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
+        if n_threads is not None:
+            n_threads = native.check_threads(n_threads)
         self.model = model
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self.n_ubatch = n_ubatch
         self.n_vocab = model.hparams.n_vocab
         self.memory = model.make_memory(n_ctx, n_seq_max, n_ubatch, type_k, type_v)
-        if n_threads is not None:
-            matmul.set_num_threads(n_threads)
-            self.memory.n_threads = n_threads
+        self.memory.n_threads = n_threads
 
     @property
     def kv_bytes(self):

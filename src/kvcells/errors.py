@@ -1,4 +1,4 @@
-"""The exceptions of kvcells (API.md, "Errors")."""
+"""The exceptions of kvcells (docs/api.md, "Errors")."""
 
 
 class KVCellsError(Exception):

@@ -15,12 +15,11 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
-from .errors import GGUFError
+from . import arch as archs
 from . import matmul
+from .errors import GGUFError
+from .native import TYPES
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
-                   "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-ARCHITECTURES = ("llama", "gemma3")
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 
 _SCALAR_DTYPES = {
@@ -55,10 +54,11 @@ class Weight:
         """Rows `ids` as float32 (len(ids), n_in); only those rows are decoded."""
         return matmul.dequantize_rows(self.raw, self.type, self.shape[1], ids)
 
-    def matmul(self, x):
+    def matmul(self, x, n_threads=None):
         """x @ W.T for x float32 (n, n_in) -> float32 (n, n_out), by the C
-        kernels on the weights in their file type."""
-        return matmul.matmul(self.raw, self.type, self.shape[0], self.shape[1], x)
+        kernels on the weights in their file type (n_threads None: the
+        default, kvcells.set_num_threads)."""
+        return matmul.matmul(self.raw, self.type, self.shape[0], self.shape[1], x, n_threads)
 
 
 def _dequantize_rows(raw, type_name, n_in):
@@ -124,12 +124,13 @@ def load_gguf(path):
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError(f"{path}: general.architecture is missing or not a string")
-    if arch not in ARCHITECTURES:
+    spec = archs.spec(arch)
+    if spec is None:
         raise GGUFError(f"{path}: unsupported architecture {arch!r} "
-                        f"(supported: {', '.join(ARCHITECTURES)})")
+                        f"(supported: {', '.join(archs.NAMES)})")
     tensors = _load_tensors(path, buf, infos, data_start)
-    hparams = _read_hparams(path, arch, metadata, tensors)
-    _check_tensors(path, arch, hparams, tensors)
+    hparams = _read_hparams(path, arch, spec, metadata, tensors)
+    _check_tensors(path, spec, hparams, tensors)
     return GGUFModelFile(path, arch, hparams, metadata, tensors)
 
 
@@ -271,9 +272,9 @@ def _load_tensors(path, buf, infos, data_start):
             type_name = GGMLQuantizationType(type_id).name
         except ValueError:
             raise GGUFError(f"{path}: tensor {name!r} has unknown type id {type_id}") from None
-        if type_name not in SUPPORTED_TYPES:
+        if type_name not in TYPES:
             raise GGUFError(f"{path}: tensor {name!r} has unsupported type {type_name} "
-                            f"(supported: {', '.join(SUPPORTED_TYPES)})")
+                            f"(supported: {', '.join(TYPES)})")
         if len(dims) > 2:
             raise GGUFError(f"{path}: tensor {name!r} has {len(dims)} dimensions; "
                             "only 1-D and 2-D tensors are supported")
@@ -328,7 +329,7 @@ def _get_per_layer(path, metadata, key, n_layer, default=None):
     return _get(path, metadata, key, "int", default)
 
 
-def _read_hparams(path, arch, md, tensors):
+def _read_hparams(path, arch, spec, md, tensors):
     def key(name):
         return f"{arch}.{name}"
 
@@ -372,34 +373,41 @@ def _read_hparams(path, arch, md, tensors):
         raise GGUFError(f"{path}: invalid rope scaling factor {factor}")
     rope_freq_scale = 1.0 if factor == 0.0 else 1.0 / factor
 
-    n_swa, swa_type, swa_layers = 0, "none", [False] * n_layer
-    attn_scale = 1.0 / math.sqrt(head_dim)
-    logit_softcap = 0.0
-    if arch == "gemma3":
-        n_swa = _get(path, md, key("attention.sliding_window"), "int", 0)
-        if n_swa < 0:
-            raise GGUFError(f"{path}: negative sliding window {n_swa}")
-        if n_swa > 0:
-            swa_type = "standard"
-            swa_layers = _swa_pattern(path, md, key("attention.sliding_window_pattern"),
-                                      n_layer, 6)
-        logit_softcap = _get(path, md, key("final_logit_softcapping"), "float", 0.0)
-        if n_layer == 62:  # Gemma 3 27B scales by the model width (gemma_pytorch)
-            attn_scale = 1.0 / math.sqrt(n_embd // n_head)
-
     for name, v in (("rope_base", rope_base), ("rope_base_swa", rope_base_swa),
                     ("norm_eps", norm_eps)):
         if not (math.isfinite(v) and v > 0):
             raise GGUFError(f"{path}: {name} must be a positive finite number, got {v}")
 
-    return HParams(
+    hp = HParams(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         head_dim=head_dim, head_dim_v=head_dim_v, n_ff=n_ff, n_vocab=n_vocab,
-        n_ctx_train=n_ctx_train, n_swa=n_swa, swa_type=swa_type,
-        swa_layers=swa_layers, rope_mode="neox" if arch == "gemma3" else "norm",
+        n_ctx_train=n_ctx_train, n_swa=0, swa_type="none",
+        swa_layers=[False] * n_layer, rope_mode=spec.ROPE_MODE,
         rope_base=rope_base, rope_base_swa=rope_base_swa,
         rope_freq_scale=rope_freq_scale, rope_freq_scale_swa=1.0,
-        norm_eps=norm_eps, attn_scale=attn_scale, logit_softcap=logit_softcap)
+        norm_eps=norm_eps, attn_scale=1.0 / math.sqrt(head_dim), logit_softcap=0.0)
+    spec.read_hparams(_Metadata(path, arch, md), hp)
+    return hp
+
+
+class _Metadata:
+    """An architecture's view of the metadata: its keys without the
+    "<arch>." prefix, checked as _get does."""
+
+    def __init__(self, path, arch, md):
+        self.path, self.arch, self.md = path, arch, md
+
+    def get(self, name, kind, default=None):
+        return _get(self.path, self.md, f"{self.arch}.{name}", kind, default)
+
+    def swa_pattern(self, name, n_layer, default_period):
+        return _swa_pattern(self.path, self.md, f"{self.arch}.{name}", n_layer, default_period)
+
+    def fail(self, reason):
+        raise GGUFError(f"{self.path}: {reason}")
+
+
+
 
 
 def _n_vocab(path, arch, md, tensors):
@@ -433,33 +441,14 @@ def _swa_pattern(path, md, key, n_layer, default_period):
 
 # --- required tensors and their shapes ----------------------------------------
 
-def _expected_tensors(arch, hp):
-    """(name -> shape (n_out, n_in) or (n,)) of required and of optional tensors."""
-    e, q, kv, v = hp.n_embd, hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, \
-        hp.n_head_kv * hp.head_dim_v
-    required = {"token_embd.weight": (hp.n_vocab, e), "output_norm.weight": (e,)}
-    optional = {"output.weight": (hp.n_vocab, e)}
+def _check_tensors(path, spec, hp, tensors):
+    """Every tensor the architecture needs, and each tensor's shape."""
+    shapes = archs.tensor_shapes(hp)
+    required = {"token_embd.weight": shapes["token_embd"],
+                "output_norm.weight": shapes["output_norm"]}
     for i in range(hp.n_layer):
-        b = f"blk.{i}."
-        required.update({
-            b + "attn_norm.weight": (e,), b + "attn_q.weight": (q, e),
-            b + "attn_k.weight": (kv, e), b + "attn_v.weight": (v, e),
-            b + "attn_output.weight": (e, hp.n_head * hp.head_dim_v),
-            b + "ffn_norm.weight": (e,), b + "ffn_gate.weight": (hp.n_ff, e),
-            b + "ffn_up.weight": (hp.n_ff, e), b + "ffn_down.weight": (e, hp.n_ff)})
-        if arch == "gemma3":
-            required.update({
-                b + "attn_q_norm.weight": (hp.head_dim,),
-                b + "attn_k_norm.weight": (hp.head_dim,),
-                b + "post_attention_norm.weight": (e,),
-                b + "post_ffw_norm.weight": (e,)})
-    if arch == "llama":
-        optional["rope_freqs.weight"] = (hp.head_dim // 2,)
-    return required, optional
-
-
-def _check_tensors(path, arch, hp, tensors):
-    required, optional = _expected_tensors(arch, hp)
+        required.update({f"blk.{i}.{name}.weight": shapes[name] for name in spec.WEIGHTS})
+    optional = {f"{name}.weight": shapes[name] for name in ("output", *spec.OPTIONAL)}
     for name in required:
         if name not in tensors:
             raise GGUFError(f"{path}: missing tensor {name!r}")

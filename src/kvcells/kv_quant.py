@@ -6,16 +6,16 @@ followed by the codes (GGML's byte layout, so a row is what ggml would store):
   q4_0: 2 + 16 bytes, x = d * (q - 8) with q in [0, 15], d = max / -8 where
         max is the value of largest magnitude; byte j holds q[j] in its low
         nibble and q[j + 16] in its high nibble.
-Quantising is csrc/kv.c (kv_quantize), rounding as ggml's reference
+Quantising is csrc/quants.c (quant_quantize), rounding as ggml's reference
 quantisers do (half away from zero for q8_0, truncation of x/d + 8.5 clamped
 to 15 for q4_0); widening is numpy.
 """
 import numpy as np
 
-from ._core import ffi, lib
+from . import native
+from .native import KV_TYPES as TYPES
 
 BLOCK = 32
-TYPES = ("f32", "f16", "q8_0", "q4_0")
 _BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
 
 
@@ -49,11 +49,7 @@ def quantize(x, type_name):
     out = np.empty((*lead, nbytes), np.uint8)
     if out.size == 0:
         return out
-    code = lib.KV_TYPE_Q8_0 if type_name == "q8_0" else lib.KV_TYPE_Q4_0
-    rc = lib.kv_quantize(code, ffi.from_buffer("float[]", x), x.size // n, n,
-                         ffi.from_buffer("uint8_t[]", out, require_writable=True))
-    if rc != lib.KV_OK:
-        raise ValueError(f"kv_quantize rejected a {type_name} row of {n} values")
+    native.quantize(native.kv_type_id(type_name), x, out)
     return out
 
 

@@ -40,6 +40,7 @@ from .chat_template import ChatTemplate, ChatTemplateError
 from .cli import default_model_path
 from .context import KV_TYPES, Context
 from .engine import Engine
+from .model import Model
 from .sampling import Sampler
 
 log = logging.getLogger("kvcells.server")
@@ -384,7 +385,6 @@ class Service:
     def load(self):
         a = self.args
         try:
-            from .model import Model
             path = a.model or default_model_path()
             t0 = time.perf_counter()
             self.model = Model.load(path)

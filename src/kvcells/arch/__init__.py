@@ -1,18 +1,45 @@
-"""Forward passes, one module per architecture, and the pieces they share."""
+"""The architectures, one module each, and the pieces they share.
+
+An architecture module declares what the GGUF reader needs to know about it:
+ROPE_MODE, WEIGHTS (the tensors blk.{il}.<name>.weight of every layer),
+OPTIONAL (global tensors it may have), read_hparams(meta, hp) (its own
+hyperparameter rules, applied to the common ones), and its forward pass
+class FORWARD.
+"""
 import numpy as np
 
-from .._core import ffi, lib
+from .. import native
 from ..errors import GGUFError
+
+NAMES = ("llama", "gemma3")
+
+
+def spec(arch):
+    """The module of architecture `arch`, None when it is not supported."""
+    from . import gemma3, llama
+    return {"llama": llama, "gemma3": gemma3}.get(arch)
 
 
 def build(file):
     """The forward pass object for a loaded GGUF model file."""
-    from .gemma3 import Gemma3
-    from .llama import Llama
-    archs = {"llama": Llama, "gemma3": Gemma3}
-    if file.arch not in archs:
+    module = spec(file.arch)
+    if module is None:
         raise GGUFError(f"{file.path}: unsupported architecture {file.arch!r}")
-    return archs[file.arch](file)
+    return module.FORWARD(file)
+
+
+def tensor_shapes(hp):
+    """The shape of each tensor an architecture may name: (n_out, n_in) for
+    a matrix, (n,) for a vector."""
+    e, hd, ff = hp.n_embd, hp.head_dim, hp.n_ff
+    q, kv, v = hp.n_head * hd, hp.n_head_kv * hd, hp.n_head_kv * hp.head_dim_v
+    return {"token_embd": (hp.n_vocab, e), "output_norm": (e,), "output": (hp.n_vocab, e),
+            "rope_freqs": (hd // 2,),
+            "attn_norm": (e,), "attn_q": (q, e), "attn_k": (kv, e), "attn_v": (v, e),
+            "attn_q_norm": (hd,), "attn_k_norm": (hd,),
+            "attn_output": (e, hp.n_head * hp.head_dim_v), "post_attention_norm": (e,),
+            "ffn_norm": (e,), "ffn_gate": (ff, e), "ffn_up": (ff, e), "ffn_down": (e, ff),
+            "post_ffw_norm": (e,)}
 
 
 def layer_weights(file, il, names):
@@ -28,9 +55,7 @@ def rms_norm(x, w, eps):
     if n < 1 or w.dtype != np.float32 or w.shape != (n,) or not w.flags.c_contiguous:
         raise ValueError(f"rms_norm: weight must be float32 ({n},), got {w.dtype} {w.shape}")
     y = np.empty_like(x)
-    lib.ops_rms_norm(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", w),
-                     ffi.from_buffer("float[]", y, require_writable=True),
-                     x.size // n, n, eps)
+    native.rms_norm(x, w, y, eps)
     return y
 
 
@@ -46,15 +71,12 @@ def rms_norm_rope_neox(x, w, eps, cos, sin):
     if d < 2 or d % 2 or cos.size != n * (d // 2) or sin.size != cos.size:
         raise ValueError(f"rms_norm_rope_neox: need an even head_dim and {n} x {d // 2} cos/sin")
     y = np.empty_like(x)
-    lib.ops_rms_norm_rope_neox(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", w),
-                               ffi.from_buffer("float[]", cos), ffi.from_buffer("float[]", sin),
-                               ffi.from_buffer("float[]", y, require_writable=True),
-                               n, x.shape[1], d, eps)
+    native.rms_norm_rope_neox(x, w, cos, sin, y, eps)
     return y
 
 
-def output_logits(file, x):
+def output_logits(file, x, n_threads=None):
     """Logits for the final hidden rows x: the output matrix, or the token
     embeddings when the model ties them."""
     out = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
-    return out.matmul(x)
+    return out.matmul(x, n_threads)
