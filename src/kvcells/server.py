@@ -72,11 +72,16 @@ def parse_args(argv):
                     help="free finished sequences and compute every prompt in full")
     ap.add_argument("--chat-template", metavar="NAME", help="a built-in chat template by name")
     ap.add_argument("--chat-template-file", metavar="FILE", help="a Jinja chat template file")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="engines on Ray Serve behind this port (RAY_ADDRESS: the cluster to join)")
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica")
     args = ap.parse_args(argv)
     if not 1 <= args.parallel <= 256 - SPARE_SEQ_IDS:
         ap.error(f"-np must be in [1, {256 - SPARE_SEQ_IDS}]")
     if args.timeout <= 0 or args.max_waiting < 0:
         ap.error("--timeout must be > 0 and --max-waiting >= 0")
+    if args.replicas < 1 or args.replica_cpus <= 0:
+        ap.error("--replicas must be >= 1 and --replica-cpus > 0")
     return args
 
 
@@ -317,6 +322,8 @@ class Job:
             if c.finish_reason is not None:
                 continue                    # the engine's last words after a stop string
             if token is None:
+                if isinstance(r.error, APIError):     # a replica's failure (kvcells.replicas)
+                    raise r.error
                 if r.finish_reason == "error":
                     raise APIError(500, f"generation failed: {r.error}", "internal_error")
                 c.end(r.finish_reason)
@@ -623,6 +630,9 @@ def sse(obj):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.replicas > 1:
+        from .replicas import main as serve_replicas
+        return serve_replicas(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     service = Service(args)
     server = uvicorn.Server(uvicorn.Config(service.app, host=args.host, port=args.port,
