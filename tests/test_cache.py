@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from cells_reference import is_masked_swa
+from cells_reference import RefCells, is_masked_swa
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -66,9 +66,19 @@ def decode(mem, pos, seq_ids, layers, seed):
     return result
 
 
+def reference_mask(table, pos, seq_ids, n_kv):
+    """The attention mask by the reference's rule over the cells the table
+    holds: 0 where a token (its first sequence) may see cell j, else -inf."""
+    ref = RefCells(table.n_cells, table.n_seq_max, table.n_swa, table.swa_type)
+    ref.pos = [table.pos(j) for j in range(table.n_cells)]
+    ref.seq = [set(table.seqs(j)) for j in range(table.n_cells)]
+    firsts = [s[0] if isinstance(s, (list, tuple)) else s for s in seq_ids]
+    return np.where(ref.kq_mask(pos, firsts, n_kv), 0.0, -np.inf).astype(np.float32)
+
+
 def check_against_mask(cache, pos, seq_ids, result, atol=1e-5):
-    """attend() equals naive attention over all cells with the table's kq_mask."""
-    mask = cache.table.kq_mask(pos, seq_ids, cache.n_cells)
+    """attend() equals naive attention over all cells with the reference's mask."""
+    mask = reference_mask(cache.table, pos, seq_ids, cache.n_cells)
     for il, (q, out) in result.items():
         k, v = dense(cache, il)
         np.testing.assert_allclose(out, naive_attention(q, k, v, mask, SCALE), atol=atol)
@@ -144,7 +154,7 @@ def test_any_head_dim_and_group_size(head_dim, n_head, simd):
     mem.store(0, k, v)
     q = rng.standard_normal((10, n_head, head_dim)).astype(np.float32)
     out = mem.attend(0, q, 0.3)
-    mask = mem.table.kq_mask(pos, seqs, 32)
+    mask = reference_mask(mem.table, pos, seqs, 32)
     kd = kv_quant.dequantize(mem.k[0], "f16", 2 * head_dim).reshape(32, 2, head_dim)
     vd = kv_quant.dequantize(mem.v[0], "f32", 2 * head_dim).reshape(32, 2, head_dim)
     np.testing.assert_allclose(out, naive_attention(q, kd, vd, mask, 0.3), atol=1e-5)
@@ -427,16 +437,20 @@ def snapshot(mem):
 
 
 def test_prepare_leaves_the_tables_as_they_were_and_plans_in_order():
-    mem = KVCache(64, 2, [0], N_HEAD_KV, HEAD_DIM)
+    mem, ref = KVCache(64, 2, [0], N_HEAD_KV, HEAD_DIM), RefCells(64, 2)
     decode(mem, np.arange(5), [[0]] * 5, [0], 1)
+    ref.apply_ubatch(ref.find_slot(5), list(range(5)), [[0]] * 5)
     mem.seq_rm(0, 1, 3)       # holes are reused by the plan
+    ref.seq_rm(0, 1, 3)
     before = snapshot(mem)
     ubatches = [(np.arange(5, 9), [[0]] * 4), (np.arange(4), [[1]] * 4),
                 (np.arange(9, 12), [[0], [0], [0]])]
     slots = mem.prepare(ubatches)
     assert snapshot(mem) == before
     for (pos, seqs), slot in zip(ubatches, slots):
-        np.testing.assert_array_equal(slot, mem.table.find_slot(len(pos)))
+        expected = ref.find_slot(len(pos))
+        np.testing.assert_array_equal(slot, expected)
+        ref.apply_ubatch(expected, list(pos), seqs)
         mem.apply(slot, pos, seqs)
     assert sorted(mem.table.seq_cells(1)[1]) == [0, 1, 2, 3]
 
