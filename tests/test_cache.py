@@ -2,10 +2,13 @@
 table's kq_mask, attention recomputed from scratch at shifted positions, the
 size formula of docs/architecture.md, and a plain model of which tokens each sequence holds
 (hypothesis state machine at the end)."""
+import struct
+import zlib
+
 import numpy as np
 import pytest
-from cells_reference import is_masked_swa
-from hypothesis import HealthCheck, settings
+from cells_reference import RefCells, is_masked_swa
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -63,9 +66,19 @@ def decode(mem, pos, seq_ids, layers, seed):
     return result
 
 
+def reference_mask(table, pos, seq_ids, n_kv):
+    """The attention mask by the reference's rule over the cells the table
+    holds: 0 where a token (its first sequence) may see cell j, else -inf."""
+    ref = RefCells(table.n_cells, table.n_seq_max, table.n_swa, table.swa_type)
+    ref.pos = [table.pos(j) for j in range(table.n_cells)]
+    ref.seq = [set(table.seqs(j)) for j in range(table.n_cells)]
+    firsts = [s[0] if isinstance(s, (list, tuple)) else s for s in seq_ids]
+    return np.where(ref.kq_mask(pos, firsts, n_kv), 0.0, -np.inf).astype(np.float32)
+
+
 def check_against_mask(cache, pos, seq_ids, result, atol=1e-5):
-    """attend() equals naive attention over all cells with the table's kq_mask."""
-    mask = cache.table.kq_mask(pos, seq_ids, cache.n_cells)
+    """attend() equals naive attention over all cells with the reference's mask."""
+    mask = reference_mask(cache.table, pos, seq_ids, cache.n_cells)
     for il, (q, out) in result.items():
         k, v = dense(cache, il)
         np.testing.assert_allclose(out, naive_attention(q, k, v, mask, SCALE), atol=atol)
@@ -141,7 +154,7 @@ def test_any_head_dim_and_group_size(head_dim, n_head, simd):
     mem.store(0, k, v)
     q = rng.standard_normal((10, n_head, head_dim)).astype(np.float32)
     out = mem.attend(0, q, 0.3)
-    mask = mem.table.kq_mask(pos, seqs, 32)
+    mask = reference_mask(mem.table, pos, seqs, 32)
     kd = kv_quant.dequantize(mem.k[0], "f16", 2 * head_dim).reshape(32, 2, head_dim)
     vd = kv_quant.dequantize(mem.v[0], "f32", 2 * head_dim).reshape(32, 2, head_dim)
     np.testing.assert_allclose(out, naive_attention(q, kd, vd, mask, 0.3), atol=1e-5)
@@ -424,16 +437,20 @@ def snapshot(mem):
 
 
 def test_prepare_leaves_the_tables_as_they_were_and_plans_in_order():
-    mem = KVCache(64, 2, [0], N_HEAD_KV, HEAD_DIM)
+    mem, ref = KVCache(64, 2, [0], N_HEAD_KV, HEAD_DIM), RefCells(64, 2)
     decode(mem, np.arange(5), [[0]] * 5, [0], 1)
+    ref.apply_ubatch(ref.find_slot(5), list(range(5)), [[0]] * 5)
     mem.seq_rm(0, 1, 3)       # holes are reused by the plan
+    ref.seq_rm(0, 1, 3)
     before = snapshot(mem)
     ubatches = [(np.arange(5, 9), [[0]] * 4), (np.arange(4), [[1]] * 4),
                 (np.arange(9, 12), [[0], [0], [0]])]
     slots = mem.prepare(ubatches)
     assert snapshot(mem) == before
     for (pos, seqs), slot in zip(ubatches, slots):
-        np.testing.assert_array_equal(slot, mem.table.find_slot(len(pos)))
+        expected = ref.find_slot(len(pos))
+        np.testing.assert_array_equal(slot, expected)
+        ref.apply_ubatch(expected, list(pos), seqs)
         mem.apply(slot, pos, seqs)
     assert sorted(mem.table.seq_cells(1)[1]) == [0, 1, 2, 3]
 
@@ -587,6 +604,50 @@ def test_bad_states_raise_state_error_and_change_nothing(make):
         make().load_state_bytes(mem.state_bytes(), seq_id=0)
 
 
+def crc_sealed(body):
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("seq_id", [None, 0])
+def test_state_checksum_alone_refuses_changed_kv_data(seq_id):
+    """One byte of a V row changed: every other check accepts it (it loads
+    once resealed and the row differs), so only the CRC can refuse it."""
+    mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(mem, np.arange(3), [[0]] * 3, [0], 120)
+    good = mem.state_bytes(seq_id)
+    body = bytearray(good[:-4])
+    body[-1] ^= 0x01                       # the last byte of the last V row
+    target = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    before = snapshot(target)
+    with pytest.raises(StateError, match="checksum"):
+        target.load_state_bytes(bytes(body) + good[-4:], seq_id)
+    assert snapshot(target) == before
+    target.load_state_bytes(crc_sealed(bytes(body)), seq_id)
+    assert target.v[0][2].tobytes() != mem.v[0][2].tobytes()
+
+
+def test_iswa_checksum_of_each_half_alone_refuses_a_change():
+    """The outer CRC cannot see a change inside a half that carries its own
+    valid CRC (a CRC over data followed by its CRC depends only on the
+    length), so each half's own checksum must refuse it."""
+    mem = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
+    decode(mem, np.arange(3), [[0]] * 3, [0, 1], 121)
+    good = mem.state_bytes()
+    head = 8 + 12 + struct.unpack("<q", good[12:20])[0]   # magic, version, base length, base
+    base, swa = bytearray(good[20:head - 4]), bytearray(good[head:-8])   # without their CRCs
+    base[-1] ^= 0x01
+    swa[-1] ^= 0x01                       # the last byte of each half's last V row
+    stale_base = crc_sealed(good[:20] + bytes(base) + good[head - 4:-4])
+    stale_swa = crc_sealed(good[:head] + bytes(swa) + good[-8:-4])
+    fresh = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
+    for bad in (stale_base, stale_swa):
+        with pytest.raises(StateError, match="checksum"):
+            fresh.load_state_bytes(bad)
+    fresh.load_state_bytes(crc_sealed(good[:20] + crc_sealed(bytes(base)) + crc_sealed(bytes(swa))))
+    assert fresh.base.v[0][2].tobytes() != mem.base.v[0][2].tobytes()
+    assert fresh.swa.v[1][2].tobytes() != mem.swa.v[1][2].tobytes()
+
+
 def test_sequence_state_that_does_not_fit_changes_nothing():
     src = KVCache(32, 1, [0], N_HEAD_KV, HEAD_DIM)
     decode(src, np.arange(10), [[0]] * 10, [0], 110)
@@ -599,6 +660,48 @@ def test_sequence_state_that_does_not_fit_changes_nothing():
 
 
 # ---- bad input ----
+
+@pytest.mark.parametrize("kw", [dict(rope_base=-1.0), dict(rope_base=0.0),
+                                dict(rope_base=float("nan")), dict(rope_base={0: float("inf")}),
+                                dict(rope_freq_scale=float("inf")), dict(rope_freq_scale=-2.0),
+                                dict(rope_base="10000"), dict(rope_freq_scale=True)])
+def test_rope_parameters_must_be_finite_and_positive(kw):
+    with pytest.raises(ValueError, match="rope"):
+        KVCache(8, 1, [0], N_HEAD_KV, HEAD_DIM, **kw)
+    iswa = {"rope_base_swa" if k == "rope_base" else "rope_freq_scale_swa": v
+            for k, v in kw.items() if not isinstance(v, dict)}
+    if iswa:
+        with pytest.raises(ValueError, match="rope"):
+            ISWACache(64, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4, **iswa)
+
+
+def test_a_nan_query_or_scale_gives_nan_as_dense_attention_does():
+    mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    pos, seqs = np.arange(4), [[0]] * 4
+    place(mem, pos, seqs, [0], 130)
+    q = rows(131, 4, N_HEAD)
+    q[1, 2, 5] = np.nan
+    q[3, 0, 0] = np.inf
+    out = mem.attend(0, q, SCALE)
+    assert np.isnan(out[1, 2]).all() and np.isnan(out[3, 0]).all()
+    check_against_mask(mem, pos, seqs, {0: (q, out)})   # NaN where dense gives NaN, else equal
+    assert np.isnan(mem.attend(0, rows(132, 4, N_HEAD), float("nan"))).all()
+
+
+def test_a_sequence_state_out_of_order_or_at_int32_max_is_refused():
+    mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(mem, np.arange(3), [[0]] * 3, [0], 140)
+    body = bytearray(mem.state_bytes(0)[:-4])
+    at = len(mem._header(1)) + 8                     # after the header, seq id and count
+    body[at:at + 8] = struct.pack("<2i", 1, 0)       # positions 1, 0, 2
+    target = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    with pytest.raises(StateError, match="order"):
+        target.load_state_bytes(crc_sealed(bytes(body)), 0)
+    body[at:at + 12] = struct.pack("<3i", 0, 1, 2**31 - 1)
+    with pytest.raises(StateError, match="largest"):
+        target.load_state_bytes(crc_sealed(bytes(body)), 0)
+    assert target.table.used == 0
+
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
@@ -632,6 +735,9 @@ def test_bad_arguments():
         mem.seq_rm(5)
     with pytest.raises(ValueError):
         mem.prepare([([0], [[7]])])
+    for seq_ids in (None, [[True]], [["0"]]):
+        with pytest.raises(ValueError):
+            mem.prepare([([0], seq_ids)])
     with pytest.raises(ValueError):
         mem.load_state_bytes(mem.state_bytes(0), seq_id=9)
     mem.seq_rm(0, 1, -1)
@@ -706,13 +812,19 @@ def raw(uid, layer, what):
     return rows(4 * uid + 2 * layer + (what == "v"), 1)[0]
 
 
+CHUNKS = st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 2)), st.integers(1, 3)),
+                  min_size=1, max_size=3)
+
+
 class MemoryMachine(RuleBasedStateMachine):
+    """Starts from 6 to 16 decoded ubatches and decodes up to 4 per step, so
+    the tables run near full (statistics: pytest --hypothesis-show-statistics)."""
     N_SEQ = 3
     BASES = {0: 10000.0, 1: 500.0}
 
     @initialize(kind=st.sampled_from(["full", "swa", "iswa"]),
-                mode=st.sampled_from([NORM, NEOX]))
-    def setup(self, kind, mode):
+                mode=st.sampled_from([NORM, NEOX]), prefill=st.lists(CHUNKS, min_size=6, max_size=16))
+    def setup(self, kind, mode, prefill):
         kw = dict(rope_mode=mode)
         if kind == "iswa":
             self.mem = ISWACache(40, self.N_SEQ, 8, [False, True], N_HEAD_KV, HEAD_DIM,
@@ -729,7 +841,10 @@ class MemoryMachine(RuleBasedStateMachine):
             self.parts = [(self.mem, [0, 1])]
         self.kind, self.mode = kind, mode
         self.truth = [Tokens(c.n_swa, c.swa_type) for c, _ in self.parts]
-        self.uid = self.n_copies = 0
+        self.uid = self.n_copies = self.n_decodes = 0
+        self.occupancy = []
+        for chunks in prefill:
+            self.decode_one(chunks)
 
     def k_at(self, uid, layer, p):
         return rope(raw(uid, layer, "k")[None], [p], self.BASES[layer], self.mode)[0]
@@ -739,9 +854,14 @@ class MemoryMachine(RuleBasedStateMachine):
         for tokens in self.truth:
             getattr(tokens, name)(*args)
 
-    @rule(chunks=st.lists(st.tuples(st.integers(0, N_SEQ - 1), st.sets(st.integers(0, N_SEQ - 1)),
-                                    st.integers(1, 3)), min_size=1, max_size=3))
-    def decode(self, chunks):
+    @rule(ubatches=st.lists(CHUNKS, min_size=1, max_size=4))
+    def decode(self, ubatches):
+        for chunks in ubatches:
+            self.decode_one(chunks)
+
+    def decode_one(self, chunks):
+        """One ubatch: per chunk, n tokens of a sequence (shared with others)."""
+        self.n_decodes += 1
         pos, seqs = [], []
         nxt = {s: self.mem.seq_pos_max(s) + 1 for s in range(self.N_SEQ)}
         for s, extra, n in chunks:
@@ -757,6 +877,7 @@ class MemoryMachine(RuleBasedStateMachine):
             slot, = self.mem.prepare([(np.array(pos), seqs)])
         except CacheFullError:
             assert snapshot(self.mem) == before
+            self.full = True
             return
         assert snapshot(self.mem) == before
         self.mem.apply(slot, pos, seqs)
@@ -841,10 +962,19 @@ class MemoryMachine(RuleBasedStateMachine):
     def tables_hold_the_truth(self):
         if not hasattr(self, "mem"):
             return
+        self.occupancy.append(max(c.table.used / c.n_cells for c, _ in self.parts))
         for (cache, _), tokens in zip(self.parts, self.truth):
             cache.table.check()
             for s in range(self.N_SEQ):
                 assert list(cache.table.seq_cells(s)[1]) == tokens.positions(s)
+
+    def teardown(self):
+        if getattr(self, "occupancy", None):
+            mean = sum(self.occupancy) / len(self.occupancy)
+            event(f"mean occupancy {min(int(mean * 4), 3) * 25}%+")
+            event(f"{min(self.n_decodes // 10, 5) * 10}+ ubatches decoded")
+            if getattr(self, "full", False):
+                event("a ubatch found the cache full")
 
 
 TestMemoryMachine = MemoryMachine.TestCase

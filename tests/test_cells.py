@@ -289,6 +289,22 @@ def test_corrupt_states_raise_state_error():
     assert issubclass(StateError, ValueError)
 
 
+
+def test_checksum_alone_refuses_a_valid_looking_change():
+    """A change every other check accepts (cell 1 also in sequence 0, and at
+    position 5): refused with the old checksum, loaded once resealed."""
+    t = CellTable(4, 2)
+    t.apply_ubatch([0, 1], [0, 1], [0, 1])
+    body = t.to_bytes()[:-8]
+    cell1 = 32 + 16
+    changed = body[:cell1] + struct.pack("<i", 5) + body[cell1 + 4:cell1 + 8] + \
+        struct.pack("<Q", 3) + body[cell1 + 16:]
+    with pytest.raises(StateError, match="checksum"):
+        CellTable.from_bytes(changed + t.to_bytes()[-8:])
+    u = CellTable.from_bytes(reseal(changed))
+    assert (u.pos(1), u.seqs(1)) == (5, {0, 1})
+
+
 # ---------------------------------------------------------------- error rows
 
 
@@ -388,3 +404,18 @@ def test_check_passes_on_a_busy_table():
 
 def test_exported_from_package():
     assert kvcells.CellTable is CellTable
+
+
+@pytest.mark.parametrize("call", [
+    lambda: CellTable(8, 2).kq_mask([0], [[0, 99]], 4),       # an invalid second sequence
+    lambda: CellTable(8, 2, n_swa=2, swa_type=[]),
+    lambda: CellTable(True),
+    lambda: CellTable(8, 2).apply_ubatch([0], [0], None),
+    lambda: CellTable(8, 2).apply_ubatch([0], [0], [True]),
+    lambda: CellTable(8, 2).apply_ubatch([0, 1], [0, 1], [1, True]),
+    lambda: CellTable(8, 2).seq_rm(False),
+])
+def test_wrong_kinds_of_argument_are_value_errors(call):
+    with pytest.raises(ValueError):
+        call()
+

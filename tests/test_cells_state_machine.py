@@ -6,15 +6,25 @@ defrag, clear, copies and byte round trips, on tiny tables (full-cache paths,
 wraparound) with every SWA type and n_seq_max from 1 to 256. After every step
 all observables are compared and check() is called.
 
+Weighted to run tables near full: a run starts with the table filled to a
+drawn fraction, `place` puts up to three ubatches per step, `decode_step`
+the next token of every sequence, and the rules that empty whole tables
+(clear, seq_keep, seq_rm of every sequence) run only on a table at least
+three quarters (clear) or half full. Each run reports its mean occupancy,
+its share of steps on an empty table, whether cells were shared and whether
+the search wrapped around the ring (pytest --hypothesis-show-statistics;
+figures in docs/cells.md).
+
 KVCELLS_HYPOTHESIS=long explores far more.
 """
 import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule)
 
 from cells_reference import INT32_MAX, RefCells
 from kvcells import CacheFullError, CellTable
@@ -32,12 +42,16 @@ BASES = st.sampled_from([0, INT32_MAX - 47])  # small positions, or up against i
 
 
 class CellTableMachine(RuleBasedStateMachine):
-    @initialize(n_cells=N_CELLS, n_seq_max=N_SEQ_MAX, swa=SWA, base=BASES)
-    def create(self, n_cells, n_seq_max, swa, base):
+    @initialize(n_cells=N_CELLS, n_seq_max=N_SEQ_MAX, swa=SWA, base=BASES,
+                fill=st.integers(0, 100), data=st.data())
+    def create(self, n_cells, n_seq_max, swa, base, fill, data):
         swa_type, n_swa = swa
         self.base = base
         self.t = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
         self.ref = RefCells(n_cells, n_seq_max, n_swa, swa_type)
+        self.steps, self.empty_steps, self.occupancy, self.wrapped = 0, 0, 0.0, False
+        while 100 * self.ref.used < fill * n_cells and self.place_one(data, False):
+            pass
 
     def pos(self, data):
         return self.base + data.draw(OFFSET)
@@ -84,8 +98,8 @@ class CellTableMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ placement
 
-    @rule(data=st.data(), cont=st.booleans())
-    def place(self, data, cont):
+    def place_one(self, data, cont):
+        """find_slot and apply one ubatch; False when the table is full."""
         n_tokens = data.draw(st.integers(1, min(self.ref.n_cells, 12) + 1))
         want = self.ref.find_slot(n_tokens, cont)
         if want is None:
@@ -93,11 +107,35 @@ class CellTableMachine(RuleBasedStateMachine):
             with pytest.raises(CacheFullError):
                 self.t.find_slot(n_tokens, cont=cont)
             assert self.t.to_bytes() == before
-            return
+            return False
         idxs = self.t.find_slot(n_tokens, cont=cont)
         assert idxs.tolist() == want
+        self.wrapped |= want[0] < self.ref.head or want != sorted(want)
         pos, seqs = self.ubatch(data, n_tokens)
         self.apply_both(data, idxs.tolist(), pos, seqs)
+        return True
+
+    @rule(data=st.data(), cont=st.booleans(), n_ubatches=st.integers(1, 3))
+    def place(self, data, cont, n_ubatches):
+        for _ in range(n_ubatches):
+            if not self.place_one(data, cont):
+                return
+
+    @rule(data=st.data())
+    def decode_step(self, data):
+        """One token for each sequence in the table, at its next position."""
+        active = sorted({s for seqs in self.ref.seq for s in seqs})[:12]
+        nxt = [self.ref.seq_pos_max(s) + 1 for s in active]
+        if not active or max(nxt) > INT32_MAX:
+            return
+        want = self.ref.find_slot(len(active), False)
+        if want is None:
+            with pytest.raises(CacheFullError):
+                self.t.find_slot(len(active))
+            return
+        assert self.t.find_slot(len(active)).tolist() == want
+        self.wrapped |= want[0] < self.ref.head or want != sorted(want)
+        self.apply_both(data, want, nxt, [[s] for s in active])
 
     @rule(data=st.data())
     def write_anywhere(self, data):
@@ -114,7 +152,8 @@ class CellTableMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def seq_rm(self, data):
         p0, p1 = self.bound(data), self.bound(data)
-        s = -1 if data.draw(st.integers(0, 5)) == 0 else self.seq(data)
+        s = -1 if data.draw(st.integers(0, 5)) == 0 and 2 * self.ref.used >= self.ref.n_cells \
+            else self.seq(data)
         assert self.t.seq_rm(s, p0, p1) is True
         self.ref.seq_rm(s, p0, p1)
 
@@ -125,6 +164,7 @@ class CellTableMachine(RuleBasedStateMachine):
         self.t.seq_cp(src, dst, p0, p1)
         self.ref.seq_cp(src, dst, p0, p1)
 
+    @precondition(lambda self: 2 * self.ref.used >= self.ref.n_cells)
     @rule(data=st.data())
     def seq_keep(self, data):
         s = self.seq(data)
@@ -160,6 +200,7 @@ class CellTableMachine(RuleBasedStateMachine):
     def defrag(self):
         assert self.t.defrag().tolist() == [list(m) for m in self.ref.defrag()]
 
+    @precondition(lambda self: 4 * self.ref.used >= 3 * self.ref.n_cells)
     @rule()
     def clear(self):
         self.t.clear()
@@ -239,6 +280,22 @@ class CellTableMachine(RuleBasedStateMachine):
             pos = [min(r.seq_pos_max(s) + k, INT32_MAX) for s in active for k in (0, 1)]
             self.compare_mask(pos, [[s] for s in active for k in (0, 1)], r.n_cells)
         t.check()
+        self.steps += 1
+        self.empty_steps += r.used == 0
+        self.occupancy += r.used / r.n_cells
+        self.shared = getattr(self, "shared", False) or any(len(s) > 1 for s in r.seq)
+
+    def teardown(self):
+        if not getattr(self, "steps", 0):
+            return
+        bucket = lambda x: f"{min(int(x * 4), 3) * 25}-{min(int(x * 4), 3) * 25 + 25}%"  # noqa: E731
+        event(f"mean occupancy {bucket(self.occupancy / self.steps)}")
+        event(f"steps on an empty table {bucket(self.empty_steps / self.steps)}")
+        event(f"{min(self.steps // 10, 5) * 10}+ steps")
+        if self.shared:
+            event("cells shared by several sequences")
+        if self.wrapped:
+            event("the search wrapped around the ring")
 
 
 CellTableMachine.TestCase.settings = settings(

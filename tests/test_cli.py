@@ -104,6 +104,14 @@ def test_queue_runs_the_prompts_through_the_slots(capsys, gemma_path, tmp_path):
     assert streamed(out) == want
 
 
+def test_queue_gives_the_same_text_without_the_prefix_cache(capsys, gemma_path, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("the same long start, then one\nthe same long start, then two\n")
+    outs = [streamed(run(capsys, "-m", gemma_path, "--queue", str(f), "-np", "2", "-n", "4",
+                         *flag).out) for flag in ([], ["--no-prefix-cache"])]
+    assert outs[0] == outs[1] and len(outs[0]) == 2
+
+
 def test_show_cache_prints_the_occupancy(capsys, gemma_path):
     err = run(capsys, "-m", gemma_path, "-n", "2", "-c", "64", "--show-cache").err
     assert "full-attention cells:" in err and "sliding-window cells:" in err

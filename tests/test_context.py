@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from reference_forward import ReferenceModel
 
-from kvcells import Batch, CacheFullError, Context, Model, StateError
+from kvcells import Batch, CacheFullError, Context, GGUFError, Model, StateError
 
 ATOL = 1e-4
 
@@ -125,8 +125,50 @@ def test_bad_batches_raise_value_error_and_change_nothing(llama, bad):
     assert ctx.memory.state_bytes() == before
 
 
+def test_a_negative_token_is_refused_before_anything_changes(llama):
+    model, ref = llama
+    toks = tokens_for(model, 5, 30)
+    ctx = Context(model, n_ctx=16, type_k="f32", type_v="f32")
+    ctx.decode(one_sequence(toks[:3]))
+    before = ctx.memory.state_bytes()
+    batch = one_sequence(toks[3:5], start=3)
+    batch.tokens[1] = -1                  # past Batch.add's check, as a caller may build it
+    with pytest.raises(ValueError, match="token"):
+        ctx.decode(batch)
+    assert ctx.memory.state_bytes() == before
+    np.testing.assert_allclose(ctx.decode(one_sequence(toks[3:5], start=3)),
+                               ref.logits(toks)[3:5], atol=ATOL)
+
+
+def test_positions_stay_inside_int32_with_a_clear_error(llama):
+    model, _ = llama
+    ctx = Context(model, n_ctx=16)
+    ctx.decode(one_sequence([1]))
+    ctx.memory.seq_add(0, 0, -1, 2**31 - 1)
+    assert ctx.memory.seq_pos_max(0) == 2**31 - 1
+    before = ctx.memory.state_bytes()
+    with pytest.raises(ValueError, match="largest"):
+        ctx.decode(one_sequence([2], start=2**31))
+    assert ctx.memory.state_bytes() == before
+
+
+def test_a_model_file_resized_after_loading_is_refused_not_sigbus(tiny_gguf, tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(open(tiny_gguf("llama", "F32"), "rb").read())
+    model = Model.load(path)
+    ctx = Context(model, n_ctx=16)
+    ctx.decode(one_sequence([1, 2]))
+    before = ctx.memory.state_bytes()
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(GGUFError, match="changed size"):
+        ctx.decode(one_sequence([3], start=2))
+    assert ctx.memory.state_bytes() == before
+
+
 @pytest.mark.parametrize("kw", [dict(n_ctx=0), dict(n_seq_max=0), dict(n_seq_max=257),
                                 dict(n_ubatch=0), dict(type_k="q3_k"), dict(type_v="int8"),
+                                dict(n_ubatch=1.5), dict(n_ctx="16"), dict(n_seq_max=True),
                                 dict(n_threads=0), dict(n_threads=1000)])
 def test_bad_context_arguments(llama, kw):
     with pytest.raises(ValueError):
@@ -197,3 +239,96 @@ def test_n_threads_reaches_the_matmul_and_attention_kernels(llama, monkeypatch):
     assert ctx.memory.n_threads == 1 and kvcells.get_num_threads() == before
     assert {name for name, _ in seen} == {"matmul", "kv_attend"}
     assert all(n == 1 for _, n in seen)
+
+
+# ---- several threads on one context (docs/architecture.md, "Threads") ----
+
+def run_threads(targets):
+    """Start one thread per callable, join them, re-raise the first error."""
+    import threading
+    errors = []
+
+    def guarded(f):
+        try:
+            f()
+        except BaseException as e:   # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(f,)) for f in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_four_threads_on_one_context_lose_no_decode(which, request):
+    model, ref = request.getfixturevalue(which)
+    n_seq, n_batches, size = 4, 20, 8
+    toks = {s: tokens_for(model, n_batches * size, 20 + s) for s in range(n_seq)}
+    ctx = Context(model, n_ctx=1024, n_seq_max=n_seq + 1, n_ubatch=8,
+                  type_k="f32", type_v="f32")
+    got = {s: [] for s in range(n_seq)}
+    stop = []
+
+    def decoder(s):
+        def run():
+            for k in range(n_batches):
+                start = k * size
+                got[s].append(ctx.decode(one_sequence(toks[s][start:start + size], s, start)))
+        return run
+
+    def meddler():   # sequence operations on the spare sequence, and reads, meanwhile
+        spare = n_seq
+        while not stop:
+            for s in range(n_seq):
+                assert (ctx.memory.seq_pos_max(s) + 1) % size == 0
+            ctx.memory.seq_cp(0, spare)          # cells shared with sequence 0
+            ctx.memory.seq_rm(spare)
+            ctx.memory.load_state_bytes(ctx.memory.state_bytes(1), seq_id=spare)  # own cells
+            ctx.memory.seq_add(spare, -1, -1, 3)
+            ctx.memory.seq_rm(spare)
+            ctx.memory.defrag()
+            assert ctx.kv_bytes > 0
+
+    def decoders_then_stop():
+        try:
+            run_threads([decoder(s) for s in range(n_seq)])
+        finally:
+            stop.append(True)
+
+    run_threads([decoders_then_stop, meddler])
+    serial = Context(model, n_ctx=1024, n_seq_max=n_seq, n_ubatch=8,
+                     type_k="f32", type_v="f32")
+    for s in range(n_seq):
+        assert ctx.memory.seq_pos_max(s) == n_batches * size - 1
+        want = serial.decode(one_sequence(toks[s], s))
+        np.testing.assert_array_equal(np.concatenate(got[s]), want)
+        np.testing.assert_allclose(want, ref.logits(toks[s]), atol=ATOL)
+    assert ctx.memory.seq_pos_max(n_seq) == -1
+    for half in getattr(ctx.memory, "halves", [ctx.memory]):
+        half.table.check()
+
+
+def test_two_contexts_on_one_model_decode_concurrently_as_alone(real_model_path):
+    model = Model.load(real_model_path)
+    prompts = [model.tokenizer.encode(p) for p in
+               ("The capital city of France is called", "Water boils at a temperature of")]
+
+    def run(ctx, ids, out):
+        ctx.decode(one_sequence(ids, logits=False))
+        for i in range(8):
+            out.append(ctx.decode(one_sequence([5 + 7 * i], start=len(ids) + i))[0])
+
+    alone = []
+    for ids in prompts:
+        alone.append([])
+        run(Context(model, n_ctx=64), ids, alone[-1])
+    together = [[], []]
+    ctxs = [Context(model, n_ctx=64) for _ in prompts]
+    run_threads([lambda k=k: run(ctxs[k], prompts[k], together[k]) for k in range(2)])
+    for k in range(2):
+        np.testing.assert_array_equal(np.array(together[k]), np.array(alone[k]))

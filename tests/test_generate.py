@@ -110,6 +110,37 @@ def test_continuous_batching_gives_each_prompt_its_solo_tokens(llama):
     assert all(ctx.memory.seq_pos_max(s) == -1 for s in range(2))
 
 
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_queue_larger_than_the_cache_is_admitted_as_it_fits(llama, prefix_cache):
+    """Issue 18: 12 prompts of 276 tokens, 1024 cells, 8 slots; three fit at
+    once. Every prompt gets the tokens it gets alone."""
+    model, _ = llama
+    prompts = [prompt(model, 276, 100 + i) for i in range(12)]
+    ctx = Context(model, n_ctx=1024, n_seq_max=8, type_k="f32", type_v="f32")
+    outs = [[] for _ in prompts]
+    for i, t in serve(ctx, prompts, 8, n_slots=8, prefix_cache=prefix_cache):
+        outs[i].append(t)
+    for p, o in zip(prompts, outs):
+        alone = Context(model, n_ctx=1024, type_k="f32", type_v="f32")
+        assert o == list(generate(alone, p, 8))
+
+
+def test_serve_gives_the_same_tokens_with_and_without_the_prefix_cache(llama):
+    model, ref = llama
+    system = prompt(model, 12, 40)
+    prompts = [system + prompt(model, n, 50 + n) for n in (1, 3, 2, 4)] + [system]
+    outs = {}
+    for prefix_cache in (True, False):
+        ctx = Context(model, n_ctx=64, n_seq_max=3, type_k="f32", type_v="f32")
+        outs[prefix_cache] = [[] for _ in prompts]
+        for i, t in serve(ctx, prompts, 5, n_slots=2, prefix_cache=prefix_cache):
+            outs[prefix_cache][i].append(t)
+        assert all(ctx.memory.seq_pos_max(s) == -1 for s in range(3))
+    assert outs[True] == outs[False]
+    for p, o in zip(prompts, outs[True]):
+        assert o == greedy_by_recompute(model, ref, p, 5)
+
+
 def test_bad_generation_arguments(llama):
     model, _ = llama
     ctx = Context(model, n_ctx=16, n_seq_max=2)

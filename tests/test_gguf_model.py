@@ -353,6 +353,25 @@ def _set_dims(p, name, dims):
     p.tensor(name)[1] = dims
 
 
+def _insert_gap(p, name, n):
+    """n unused bytes before a tensor's data; it and the tensors after it move down."""
+    t = p.tensor(name)
+    p.data = p.data[:t[3]] + b"\0" * n + p.data[t[3]:]
+    for u in p.tensors[p.tensors.index(t):]:
+        u[3] += n
+
+
+def _remove_tensor(p, name):
+    """Drop a tensor's info and data; the tensors after it move up."""
+    t = p.tensor(name)
+    i = p.tensors.index(t)
+    end = p.tensors[i + 1][3] if i + 1 < len(p.tensors) else len(p.data)
+    p.data = p.data[:t[3]] + p.data[end:]
+    del p.tensors[i]
+    for u in p.tensors[i:]:
+        u[3] -= end - t[3]
+
+
 PARTS_CASES = {
     "unknown value type": (lambda p: p.kvs.append(("x.bad", struct.pack("<I", 99))),
                            ["unknown value type 99"]),
@@ -383,6 +402,10 @@ PARTS_CASES = {
                                  ["block size"]),
     "data beyond the end": (lambda p: p.tensor("blk.1.ffn_down.weight").__setitem__(
         3, len(p.data)), ["beyond the end"]),
+    "overlapping tensors": (lambda p: p.tensor("blk.1.ffn_down.weight").__setitem__(
+        3, p.tensor("blk.1.ffn_up.weight")[3]), ["data offset", "expected"]),
+    "gap beyond the alignment": (lambda p: _insert_gap(p, "blk.1.ffn_down.weight", 32),
+                                 ["data offset", "expected"]),
     "huge data offset": (lambda p: p.tensor("output_norm.weight").__setitem__(3, 2**63),
                          ["beyond the end"]),
     "unaligned data offset": (lambda p: p.tensor("blk.1.ffn_down.weight").__setitem__(
@@ -418,7 +441,7 @@ PARTS_CASES = {
                           ["rope scaling type 'yarn'"]),
     "NaN norm eps": (lambda p: p.set("llama.attention.layer_norm_rms_epsilon", VT.FLOAT32,
                                      float("nan")), ["norm_eps"]),
-    "missing tensor": (lambda p: p.tensors.remove(p.tensor("blk.1.ffn_up.weight")),
+    "missing tensor": (lambda p: _remove_tensor(p, "blk.1.ffn_up.weight"),
                        ["missing tensor 'blk.1.ffn_up.weight'"]),
     "ffn length against tensors": (lambda p: p.set("llama.feed_forward_length",
                                                    VT.UINT32, 96),
@@ -447,7 +470,7 @@ def test_gemma3_malformed_window(tiny_gguf, tmp_path):
     p.drop("gemma3.attention.layer_norm_rms_epsilon")
     assert_gguf_error(p.write(tmp_path / "b.gguf"), "layer_norm_rms_epsilon")
     p = GGUFParts(tiny_gguf("gemma3", "F32"))
-    p.tensors.remove(p.tensor("blk.3.attn_k_norm.weight"))
+    _remove_tensor(p, "blk.3.attn_k_norm.weight")
     assert_gguf_error(p.write(tmp_path / "c.gguf"), "blk.3.attn_k_norm.weight")
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kvcells.sampling import Sampler, penalize_repeats
+from kvcells.sampling import Sampler, penalize_presence, penalize_repeats
 
 
 def probs(logits):
@@ -75,6 +75,27 @@ def test_repetition_penalty_formula():
     np.testing.assert_array_equal(out, [1.0, -4.0, 1.0, 0.5])
     # the penalty turns a greedy choice
     assert Sampler(repeat_penalty=3.0).sample(logits, recent=[0]) == 2
+
+
+def test_presence_and_frequency_penalty_formula():
+    # OpenAI: mu[j] - c[j] * alpha_frequency - (c[j] > 0) * alpha_presence
+    logits = np.array([2.0, -2.0, 1.0, 0.5, 3.0], np.float32)
+    recent = [0, 1, 1, 4, 4, 4]
+    out = penalize_presence(logits, recent, 0.5, 0.25)
+    expect = logits.copy()
+    for j in set(recent):
+        expect[j] -= recent.count(j) * 0.25 + 0.5
+    np.testing.assert_allclose(out, expect)
+
+
+def test_frequency_penalty_turns_a_greedy_choice_within_the_window():
+    logits = np.array([3.0, 2.5, 0.0], np.float32)
+    s = Sampler(frequency_penalty=0.2, repeat_last_n=4)
+    assert s.sample(logits, recent=[0, 0]) == 0          # 3.0 - 0.4 > 2.5
+    assert s.sample(logits, recent=[0, 0, 0]) == 1       # 3.0 - 0.6 < 2.5
+    assert s.sample(logits, recent=[0, 0, 0, 2, 2, 2, 2]) == 0   # the zeros left the window
+    assert Sampler(presence_penalty=0.6).sample(logits, recent=[0]) == 1
+    assert Sampler(presence_penalty=-1.0).sample(logits, recent=[1]) == 1   # a negative one favours
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5),

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs tests against the C core built with AddressSanitizer and UBSan.
-#   tools/sanitize_tests.sh [pytest args]     (default: the tests of the C core)
-# First proves the setup catches a deliberate out-of-bounds write.
+#   tools/sanitize_tests.sh [pytest args]     (default: the tests of the C core
+#                                              and of threads on contexts)
+# First proves the setup catches a deliberate out-of-bounds write and that
+# the report reaches the log from inside pytest. pytest runs with
+# --capture=sys: it captures Python's sys.stderr only, so what the
+# sanitizers write to file descriptor 2 is printed as it happens.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python}
@@ -35,6 +39,19 @@ grep -q "AddressSanitizer: heap-buffer-overflow" "$out/canary.log" \
   || { cat "$out/canary.log"; echo "sanitizer setup FAILED: no ASan report"; exit 1; }
 echo "sanitizer setup: a deliberate out-of-bounds write was caught"
 
+cat >"$out/canary/test_canary.py" <<'PY'
+import canary
+def test_oob():
+    canary.lib.oob(5)
+PY
+if (cd "$out/canary" && "$py" -m pytest -p no:cacheprovider --capture=sys test_canary.py) \
+    >"$out/canary_pytest.log" 2>&1; then
+  echo "sanitizer setup FAILED: pytest passed an out-of-bounds write"; exit 1
+fi
+grep -q "AddressSanitizer: heap-buffer-overflow" "$out/canary_pytest.log" \
+  || { cat "$out/canary_pytest.log"; echo "sanitizer setup FAILED: the report does not reach the log from pytest"; exit 1; }
+echo "sanitizer setup: the report reaches the log from inside pytest"
+
 # 2. the package with a sanitized C core
 cp -r "$root/src/kvcells" "$out/kvcells"
 rm -f "$out"/kvcells/_core*.so
@@ -44,7 +61,9 @@ export PYTHONPATH="$out"
 "$py" -c "import kvcells._core as c, sys; assert c.__file__.startswith('$out'), c.__file__"
 cd "$root"
 if [ $# -eq 0 ]; then
-  set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py tests/test_native.py \
-    tests/test_ops.py
+  set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py \
+    tests/test_native.py tests/test_ops.py \
+    tests/test_context.py::test_four_threads_on_one_context_lose_no_decode \
+    tests/test_context.py::test_two_contexts_on_one_model_decode_concurrently_as_alone
 fi
-"$py" -m pytest -p no:cacheprovider "$@"
+"$py" -m pytest -p no:cacheprovider --capture=sys "$@"

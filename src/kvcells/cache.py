@@ -8,7 +8,10 @@ K/V rows are written into its cells, and each token attends the cells of its
 first sequence that it may see (kq_mask semantics), gathered per sequence
 with seq_cells, so a sequence never pays for the length of another.
 """
+import functools
+import numbers
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -27,7 +30,28 @@ _WHOLE, _SEQUENCE = 0, 1
 
 
 def _seq_lists(seq_ids):
-    return [[int(s)] if np.ndim(s) == 0 else [int(x) for x in s] for s in seq_ids]
+    try:
+        return [[as_int(s, "sequence id", 0, None)] if np.ndim(s) == 0 else
+                [as_int(x, "sequence id", 0, None) for x in s] for s in seq_ids]
+    except TypeError:
+        raise ValueError(f"seq_ids must be a sequence of ids or of lists of ids, "
+                         f"got {seq_ids!r}") from None
+
+
+def _finite_positive(x, name):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) \
+            or not 0 < float(x) < float("inf"):
+        raise ValueError(f"{name} must be a finite positive number, got {x!r}")
+    return float(x)
+
+
+def _locked(method):
+    """Run the method holding the memory's lock (see the class docstrings)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return run
 
 
 def _window_start(p1, n_swa, swa_type):
@@ -42,7 +66,12 @@ def _window_start(p1, n_swa, swa_type):
 
 
 class KVCache(Memory):
-    """K/V rows of the given layers on one cell table."""
+    """K/V rows of the given layers on one cell table.
+
+    Every public method holds `lock` (a re-entrant lock) while it runs, so
+    one cache may be used from several threads; a caller that needs several
+    calls to happen together (prepare, apply, store, attend of one ubatch)
+    holds `lock` around them, as Context.decode does."""
 
     def __init__(self, n_cells, n_seq_max, layers, n_head_kv, head_dim,
                  type_k="f16", type_v="f16", *, n_swa=0, swa_type="none",
@@ -63,28 +92,32 @@ class KVCache(Memory):
         if isinstance(rope_base, dict):
             if any(il not in rope_base for il in self.layers):
                 raise ValueError("rope_base needs a base for every layer of the cache")
-            self.rope_base = {il: float(rope_base[il]) for il in self.layers}
+            self.rope_base = {il: _finite_positive(rope_base[il], "rope_base") for il in self.layers}
         else:
-            self.rope_base = {il: float(rope_base) for il in self.layers}
+            self.rope_base = {il: _finite_positive(rope_base, "rope_base") for il in self.layers}
         self.table = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
         self.n_cells, self.n_seq_max = self.table.n_cells, self.table.n_seq_max
         self.n_swa, self.swa_type = self.table.n_swa, self.table.swa_type
         self.n_head_kv, self.head_dim = n_head_kv, head_dim
         self.type_k, self.type_v = type_k, type_v
-        self.rope_mode, self.rope_freq_scale = rope_mode, float(rope_freq_scale)
+        self.rope_mode = rope_mode
+        self.rope_freq_scale = _finite_positive(rope_freq_scale, "rope_freq_scale")
         self.n_threads = None   # attention threads; None: native.get_num_threads()
         self.row_k = kv_quant.row_bytes(type_k, n_head_kv * head_dim)
         self.row_v = kv_quant.row_bytes(type_v, n_head_kv * head_dim)
         self.k = {il: np.zeros((n_cells, self.row_k), np.uint8) for il in self.layers}
         self.v = {il: np.zeros((n_cells, self.row_v), np.uint8) for il in self.layers}
         self._ubatch = None
+        self.lock = threading.RLock()
 
     @property
+    @_locked
     def kv_bytes(self):
         return sum(self.k[il].nbytes + self.v[il].nbytes for il in self.layers)
 
     # ---- placing a ubatch ----
 
+    @_locked
     def prepare(self, ubatches):
         """One slot (the cells) per ubatch, as if placed one after another;
         the table itself is not touched. CacheFullError if one does not fit."""
@@ -112,6 +145,7 @@ class KVCache(Memory):
             raise ValueError(f"sequence id outside [0, {self.n_seq_max})")
         return seq_lists
 
+    @_locked
     def apply(self, slot, pos, seq_ids):
         """Place a ubatch in the cells prepare() gave it; store() and attend()
         then work on it."""
@@ -160,6 +194,7 @@ class KVCache(Memory):
             raise ValueError(f"{what} must have shape {shape}, got {arr.shape}")
         return idxs
 
+    @_locked
     def store(self, layer, k, v):
         """Write the K/V rows (n_tokens, n_head_kv, head_dim) of the applied ubatch."""
         k = np.ascontiguousarray(k, dtype=np.float32)
@@ -169,6 +204,7 @@ class KVCache(Memory):
         self.k[layer][idxs] = kv_quant.quantize(k.reshape(len(idxs), -1), self.type_k)
         self.v[layer][idxs] = kv_quant.quantize(v.reshape(len(idxs), -1), self.type_v)
 
+    @_locked
     def attend(self, layer, q, scale):
         """Attention output (n_tokens, n_head, head_dim) for the applied ubatch."""
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -183,47 +219,63 @@ class KVCache(Memory):
                          native.kv_type_id(self.type_v), self.v[layer], self.n_cells,
                          self.n_head_kv, self.head_dim, ub.cells, ub.lo, ub.hi, q, scale, out,
                          self.n_threads or native.get_num_threads())
+        # the kernel's running max skips NaN scores; a NaN or infinite query
+        # or scale gives NaN, as softmax(q.K * scale).V would
+        if not np.isfinite(scale):
+            out[:] = np.nan
+        else:
+            out[~np.isfinite(q).all(axis=2)] = np.nan
         return out
 
     # ---- sequence operations (docs/api.md semantics) ----
 
+    @_locked
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         self._ubatch = None
         return self.table.seq_rm(seq_id, p0, p1)
 
+    @_locked
     def seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1):
         self._ubatch = None
         self.table.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
+    @_locked
     def seq_keep(self, seq_id):
         self._ubatch = None
         self.table.seq_keep(seq_id)
 
+    @_locked
     def seq_add(self, seq_id, p0, p1, delta):
         self._ubatch = None
         self.table.seq_add(seq_id, p0, p1, delta)
         self._shift_k()
 
+    @_locked
     def seq_div(self, seq_id, p0, p1, d):
         self._ubatch = None
         self.table.seq_div(seq_id, p0, p1, d)
         self._shift_k()
 
+    @_locked
     def seq_pos_min(self, seq_id):
         return self.table.seq_pos_min(seq_id)
 
+    @_locked
     def seq_pos_max(self, seq_id):
         return self.table.seq_pos_max(seq_id)
 
+    @_locked
     def clear(self):
         self._ubatch = None
         self.table.clear()
 
+    @_locked
     def holds_prefix(self, seq_id, n):
         _, held = self.table.seq_cells(seq_id)
         lo = max(0, n - self.n_swa) if self.n_swa else 0   # a window lies within n_swa
         return bool(np.isin(np.arange(lo, n), held).all())
 
+    @_locked
     def occupancy(self):
         return "cells:\n" + self.table.occupancy()
 
@@ -245,6 +297,7 @@ class KVCache(Memory):
                                  self.n_head_kv, self.head_dim, cells, delta, base,
                                  self.rope_freq_scale, self.rope_mode == NEOX)
 
+    @_locked
     def defrag(self):
         """Compact the used cells to [0, used); K and V rows follow their
         cells. Returns the number of cells moved."""
@@ -268,6 +321,7 @@ class KVCache(Memory):
         return (struct.pack("<8sIIii", STATE_MAGIC, STATE_VERSION, kind, self.n_cells,
                             self.n_seq_max) + self._shape())
 
+    @_locked
     def state_bytes(self, seq_id=None):
         """The whole cache, or one sequence's cells, positions and K/V rows."""
         if seq_id is None:
@@ -294,6 +348,7 @@ class KVCache(Memory):
             idxs, pos = idxs[keep], pos[keep]
         return idxs, pos
 
+    @_locked
     def load_state_bytes(self, b, seq_id=None):
         """Load a state_bytes() image. A sequence image loads into free cells
         (find_slot) under seq_id (default: its own id), replacing that
@@ -334,6 +389,10 @@ class KVCache(Memory):
             pos = np.frombuffer(r.take(4 * n), "<i4").astype(np.int32)
             if np.any(pos < 0):
                 raise StateError("negative position in a saved sequence")
+            if np.any(np.diff(pos) < 0):
+                raise StateError("the positions of a saved sequence are not in order")
+            if n and pos[-1] == 2**31 - 1:   # no next token, and no range operation reaches it
+                raise StateError("a saved sequence at the largest position, 2**31 - 1")
             table = self.table.copy()
             table.seq_rm(dest)
             rows = table.find_slot(n) if n else np.zeros(0, np.int32)
@@ -395,7 +454,8 @@ def swa_cells(n_ctx, n_seq_max, n_ubatch, n_swa):
 class ISWACache(Memory):
     """Interleaved sliding-window attention: full-attention layers in one
     cache, sliding-window layers in a smaller one whose cells are reused once
-    the window has passed them. Both always hold the same ubatches."""
+    the window has passed them. Both always hold the same ubatches. One
+    lock, shared with both halves, guards it as KVCache's guards a cache."""
 
     def __init__(self, n_ctx, n_seq_max, n_ubatch, swa_layers, n_head_kv, head_dim,
                  type_k="f16", type_v="f16", *, n_swa, swa_type="standard",
@@ -419,6 +479,7 @@ class ISWACache(Memory):
                            rope_base=rope_base_swa, rope_freq_scale=rope_freq_scale_swa,
                            **common)
         self.halves = (self.base, self.swa)
+        self.lock = self.base.lock = self.swa.lock = threading.RLock()
 
     def _half(self, layer):
         if not 0 <= layer < len(self.swa_layers):
@@ -426,6 +487,7 @@ class ISWACache(Memory):
         return self.swa if self.swa_layers[layer] else self.base
 
     @property
+    @_locked
     def kv_bytes(self):
         return self.base.kv_bytes + self.swa.kv_bytes
 
@@ -438,10 +500,12 @@ class ISWACache(Memory):
         for h in self.halves:
             h.n_threads = None if n is None else native.check_threads(n)
 
+    @_locked
     def prepare(self, ubatches):
         ubatches = list(ubatches)
         return list(zip(self.base.prepare(ubatches), self.swa.prepare(ubatches)))
 
+    @_locked
     def apply(self, slot, pos, seq_ids):
         # try the (small) window half on a copy first: a stale slot then
         # fails before either half has changed
@@ -449,57 +513,72 @@ class ISWACache(Memory):
         self.base.apply(slot[0], pos, seq_ids)
         self.swa.apply(slot[1], pos, seq_ids)
 
+    @_locked
     def store(self, layer, k, v):
         self._half(layer).store(layer, k, v)
 
+    @_locked
     def attend(self, layer, q, scale):
         return self._half(layer).attend(layer, q, scale)
 
+    @_locked
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         return all([h.seq_rm(seq_id, p0, p1) for h in self.halves])
 
+    @_locked
     def seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1):
         for h in self.halves:
             h.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
+    @_locked
     def seq_keep(self, seq_id):
         for h in self.halves:
             h.seq_keep(seq_id)
 
+    @_locked
     def seq_add(self, seq_id, p0, p1, delta):
         for h in self.halves:
             h.seq_add(seq_id, p0, p1, delta)
 
+    @_locked
     def seq_div(self, seq_id, p0, p1, d):
         for h in self.halves:
             h.seq_div(seq_id, p0, p1, d)
 
     # as llama.cpp: the SWA cache holds a subset of the positions of the full one
+    @_locked
     def seq_pos_min(self, seq_id):
         return self.swa.seq_pos_min(seq_id)
 
+    @_locked
     def seq_pos_max(self, seq_id):
         return self.swa.seq_pos_max(seq_id)
 
+    @_locked
     def clear(self):
         for h in self.halves:
             h.clear()
 
+    @_locked
     def defrag(self):
         return sum(h.defrag() for h in self.halves)
 
+    @_locked
     def holds_prefix(self, seq_id, n):
         return self.base.holds_prefix(seq_id, n) and self.swa.holds_prefix(seq_id, n)
 
+    @_locked
     def occupancy(self):
         return (f"full-attention cells:\n{self.base.table.occupancy()}\n"
                 f"sliding-window cells:\n{self.swa.table.occupancy()}")
 
+    @_locked
     def state_bytes(self, seq_id=None):
         base, swa = self.base.state_bytes(seq_id), self.swa.state_bytes(seq_id)
         body = ISWA_STATE_MAGIC + struct.pack("<Iq", STATE_VERSION, len(base)) + base + swa
         return body + struct.pack("<I", zlib.crc32(body))
 
+    @_locked
     def load_state_bytes(self, b, seq_id=None):
         r = _Reader(b)
         if r.take(8) != ISWA_STATE_MAGIC or r.int("<I") != STATE_VERSION:

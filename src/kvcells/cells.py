@@ -39,7 +39,10 @@ def _int32_array(a, name):
 def _seq_lists(seq_ids, n_tokens):
     """seq_ids as (flat int32 ids, int32 offsets or None for one id per token)."""
     if not isinstance(seq_ids, np.ndarray):
-        items = list(seq_ids)
+        try:
+            items = list(seq_ids)
+        except TypeError:
+            raise ValueError(f"seq_ids must be a sequence, got {seq_ids!r}") from None
         if not all(isinstance(x, numbers.Integral) for x in items):
             try:
                 lists = [[x] if isinstance(x, numbers.Integral) else list(x) for x in items]
@@ -51,8 +54,13 @@ def _seq_lists(seq_ids, n_tokens):
             np.cumsum([len(x) for x in lists], out=offsets[1:])
             if offsets[-1] > I32_MAX:
                 raise ValueError("seq_ids: too many entries")
-            flat = _int32_array([s for x in lists for s in x], "seq_ids")
+            flat = [s for x in lists for s in x]
+            if any(isinstance(s, bool) for s in flat):
+                raise ValueError("seq_ids must be integers, not bools")
+            flat = _int32_array(flat, "seq_ids")
             return flat, offsets.astype(np.int32)
+        if any(isinstance(s, bool) for s in items):
+            raise ValueError("seq_ids must be integers, not bools")
         seq_ids = items
     flat = _int32_array(seq_ids, "seq_ids")
     if len(flat) != n_tokens:
@@ -67,7 +75,7 @@ class CellTable:
         n_cells = as_int(n_cells, "n_cells", 1, lib.KVC_MAX_CELLS)
         n_seq_max = as_int(n_seq_max, "n_seq_max", 1, lib.KVC_MAX_SEQ)
         n_swa = as_int(n_swa, "n_swa", 0)
-        if swa_type not in SWA_TYPES:
+        if not isinstance(swa_type, str) or swa_type not in SWA_TYPES:
             raise ValueError(f"unknown swa_type {swa_type!r}; one of {sorted(SWA_TYPES)}")
         if swa_type != "none" and n_swa < 1:
             raise ValueError(f"swa_type {swa_type!r} needs n_swa >= 1")
@@ -246,6 +254,8 @@ class CellTable:
         if offsets is not None:
             if np.any(offsets[1:] == offsets[:-1]):
                 raise ValueError("kq_mask: a token has no sequence")
+            if np.any((flat < 0) | (flat >= self.n_seq_max)):   # C sees only the first ids
+                raise ValueError(f"kq_mask: sequence id outside [0, {self.n_seq_max})")
             flat = np.ascontiguousarray(flat[offsets[:-1]])
         out = np.empty((len(pos), n_kv), np.float32)
         check(lib.kvc_kq_mask(self._t, len(pos), int32s(pos), int32s(flat), n_kv,

@@ -83,6 +83,8 @@ def parse_args(argv):
     add("--cache-type-v", "-ctv", default="f16", choices=KV_TYPES,
         help="V cache type (default: %(default)s)")
     add("--show-cache", action="store_true", help="print cell occupancy at the end")
+    add("--no-prefix-cache", action="store_true",
+        help="--queue: free finished sequences and prefill every prompt in full")
     for i, flags in enumerate(GPU_FLAGS):
         add(*flags, action=Ignored, dest="gpu", metavar="X",
             help="llama.cpp's GPU flags (-ngl, -sm, -mg, -ts, -dev) are accepted and ignored: "
@@ -404,8 +406,9 @@ def run_queue(ctx, prompts, args, sampler, timings):
     for i, p in enumerate(prompts):
         streams.start(i, p)
     timings.n_prompt = sum(map(len, encoded))
-    run_streams(ctx, serve(ctx, encoded, n_tokens(args), sampler, n_slots=args.parallel),
-                streams, timings)
+    tokens = serve(ctx, encoded, args.n_predict, sampler, n_slots=args.parallel,
+                   prefix_cache=not args.no_prefix_cache)   # -1: until end of generation
+    run_streams(ctx, tokens, streams, timings)
 
 
 def run_streams(ctx, tokens, streams, timings):

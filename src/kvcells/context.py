@@ -5,7 +5,8 @@ import numpy as np
 
 from . import native
 from .errors import StateError
-from .native import KV_TYPES
+from .native import I32_MAX, KV_TYPES, as_int
+
 STATE_MAGIC = b"KVCELLS-CTX\0"
 STATE_VERSION = 1
 
@@ -13,14 +14,14 @@ STATE_VERSION = 1
 class Context:
     """A model with its K/V memory (docs/api.md, "Decoding"). n_threads: the
     threads of this context's matmuls and attention; None uses the process
-    default, kvcells.get_num_threads()."""
+    default, kvcells.get_num_threads(). Safe to call from several threads:
+    decode, state_save/state_load and the memory's methods (ctx.memory.seq_rm,
+    ...) each hold the memory's lock, so calls run one after another."""
 
     def __init__(self, model, n_ctx=4096, n_seq_max=1, n_ubatch=512,
                  type_k="f16", type_v="f16", n_threads=None):
-        if n_ctx <= 0 or n_ubatch <= 0:
-            raise ValueError("n_ctx and n_ubatch must be positive")
-        if not 1 <= n_seq_max <= 256:
-            raise ValueError(f"n_seq_max must be in [1, 256], got {n_seq_max}")
+        n_ctx, n_ubatch = as_int(n_ctx, "n_ctx", 1), as_int(n_ubatch, "n_ubatch", 1)
+        n_seq_max = as_int(n_seq_max, "n_seq_max", 1, 256)
         for t in (type_k, type_v):
             if t not in KV_TYPES:
                 raise ValueError(f"unknown KV cache type {t!r}; one of {KV_TYPES}")
@@ -46,6 +47,11 @@ class Context:
     def decode(self, batch):
         """Run the batch through the model; logits of the flagged tokens in
         batch order. CacheFullError leaves the cache as it was."""
+        with self.memory.lock:
+            return self._decode(batch)
+
+    def _decode(self, batch):
+        self.model.check_file()
         self.check_batch(batch)
         ubatches = list(batch.split(self.n_ubatch))
         slots = self.memory.prepare([(pos, seqs) for _, pos, seqs, _ in ubatches])
@@ -61,8 +67,10 @@ class Context:
         if len(batch) == 0:
             raise ValueError("empty batch")
         tokens = np.asarray(batch.tokens)
-        if tokens.max() >= self.n_vocab:
-            raise ValueError(f"token id {tokens.max()} outside the vocabulary ({self.n_vocab})")
+        if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            raise ValueError(f"token ids must lie in [0, {self.n_vocab})")
+        if max(batch.pos) > I32_MAX:
+            raise ValueError(f"position {max(batch.pos)} beyond the largest, {I32_MAX}")
         positions = {}
         for p, seqs in zip(batch.pos, batch.seq_ids):
             for s in seqs:
@@ -83,7 +91,7 @@ class Context:
 
     def state_save(self, path, seq_id=None):
         """Save one sequence, or the whole cache, bit-exactly."""
-        body = self.memory.state_bytes(seq_id)
+        body = self.memory.state_bytes(seq_id)   # one locked call: a consistent image
         with open(path, "wb") as f:
             f.write(STATE_MAGIC + struct.pack("<I", STATE_VERSION) + self.fingerprint() + body)
 

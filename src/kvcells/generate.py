@@ -3,6 +3,7 @@ and continuous batching of a queue of prompts."""
 import numpy as np
 
 from .batch import Batch
+from .engine import Engine
 from .errors import CacheFullError
 from .lookup import PromptLookup
 from .sampling import Sampler
@@ -144,66 +145,25 @@ def generate_parallel(ctx, prompt_ids, n_parallel, max_tokens, sampler=None):
         pos += 1
 
 
-def serve(ctx, prompts, max_tokens, sampler=None, n_slots=None):
-    """Continuous batching: prompts go through n_slots sequences; each step
-    decodes one token for every running sequence and the prompts of newly
-    admitted ones in one batch. A finished sequence's cells are freed and
-    its slot takes the next prompt. Yields (prompt_index, token); a prompt's
-    tokens end when it stops (end-of-generation or max_tokens).
+def serve(ctx, prompts, max_tokens, sampler=None, n_slots=None, *, prefix_cache=True):
+    """Continuous batching of a queue of prompts through an Engine (n_slots
+    running at once; with prefix_cache, shared prefixes are computed once).
+    Yields (prompt_index, token) as they are sampled; a prompt's tokens end
+    at end-of-generation or after max_tokens. A request that fails raises
+    its error once the others are done. The engine owns ctx's memory and
+    leaves it empty.
     """
-    n_slots = ctx.n_seq_max if n_slots is None else n_slots
-    if not 1 <= n_slots <= ctx.n_seq_max:
-        raise ValueError(f"n_slots must be in [1, {ctx.n_seq_max}]")
-    sampler = sampler or Sampler()
-    queue = [(i, list(p)) for i, p in enumerate(prompts)]
-    if any(not p for _, p in queue):
-        raise ValueError("every prompt needs at least one token")
-    if max_tokens <= 0:
-        return
-    queue.reverse()
-    running = {}   # slot -> [prompt index, tokens to feed, history, n generated]
-    free = list(range(n_slots))
-    while queue or running:
-        while queue and free:
-            i, p = queue.pop()
-            running[free.pop(0)] = [i, p, list(p), 0]
-        logits, fed, deferred = decode_step(ctx, running)
-        for slot in reversed(deferred):
-            queue.append(tuple(running.pop(slot)[:2]))
-            free.insert(0, slot)
-        for slot, row in zip(fed, logits):
-            job = running[slot]
-            token = sampler.sample(row, job[2])
-            job[3] += 1
-            done = ctx.model.tokenizer.is_eog(token)
-            if not done:
-                yield job[0], token
-                job[1], job[2] = [token], job[2] + [token]
-            if done or job[3] >= max_tokens:
-                ctx.memory.seq_rm(slot)
-                del running[slot]
-                free.append(slot)
-
-
-def decode_step(ctx, running):
-    """Decode what every running slot has to feed. When the cache cannot take
-    the newly admitted prompts, the step runs without them. Returns the
-    logits, the slots they belong to, and the slots deferred."""
-    def batch_of(slots):
-        batch = Batch()
-        for slot in slots:
-            pending = running[slot][1]
-            pos = ctx.memory.seq_pos_max(slot) + 1
-            for k, t in enumerate(pending):
-                batch.add(t, pos + k, slot, logits=k == len(pending) - 1)
-        return batch
-
-    slots = sorted(running)
+    engine = Engine(ctx, n_slots, prefix_cache=prefix_cache)
+    out = []
     try:
-        return ctx.decode(batch_of(slots)), slots, []
-    except CacheFullError:
-        new = [s for s in slots if running[s][3] == 0]
-        old = [s for s in slots if running[s][3] > 0]
-        if not new or not old:
-            raise
-        return ctx.decode(batch_of(old)), old, new
+        requests = [engine.submit(p, max_tokens, sampler,
+                                  on_token=lambda r, t, i=i: out.append((i, t)))
+                    for i, p in enumerate(prompts)]
+        while engine.step():
+            yield from out
+            out.clear()
+    finally:
+        ctx.memory.clear()
+    for r in requests:
+        if r.error is not None:
+            raise r.error

@@ -104,8 +104,9 @@ class HParams:
 class GGUFModelFile:
     """A loaded GGUF model: architecture, hyperparameters, metadata, tensors."""
 
-    def __init__(self, path, arch, hparams, metadata, tensors):
+    def __init__(self, path, arch, hparams, metadata, tensors, mapping=None):
         self.path = path
+        self.mapping = mapping   # the mmap the weights live in
         self.arch = arch
         self.hparams = hparams
         self.metadata = metadata
@@ -119,8 +120,9 @@ class GGUFModelFile:
 def load_gguf(path):
     """Read a GGUF v2/v3 model file of a supported architecture."""
     path = str(path)
-    buf = _map_file(path)
-    metadata, infos, data_start = _Header(path, buf).read()
+    mapping = _map_file(path)
+    buf = np.frombuffer(mapping, dtype=np.uint8)
+    metadata, infos, data_start, alignment = _Header(path, buf).read()
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError(f"{path}: general.architecture is missing or not a string")
@@ -128,10 +130,10 @@ def load_gguf(path):
     if spec is None:
         raise GGUFError(f"{path}: unsupported architecture {arch!r} "
                         f"(supported: {', '.join(archs.NAMES)})")
-    tensors = _load_tensors(path, buf, infos, data_start)
+    tensors = _load_tensors(path, buf, infos, data_start, alignment)
     hparams = _read_hparams(path, arch, spec, metadata, tensors)
     _check_tensors(path, spec, hparams, tensors)
-    return GGUFModelFile(path, arch, hparams, metadata, tensors)
+    return GGUFModelFile(path, arch, hparams, metadata, tensors, mapping)
 
 
 def _map_file(path):
@@ -142,7 +144,7 @@ def _map_file(path):
         raise GGUFError(f"{path}: empty file") from None
     except OSError as e:
         raise GGUFError(f"{path}: cannot open: {e.strerror or e}") from None
-    return np.frombuffer(mm, dtype=np.uint8)
+    return mm
 
 
 class _Header:
@@ -221,7 +223,7 @@ class _Header:
             if offset % alignment:
                 self.fail(f"tensor {name!r}: data offset {offset} is not a multiple of "
                           f"the alignment {alignment}")
-        return metadata, infos, data_start
+        return metadata, infos, data_start, alignment
 
     def value(self, key):
         vtype = self.type_id(self.u32(f"type of {key!r}"), key)
@@ -265,8 +267,11 @@ class _Header:
         return name, dims, type_id, offset
 
 
-def _load_tensors(path, buf, infos, data_start):
+def _load_tensors(path, buf, infos, data_start, alignment):
+    """As llama.cpp: each tensor's data starts where the one before it ends,
+    padded to the alignment, so tensors never overlap or leave gaps."""
     tensors = {}
+    expected = 0
     for name, dims, type_id, offset in infos:
         try:
             type_name = GGMLQuantizationType(type_id).name
@@ -290,6 +295,10 @@ def _load_tensors(path, buf, infos, data_start):
             raise GGUFError(f"{path}: tensor {name!r}: data [{start}, "
                             f"{start + n_out * row_bytes}) lies beyond the end of "
                             f"the file ({len(buf)} bytes)")
+        if offset != expected:
+            raise GGUFError(f"{path}: tensor {name!r}: data offset {offset}, expected {expected} "
+                            "(tensors must follow each other, padded to the alignment)")
+        expected += -(-n_out * row_bytes // alignment) * alignment
         raw = buf[start:start + n_out * row_bytes].reshape(n_out, row_bytes)
         if len(dims) == 2:
             tensors[name] = Weight(name, type_name, (n_out, n_in), raw)

@@ -19,7 +19,10 @@ def row_bytes(type_name, n_in):
 def matmul(raw, type_name, n_out, n_in, x, n_threads=None):
     """x @ W.T: x float32 (n, n_in) -> float32 (n, n_out)."""
     type_id, stride = _check_raw(raw, type_name, n_out, n_in)
-    n_threads = native.get_num_threads() if n_threads is None else native.check_threads(n_threads)
+    if n_threads is None:
+        n_threads = native.get_num_threads()
+    elif type(n_threads) is not int:
+        n_threads = native.check_threads(n_threads)   # C checks a plain int's range
     if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:
         x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != n_in:

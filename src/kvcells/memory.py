@@ -7,7 +7,10 @@ from abc import ABC, abstractmethod
 class Memory(ABC):
     """K/V rows of a model's layers on cell tables. `n_threads`: the
     threads of this memory's attention and of the matmuls of a forward pass
-    through it (None: the process default, kvcells.set_num_threads)."""
+    through it (None: the process default, kvcells.set_num_threads).
+    `lock`: a re-entrant lock every public method holds while it runs;
+    calls that must happen together (prepare, apply, store, attend of one
+    ubatch) run with it held around them, as Context.decode does."""
 
     n_threads = None
 

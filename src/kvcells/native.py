@@ -67,6 +67,7 @@ def row_bytes(type_id, n):
 # ---- buffers ----
 
 _FLOATS = ffi.typeof("float[]")
+_I32S = ffi.typeof("int32_t[]")
 
 
 def floats(a):
@@ -75,7 +76,7 @@ def floats(a):
 
 
 def int32s(a):
-    return ffi.from_buffer("int32_t[]", a)
+    return ffi.from_buffer(_I32S, a)
 
 
 def bytes_of(a, writable=False):
@@ -126,16 +127,24 @@ def simd_enabled():
 
 
 # ---- the C entry points, as numpy-level calls ----
+# The hot ones (a decode step makes ~200 of these calls) spell their buffers
+# out and call check() only on a failure: each extra Python call costs.
 
 def rms_norm(x, w, y, eps):
     n = x.shape[-1]
-    check(lib.ops_rms_norm(floats(x), floats(w), floats(y), x.size // n, n, eps), "rms_norm: ")
+    status = lib.ops_rms_norm(ffi.from_buffer(_FLOATS, x), ffi.from_buffer(_FLOATS, w),
+                              ffi.from_buffer(_FLOATS, y), x.size // n, n, eps)
+    if status:
+        check(status)
 
 
 def rms_norm_rope_neox(x, w, cos, sin, y, eps):
     n, heads, d = x.shape
-    check(lib.ops_rms_norm_rope_neox(floats(x), floats(w), floats(cos), floats(sin), floats(y),
-                                     n, heads, d, eps))
+    status = lib.ops_rms_norm_rope_neox(
+        ffi.from_buffer(_FLOATS, x), ffi.from_buffer(_FLOATS, w), ffi.from_buffer(_FLOATS, cos),
+        ffi.from_buffer(_FLOATS, sin), ffi.from_buffer(_FLOATS, y), n, heads, d, eps)
+    if status:
+        check(status)
 
 
 def quantize(type_id, x, out):
@@ -144,8 +153,11 @@ def quantize(type_id, x, out):
 
 
 def matmul(type_id, raw, stride, n_out, n_in, x, y, n_threads):
-    check(lib.matmul(type_id, rows_ptr(raw), stride, n_out, n_in, floats(x), x.shape[0],
-                     floats(y), n_threads))
+    w = ffi.from_buffer(raw) if raw.flags.c_contiguous else rows_ptr(raw)
+    status = lib.matmul(type_id, w, stride, n_out, n_in, ffi.from_buffer(_FLOATS, x),
+                        x.shape[0], ffi.from_buffer(_FLOATS, y), n_threads)
+    if status:
+        check(status)
 
 
 def read_probe(buf, n_threads):
@@ -164,9 +176,13 @@ def dequantize_rows(type_id, raw, stride, n_rows, n_in, ids, out):
 
 def kv_attend(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, lo, hi, q, scale,
               out, n_threads):
-    check(lib.kv_attend(type_k, bytes_of(k), type_v, bytes_of(v), n_rows, n_head_kv, head_dim,
-                        int32s(cells), len(cells), len(q), int32s(lo), int32s(hi), floats(q),
-                        q.shape[1], float(scale), floats(out), n_threads))
+    status = lib.kv_attend(type_k, ffi.from_buffer(k), type_v, ffi.from_buffer(v), n_rows,
+                           n_head_kv, head_dim, ffi.from_buffer(_I32S, cells), len(cells), len(q),
+                           ffi.from_buffer(_I32S, lo), ffi.from_buffer(_I32S, hi),
+                           ffi.from_buffer(_FLOATS, q), q.shape[1], float(scale),
+                           ffi.from_buffer(_FLOATS, out), n_threads)
+    if status:
+        check(status)
 
 
 def kv_rope_shift(type_id, layers, n_rows, n_head, head_dim, cells, delta, base, freq_scale,

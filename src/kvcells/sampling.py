@@ -1,7 +1,11 @@
 """Token sampling: greedy, or a chain of filters and a seeded draw.
 
-The chain follows llama.cpp's default order: repetition penalty, top-k,
-top-p, min-p, temperature, then a draw from the softmax.
+The chain follows llama.cpp's default order: penalties, top-k, top-p, min-p,
+temperature, then a draw from the softmax.
+
+The penalties look at the last repeat_last_n tokens, as llama.cpp's do: the
+repetition penalty scales a repeated token's logit, the presence and
+frequency penalties subtract from it with OpenAI's formula.
 """
 import math
 
@@ -13,7 +17,8 @@ _NUCLEUS_PROBE = 1024
 
 class Sampler:
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None,
-                 repeat_penalty=1.0, repeat_last_n=64):
+                 repeat_penalty=1.0, repeat_last_n=64, presence_penalty=0.0,
+                 frequency_penalty=0.0):
         if not (temperature >= 0 and math.isfinite(temperature)) or top_k < 0 or repeat_last_n < 0:
             raise ValueError("temperature must be finite and >= 0, top_k and repeat_last_n >= 0")
         if not 0.0 < top_p <= 1.0 or not 0.0 <= min_p <= 1.0:
@@ -26,6 +31,8 @@ class Sampler:
         self.min_p = min_p
         self.repeat_penalty = repeat_penalty
         self.repeat_last_n = repeat_last_n
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
         self.rng = np.random.default_rng(seed)
 
     def sample(self, logits, recent=(), draft=None):
@@ -39,8 +46,13 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError("sample needs one non-empty row of logits")
-        if self.repeat_penalty != 1.0 and self.repeat_last_n and len(recent):
-            logits = penalize_repeats(logits, recent[-self.repeat_last_n:], self.repeat_penalty)
+        if self.repeat_last_n and len(recent):
+            window = recent[-self.repeat_last_n:]
+            if self.repeat_penalty != 1.0:
+                logits = penalize_repeats(logits, window, self.repeat_penalty)
+            if self.presence_penalty or self.frequency_penalty:
+                logits = penalize_presence(logits, window, self.presence_penalty,
+                                           self.frequency_penalty)
         best = logits.max()
         if np.isnan(best):
             raise ValueError("logits contain NaN")
@@ -72,6 +84,14 @@ def penalize_repeats(logits, recent, penalty):
     v = out[ids]
     out[ids] = np.where(v > 0, v / penalty, v * penalty)
     return out
+
+
+def penalize_presence(logits, recent, presence, frequency):
+    """OpenAI's rule: logit[j] -= count[j] * frequency + (count[j] > 0) * presence,
+    count[j] the times token j occurs in `recent`."""
+    ids = np.asarray(recent, dtype=np.int64)
+    counts = np.bincount(ids[(ids >= 0) & (ids < logits.size)], minlength=logits.size)
+    return logits - (counts * frequency + (counts > 0) * presence).astype(np.float32)
 
 
 def softmax(x):
