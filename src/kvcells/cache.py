@@ -481,6 +481,10 @@ class ISWACache(Memory):
         self.halves = (self.base, self.swa)
         self.lock = self.base.lock = self.swa.lock = threading.RLock()
 
+    @property
+    def table(self):
+        return self.base.table
+
     def _half(self, layer):
         if not 0 <= layer < len(self.swa_layers):
             raise ValueError(f"layer {layer} is not in this cache")

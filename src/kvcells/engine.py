@@ -76,7 +76,7 @@ class Engine:
         n_slots = ctx.n_seq_max if n_slots is None else n_slots
         if not 1 <= n_slots <= ctx.n_seq_max:
             raise ValueError(f"n_slots must be in [1, {ctx.n_seq_max}]")
-        swa = getattr(ctx.memory, "swa", None)
+        swa = ctx.memory.swa
         if swa is not None and swa.swa_type != "standard":
             raise ValueError(f"the engine supports standard sliding windows, not {swa.swa_type!r}")
         self.ctx, self.n_slots, self.prefix_cache = ctx, n_slots, prefix_cache
@@ -97,7 +97,7 @@ class Engine:
     @property
     def table(self):
         """The cell table of the full-attention layers."""
-        return getattr(self.mem, "base", self.mem).table
+        return self.mem.table
 
     # ---- thread-safe entry points ----
 

@@ -13,6 +13,8 @@ class Memory(ABC):
     ubatch) run with it held around them, as Context.decode does."""
 
     n_threads = None
+    table = None   # the cell table of the full-attention layers
+    swa = None     # the KVCache of the sliding-window layers, where they are apart
 
     @property
     @abstractmethod
