@@ -55,7 +55,7 @@ class Recorder:
     def __init__(self):
         self.rows = []
 
-    def sample(self, row, recent):
+    def sample(self, row, recent, draft=None):
         self.rows.append(np.array(row))
         return int(np.argmax(row))
 
@@ -252,7 +252,7 @@ def test_generation_that_fills_the_cache_preempts_the_youngest():
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():
     model = tiny("llama")
-    engine = Engine(Context(model, n_ctx=128, n_seq_max=2, n_ubatch=8, **F32))
+    engine = Engine(Context(model, n_ctx=128, n_seq_max=2, n_ubatch=8, **F32), lookup=False)
     short = engine.submit(random_tokens(model, 3, 1), 12, ignore_eos=True)
     engine.step()
     long = engine.submit(random_tokens(model, 60, 2), 2)
@@ -371,7 +371,7 @@ def test_cancel_while_waiting_or_running_frees_only_that_request():
 
 
 class Broken:
-    def sample(self, row, recent):
+    def sample(self, row, recent, draft=None):
         raise RuntimeError("broken sampler")
 
 

@@ -5,7 +5,7 @@ import numpy as np
 from .batch import Batch
 from .engine import Engine
 from .errors import CacheFullError
-from .lookup import PromptLookup
+from .lookup import PromptLookup, accept
 from .sampling import Sampler
 
 
@@ -53,17 +53,9 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
             draft = []
             logits = decode_tail(ctx, pending, pos, seq_id, 1, progress)
         progress = None
-        made, n_accepted = [], 0
-        for i, row in enumerate(logits):
-            d = draft[i] if i < len(draft) else None
-            token = sampler.sample(row, history, draft=d)
-            if tok.is_eog(token):
-                break
-            made.append(token)
-            history.append(token)
-            if token != d:
-                break
-            n_accepted += 1
+        made, n_accepted = accept(logits, draft,
+                                  lambda row, d: sampler.sample(row, history, draft=d),
+                                  tok.is_eog, history)
         if drafter:
             drafter.update(len(draft), n_accepted)
         if n_accepted < len(draft):
