@@ -137,15 +137,17 @@ def generate_parallel(ctx, prompt_ids, n_parallel, max_tokens, sampler=None):
         pos += 1
 
 
-def serve(ctx, prompts, max_tokens, sampler=None, n_slots=None, *, prefix_cache=True):
+def serve(ctx, prompts, max_tokens, sampler=None, n_slots=None, *, prefix_cache=True,
+          lookup=True):
     """Continuous batching of a queue of prompts through an Engine (n_slots
-    running at once; with prefix_cache, shared prefixes are computed once).
+    running at once; with prefix_cache, shared prefixes are computed once;
+    with lookup, each sequence drafts by prompt lookup as in generate).
     Yields (prompt_index, token) as they are sampled; a prompt's tokens end
     at end-of-generation or after max_tokens. A request that fails raises
     its error once the others are done. The engine owns ctx's memory and
     leaves it empty.
     """
-    engine = Engine(ctx, n_slots, prefix_cache=prefix_cache)
+    engine = Engine(ctx, n_slots, prefix_cache=prefix_cache, lookup=lookup)
     out = []
     try:
         requests = [engine.submit(p, max_tokens, sampler,
