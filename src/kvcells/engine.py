@@ -205,11 +205,12 @@ class Engine:
         n_fed = len(decoding) + sum(n for _, n, _ in feeds)
         tables = [self.table] + ([self.swa.table] if self.swa is not None else [])
         spare = min([self.ctx.n_ubatch] + [t.n_cells - t.used for t in tables]) - n_fed
-        for r in reversed(decoding):
+        drafting = []
+        for r in decoding:
             draft = self._draft(r, spare)
             spare -= len(draft)
-            feeds.insert(0, (r, 1, draft))
-        for r, n, draft in feeds:
+            drafting.append((r, 1, draft))
+        for r, n, draft in drafting + feeds:
             pending = r.all_tokens[r.n_past:]
             tokens = pending[:n] + draft
             fed = collections.Counter()
