@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from drafters import TruthDrafter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -463,26 +464,6 @@ def test_lookup_gives_the_tokens_of_plain_decoding_over_many_prompts(arch):
         list(generate(Context(model, n_ctx=96, **F32), p, 30, lookup=False)) for p in prompts]
     assert 0 < stats[True]["accepted_draft_tokens"] < stats[True]["draft_tokens"]
     assert stats[False]["draft_tokens"] == 0
-
-
-class TruthDrafter:
-    """In place of PromptLookup: drafts the tokens a request gets alone
-    (truths: prompt -> tokens), with the token at offset `wrong` of each
-    draft changed, so that the verification rejects there."""
-
-    def __init__(self, truths, wrong, length, history):
-        self.history, self.n_prompt = history, len(history)
-        self.truth, self.wrong, self.length = truths[tuple(history)], wrong, length
-
-    def draft(self, room):
-        done = len(self.history) - self.n_prompt
-        d = list(self.truth[done:done + min(room, self.length)])
-        if self.wrong < len(d):
-            d[self.wrong] = (d[self.wrong] + 1) % 7 + 3
-        return d
-
-    def update(self, n_drafted, n_accepted):
-        assert n_accepted == min(self.wrong, n_drafted)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
