@@ -288,7 +288,7 @@ class Engine:
         # be reached by the last token
         if len(made) == n_accepted:
             self._finish(r, "stop")
-        elif len(r.all_tokens) - len(r.prompt) == r.max_tokens or len(r.all_tokens) > self.ctx.n_ctx:
+        elif len(r.tokens) == r.max_tokens or len(r.all_tokens) > self.ctx.n_ctx:
             self._finish(r, "length")
 
     # ---- admission ----
