@@ -112,6 +112,25 @@ def test_queue_gives_the_same_text_without_the_prefix_cache(capsys, gemma_path, 
     assert outs[0] == outs[1] and len(outs[0]) == 2
 
 
+@pytest.mark.parametrize("mode", ["-p", "--queue"])
+def test_no_lookup_decodes_a_token_a_step_and_gives_the_same_text(capsys, monkeypatch, gemma_path,
+                                                                  tmp_path, mode):
+    text = "hello world hello world hello"   # the first step drafts " world hello ..."
+    f = tmp_path / "prompts.txt"
+    f.write_text(text + "\n")
+    sizes = []
+    real = Context.decode
+    monkeypatch.setattr(Context, "decode", lambda self, b: sizes.append(len(b)) or real(self, b))
+    outs, steps = [], []
+    for flag in ([], ["--no-lookup"]):
+        sizes.clear()
+        argv = ["-p", text] if mode == "-p" else ["--queue", str(f)]
+        outs.append(run(capsys, "-m", gemma_path, *argv, "-n", "8", *flag).out)
+        steps.append(sizes[1:])                       # after the prompt
+    assert outs[0] == outs[1]
+    assert steps[1] == [1] * 7 and steps[0][0] > 1   # the last token is sampled, not decoded
+
+
 def test_show_cache_prints_the_occupancy(capsys, gemma_path):
     err = run(capsys, "-m", gemma_path, "-n", "2", "-c", "64", "--show-cache").err
     assert "full-attention cells:" in err and "sliding-window cells:" in err

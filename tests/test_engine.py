@@ -2,18 +2,21 @@
 preemption. The truth for every request is the same prompt decoded alone
 in a fresh cache with plain ctx.decode calls (solo below): same greedy
 tokens, and the same logits bit for bit."""
+import collections
 import functools
 import tempfile
 import threading
 
 import numpy as np
 import pytest
+from drafters import TruthDrafter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from make_tiny_gguf import write_tiny_gguf
 
-from kvcells import Batch, CacheFullError, Context, Model
+from kvcells import Batch, CacheFullError, Context, Model, Sampler, generate
+from kvcells import engine as engine_module
 from kvcells.engine import Engine
 
 F32 = dict(type_k="f32", type_v="f32")
@@ -55,7 +58,7 @@ class Recorder:
     def __init__(self):
         self.rows = []
 
-    def sample(self, row, recent):
+    def sample(self, row, recent, draft=None):
         self.rows.append(np.array(row))
         return int(np.argmax(row))
 
@@ -172,12 +175,12 @@ class EngineMachine(RuleBasedStateMachine):
     @initialize(arch=st.sampled_from(["llama", "gemma3"]), n_ctx=st.sampled_from([32, 48, 64]),
                 n_seq_max=st.integers(1, 5), slots=st.integers(1, 5),
                 n_ubatch=st.sampled_from([4, 8, 16]), prefix_cache=st.booleans(),
-                seed=st.integers(0, 3))
-    def create(self, arch, n_ctx, n_seq_max, slots, n_ubatch, prefix_cache, seed):
+                lookup=st.booleans(), seed=st.integers(0, 3))
+    def create(self, arch, n_ctx, n_seq_max, slots, n_ubatch, prefix_cache, lookup, seed):
         self.model = tiny(arch)
         self.n_ctx = n_ctx
         ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=n_seq_max, n_ubatch=n_ubatch, **F32)
-        self.engine = Engine(ctx, min(slots, n_seq_max), prefix_cache=prefix_cache)
+        self.engine = Engine(ctx, min(slots, n_seq_max), prefix_cache=prefix_cache, lookup=lookup)
         self.prefixes = [random_tokens(self.model, n, seed * 10 + n) for n in (3, 9, 17)]
         self.requests = []
 
@@ -252,7 +255,7 @@ def test_generation_that_fills_the_cache_preempts_the_youngest():
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_others_decode():
     model = tiny("llama")
-    engine = Engine(Context(model, n_ctx=128, n_seq_max=2, n_ubatch=8, **F32))
+    engine = Engine(Context(model, n_ctx=128, n_seq_max=2, n_ubatch=8, **F32), lookup=False)
     short = engine.submit(random_tokens(model, 3, 1), 12, ignore_eos=True)
     engine.step()
     long = engine.submit(random_tokens(model, 60, 2), 2)
@@ -371,7 +374,7 @@ def test_cancel_while_waiting_or_running_frees_only_that_request():
 
 
 class Broken:
-    def sample(self, row, recent):
+    def sample(self, row, recent, draft=None):
         raise RuntimeError("broken sampler")
 
 
@@ -431,3 +434,175 @@ def test_an_engine_thread_serves_requests_submitted_from_another_thread():
         stop.set()
         worker.join(30)
     assert_solo(engine, reqs, 64)
+
+
+# ---- prompt lookup ----
+
+def repetitive(model, seed):
+    """A few random tokens repeated 2 to 4 times, then 2 more: text to look up."""
+    rng = np.random.default_rng(seed)
+    piece = random_tokens(model, int(rng.integers(2, 7)), seed)
+    return piece * int(rng.integers(2, 5)) + random_tokens(model, 2, 100 + seed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lookup_gives_the_tokens_of_plain_decoding_over_many_prompts(arch):
+    """Twelve repetitive prompts, four at a time: the engine with lookup, the
+    engine without it, plain generate and plain decoding alone agree."""
+    model = tiny(arch)
+    prompts = [repetitive(model, seed) for seed in range(12)]
+    outs, stats = {}, {}
+    for lookup in (True, False):
+        engine = Engine(Context(model, n_ctx=96, n_seq_max=6, n_ubatch=32, **F32), 4,
+                        lookup=lookup)
+        requests = [engine.submit(p, 30) for p in prompts]
+        while engine.step():
+            check_cells(engine)
+        assert_solo(engine, requests, 96)
+        outs[lookup], stats[lookup] = [r.tokens for r in requests], engine.stats()
+    assert outs[True] == outs[False] == [
+        list(generate(Context(model, n_ctx=96, **F32), p, 30, lookup=False)) for p in prompts]
+    assert 0 < stats[True]["accepted_draft_tokens"] < stats[True]["draft_tokens"]
+    assert stats[False]["draft_tokens"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("wrong", [0, 1, 3, 6, 12])
+def test_drafts_rejected_at_every_offset_leave_tokens_and_cells_as_plain_decoding(
+        arch, wrong, monkeypatch):
+    # three requests at once in ubatches of 16: drafts of up to 12 share what
+    # is left. gemma3's window is 8 positions, so drafts cross it, and its
+    # window cache has 128 cells, reused as the 3 x 106 positions pass.
+    model = tiny(arch)
+    n_ctx, n_gen = (96, 40) if arch == "llama" else (128, 100)
+    prompts = [random_tokens(model, 6, 20 + wrong + i) for i in range(3)]
+    truths = {tuple(p): solo(model, tuple(p), n_gen, n_ctx, True)[0] for p in prompts}
+    monkeypatch.setattr(engine_module, "PromptLookup",
+                        functools.partial(TruthDrafter, truths, wrong, 12))
+    ctx = Context(model, n_ctx=n_ctx, n_seq_max=4, n_ubatch=16, **F32)
+    engine = Engine(ctx, 3)
+    requests = [engine.submit(p, n_gen, ignore_eos=True) for p in prompts]
+    while engine.step():
+        check_cells(engine)
+    assert [r.tokens for r in requests] == [truths[tuple(p)] for p in prompts]
+    s = engine.stats()
+    assert s["draft_tokens"] > 0
+    assert (s["accepted_draft_tokens"] > 0) == (wrong > 0)
+    assert (s["accepted_draft_tokens"] < s["draft_tokens"]) == (wrong < 12)
+    if arch == "gemma3":
+        assert ctx.memory.swa.n_cells < 3 * n_gen
+
+
+class FixedDrafter:
+    """In place of PromptLookup: always drafts the same continuation."""
+
+    def __init__(self, tokens, history):
+        self.tokens, self.history, self.n_prompt = tokens, history, len(history)
+
+    def draft(self, room):
+        done = len(self.history) - self.n_prompt
+        return self.tokens[done:done + room]
+
+    def update(self, n_drafted, n_accepted):
+        pass
+
+
+@pytest.mark.parametrize("which", ["likely", "unlikely"])
+def test_sampled_tokens_keep_the_samplers_distribution_under_drafts(which, monkeypatch):
+    """The first two tokens of 1000 seeded requests (top-k 3, temperature 1),
+    each verifying a draft of two: their frequencies match the exact joint
+    distribution p(t1) p(t2 | t1) computed from the logits decoded alone.
+    The drafts: the most likely pair, or the least likely first token and a
+    second that top-k filters out."""
+    model = tiny("llama")
+    prompt = random_tokens(model, 6, 5)
+
+    def p_of(row):
+        keep = np.argsort(-row, kind="stable")[:3]
+        p = np.zeros(row.size)
+        p[keep] = np.exp(row[keep] - row[keep].max())
+        return p / p.sum()
+    p1 = p_of(solo(model, tuple(prompt), 1, 64)[1][0])
+    support = np.flatnonzero(p1)
+    p2 = {int(t): p_of(solo(model, tuple(prompt + [int(t)]), 1, 64)[1][0]) for t in support}
+    joint = {(int(a), int(b)): p1[a] * p2[int(a)][b] for a in support for b in np.flatnonzero(p2[int(a)])}
+    if which == "likely":
+        a = int(np.argmax(p1))
+        draft = [a, int(np.argmax(p2[a]))]
+    else:
+        a = int(support[np.argmin(p1[support])])
+        draft = [a, int(np.argmin(p2[a]))]
+    monkeypatch.setattr(engine_module, "PromptLookup", functools.partial(FixedDrafter, draft))
+    engine = Engine(Context(model, n_ctx=64, n_seq_max=10, **F32), 8)
+    n = 1000
+    requests = [engine.submit(prompt, 3, Sampler(temperature=1.0, top_k=3, seed=i),
+                              ignore_eos=True) for i in range(n)]
+    run(engine)
+    counts = collections.Counter(tuple(r.tokens[:2]) for r in requests)
+    assert set(counts) <= set(joint)
+    for pair, p in joint.items():
+        assert abs(counts[pair] - n * p) <= 5 * np.sqrt(n * p * (1 - p)) + 1e-9, (pair, counts, joint)
+    s = engine.stats()
+    assert s["draft_tokens"] >= 2 * n and 0 < s["accepted_draft_tokens"] < s["draft_tokens"]
+
+
+def watch_decodes(engine):
+    """Make the engine's context fail the test if a batch holding drafts
+    (positions past a request's tokens) does not fit the cache."""
+    real = engine.ctx.decode
+
+    def decode(batch):
+        try:
+            return real(batch)
+        except CacheFullError:
+            assert not any(p >= len(engine.running[s[0]].all_tokens)
+                           for p, s in zip(batch.pos, batch.seq_ids)), "drafts made a batch fail"
+            raise
+    engine.ctx.decode = decode
+
+
+def test_drafts_never_cause_an_eviction_or_a_preemption(monkeypatch):
+    """Idle prefixes, then three requests that fill the cache, each drafting
+    its whole solo continuation: idle prefixes are evicted and the youngest
+    preempted only when the batch without drafts does not fit, and everyone
+    gets their solo tokens."""
+    model = tiny("llama")
+    n_ctx = 40
+    short = [random_tokens(model, 6, 30 + i) for i in range(2)]
+    long = [repetitive(model, 40 + i) for i in range(3)]
+    truths = {tuple(p): solo(model, tuple(p), -1, n_ctx, True)[0] for p in short + long}
+    monkeypatch.setattr(engine_module, "PromptLookup",
+                        functools.partial(TruthDrafter, truths, 99, 16))
+    engine = Engine(Context(model, n_ctx=n_ctx, n_seq_max=5, n_ubatch=16, **F32), 3)
+    watch_decodes(engine)
+    requests = [engine.submit(p, 2, ignore_eos=True) for p in short]
+    run(engine)
+    requests += [engine.submit(p, -1, ignore_eos=True) for p in long]
+    while engine.step():
+        check_cells(engine)
+    s = engine.stats()
+    assert s["evictions"] > 0 and s["preemptions"] > 0 and s["accepted_draft_tokens"] > 0
+    assert [r.tokens for r in requests] == [truths[tuple(r.prompt)][:len(r.tokens)] for r in requests]
+    assert all(len(r.tokens) == 2 for r in requests[:2])
+    assert all(len(r.all_tokens) == n_ctx + 1 for r in requests[2:])
+
+
+def test_lookup_on_the_real_model_rewriting_and_quoting_gives_plain_tokens(real_model_path):
+    """Gemma 3 270M asked to rewrite a code block and to quote a document,
+    two at once: drafts are accepted and rejected, and the tokens are those
+    of plain generate."""
+    model = Model.load(real_model_path)
+    code = ("def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n"
+            "    return 2 * (w + h)\n")
+    doc = ("The river rises in the northern hills and flows south through three towns "
+           "before it meets the sea at the old harbour.")
+    prompts = [model.tokenizer.encode(t) for t in (
+        f"Here is some Python:\n\n{code}\nThe same code with docstrings:\n\n",
+        f"Document: {doc}\n\nQuote the document word for word.\nQuote: ")]
+    engine = Engine(Context(model, n_ctx=512, n_seq_max=3), 2)
+    requests = [engine.submit(p, 40) for p in prompts]
+    run(engine)
+    plain = [list(generate(Context(model, n_ctx=512), p, 40, lookup=False)) for p in prompts]
+    assert [r.tokens for r in requests] == plain
+    s = engine.stats()
+    assert 0 < s["accepted_draft_tokens"] < s["draft_tokens"]

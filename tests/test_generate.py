@@ -1,10 +1,12 @@
 """Generation loops: greedy tokens with the cache equal recomputing the whole
 sequence at every step (the dense reference); context shift; branches that
 share a prefilled prompt; continuous batching of a queue."""
+import functools
 import sys
 
 import numpy as np
 import pytest
+from drafters import TruthDrafter
 from reference_forward import ReferenceModel
 
 from kvcells import Batch, CacheFullError, Context, Model, Sampler, generate, generate_parallel, serve
@@ -162,28 +164,6 @@ def test_a_long_prompt_reports_progress_per_ubatch(llama):
     assert out == greedy_by_recompute(model, ref, p, 3)
 
 
-class TruthDrafter:
-    """Drafts the given continuation with the token at `wrong` (offset in
-    each draft) replaced, so the verification rejects there."""
-
-    def __init__(self, truth, n_prompt, wrong, length):
-        self.truth, self.n_prompt, self.wrong, self.length = truth, n_prompt, wrong, length
-
-    def __call__(self, history):
-        self.history = history
-        return self
-
-    def draft(self, room):
-        done = len(self.history) - self.n_prompt
-        d = list(self.truth[done:done + min(room, self.length)])
-        if self.wrong < len(d):
-            d[self.wrong] = (d[self.wrong] + 1) % 7 + 3
-        return d
-
-    def update(self, n_drafted, n_accepted):
-        assert n_accepted == min(self.wrong, n_drafted)
-
-
 @pytest.fixture(scope="module")
 def gemma(tiny_gguf):
     return Model.load(tiny_gguf("gemma3", n_swa=8))
@@ -217,7 +197,7 @@ def test_drafts_rejected_at_every_offset_leave_the_output_unchanged(arch, wrong,
     assert len(plain) == n_gen
     plain_cells = ctx.memory.seq_pos_max(0)
     monkeypatch.setattr(sys.modules["kvcells.generate"], "PromptLookup",
-                        TruthDrafter(plain, len(p), wrong, 12))
+                        functools.partial(TruthDrafter, {tuple(p): plain}, wrong, 12))
     ctx = Context(model, n_ctx=n_ctx, n_ubatch=16)
     assert list(generate(ctx, p, n_gen)) == plain
     assert ctx.memory.seq_pos_max(0) == plain_cells

@@ -75,12 +75,12 @@ def client(gemma):
 
 @pytest.fixture(scope="module")
 def solo(model):
-    """solo(prompt ids, max_tokens, sampler) -> the text kvcells.generate gives alone."""
+    """solo(prompt ids, max_tokens, sampler) -> the text plain decoding gives alone."""
     ctx = Context(model, n_ctx=2048)
 
     def run(ids, max_tokens, sampler=None):
         ctx.memory.clear()
-        return model.tokenizer.decode(list(generate(ctx, ids, max_tokens, sampler)))
+        return model.tokenizer.decode(list(generate(ctx, ids, max_tokens, sampler, lookup=False)))
     return run
 
 
@@ -231,6 +231,32 @@ def test_stop_strings_cut_the_text(client, model, solo, stream):
     chunks = list(r) if stream else [r]
     assert "".join(c.choices[0].text for c in chunks) == full[:full.index(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_inside_drafted_text_cuts_where_plain_decoding_does(gemma, client, model,
+                                                                          stream):
+    """A document quoted word for word is drafted by prompt lookup: the stop
+    string falls inside accepted drafts, and the text and the token count
+    are plain decoding's up to the stop."""
+    doc = ("The lighthouse stands on the northern cape. Its lamp was first lit in 1852 and "
+           "has guided ships past the reef every night since then.")
+    prompt = f"Document: {doc}\n\nQuote the document exactly.\nQuote: {doc[:20]}"
+    ctx = Context(model, n_ctx=512)
+    plain = list(generate(ctx, model.tokenizer.encode(prompt), 32, lookup=False))
+    full = model.tokenizer.decode(plain)
+    stop = full[40:48]
+    n_tokens = next(k for k in range(1, 33) if stop in model.tokenizer.decode(plain[:k]))
+    before = wait_idle(gemma[0])
+    r = client.completions.create(model="x", prompt=prompt, max_tokens=32, temperature=0,
+                                  stop=stop, stream=stream,
+                                  **({"stream_options": {"include_usage": True}} if stream else {}))
+    chunks = list(r) if stream else [r]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full[:full.index(stop)]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == n_tokens
+    after = wait_idle(gemma[0])
+    assert after["draft_tokens_accepted_total"] - before["draft_tokens_accepted_total"] >= 8
 
 
 def test_choice_text_never_splits_a_character_and_holds_back_stops(model):

@@ -85,6 +85,8 @@ def parse_args(argv):
     add("--show-cache", action="store_true", help="print cell occupancy at the end")
     add("--no-prefix-cache", action="store_true",
         help="--queue: free finished sequences and prefill every prompt in full")
+    add("--no-lookup", action="store_true",
+        help="decode one token per step, without prompt-lookup drafts (speculative decoding)")
     for i, flags in enumerate(GPU_FLAGS):
         add(*flags, action=Ignored, dest="gpu", metavar="X",
             help="llama.cpp's GPU flags (-ngl, -sm, -mg, -ts, -dev) are accepted and ignored: "
@@ -286,7 +288,8 @@ def stream_turn(ctx, ids, args, sampler, timings, **kw):
     out = []
     t0 = t1 = time.perf_counter()
     try:
-        for t in generate(ctx, ids, n_tokens(args), sampler, progress=bar, **kw):
+        for t in generate(ctx, ids, n_tokens(args), sampler, progress=bar,
+                          lookup=not args.no_lookup, **kw):
             now = time.perf_counter()
             if not out:
                 timings.decoded = True
@@ -407,7 +410,8 @@ def run_queue(ctx, prompts, args, sampler, timings):
         streams.start(i, p)
     timings.n_prompt = sum(map(len, encoded))
     tokens = serve(ctx, encoded, args.n_predict, sampler, n_slots=args.parallel,
-                   prefix_cache=not args.no_prefix_cache)   # -1: until end of generation
+                   prefix_cache=not args.no_prefix_cache,   # -1: until end of generation
+                   lookup=not args.no_lookup)
     run_streams(ctx, tokens, streams, timings)
 
 

@@ -19,6 +19,12 @@ window cells below m. A holder's window cells are always there; for a branch
 point deeper inside, the first request that branches there leaves a
 checkpoint: an idle sequence holding the prefix up to the branch, whose own
 window pins exactly the cells a later request needs.
+
+With prompt lookup, a generating request also feeds a draft of the tokens
+that may follow (kvcells.lookup, from its own prompt and output) with logits
+on all of them; after the decode it keeps the run its sampler agrees with and
+removes the rest from its cells (seq_rm). Drafts use only the ubatch and the
+cells this step leaves free, so they never cause an eviction or preemption.
 """
 import collections
 import logging
@@ -29,6 +35,7 @@ import numpy as np
 
 from .batch import Batch
 from .errors import CacheFullError
+from .lookup import PromptLookup, accept
 from .sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -37,12 +44,13 @@ log = logging.getLogger(__name__)
 class Request:
     """One completion request; the engine sets its fields."""
 
-    def __init__(self, prompt, max_tokens, sampler, ignore_eos, on_token, on_done):
+    def __init__(self, prompt, max_tokens, sampler, ignore_eos, on_token, on_done, lookup):
         self.prompt = prompt
         self.max_tokens = max_tokens      # -1: until end of generation or the context is full
         self.sampler = sampler
         self.ignore_eos = ignore_eos
-        self.tokens = []                  # generated so far
+        self.all_tokens = list(prompt)    # prompt, then the tokens generated so far
+        self.drafter = PromptLookup(self.all_tokens) if lookup else None
         self.cached_tokens = 0            # prompt tokens that came from the prefix cache
         self.finish_reason = None         # "stop", "length", "cancelled", "error"
         self.error = None
@@ -56,8 +64,9 @@ class Request:
         self.admitted = False
 
     @property
-    def all_tokens(self):
-        return self.prompt + self.tokens
+    def tokens(self):
+        """The tokens generated so far."""
+        return self.all_tokens[len(self.prompt):]
 
     def __repr__(self):
         return (f"Request(prompt={len(self.prompt)} tokens, generated={len(self.tokens)}, "
@@ -69,17 +78,18 @@ class Engine:
 
     n_slots requests run at once (default ctx.n_seq_max); the other sequence
     ids hold idle cached prefixes. prefix_cache=False frees a finished
-    sequence and prefills every prompt in full.
+    sequence and prefills every prompt in full. lookup=False decodes one
+    token per step for each request, without prompt-lookup drafts.
     """
 
-    def __init__(self, ctx, n_slots=None, *, prefix_cache=True):
+    def __init__(self, ctx, n_slots=None, *, prefix_cache=True, lookup=True):
         n_slots = ctx.n_seq_max if n_slots is None else n_slots
         if not 1 <= n_slots <= ctx.n_seq_max:
             raise ValueError(f"n_slots must be in [1, {ctx.n_seq_max}]")
         swa = ctx.memory.swa
         if swa is not None and swa.swa_type != "standard":
             raise ValueError(f"the engine supports standard sliding windows, not {swa.swa_type!r}")
-        self.ctx, self.n_slots, self.prefix_cache = ctx, n_slots, prefix_cache
+        self.ctx, self.n_slots, self.prefix_cache, self.lookup = ctx, n_slots, prefix_cache, lookup
         self.mem = ctx.memory
         self.mem.clear()
         self.swa = swa
@@ -91,7 +101,8 @@ class Engine:
         self._lock = threading.Lock()
         self._work = threading.Event()
         self.counts = dict(prompt_tokens=0, cached_tokens=0, computed_prompt_tokens=0,
-                           generated_tokens=0, evictions=0, preemptions=0)
+                           generated_tokens=0, draft_tokens=0, accepted_draft_tokens=0,
+                           evictions=0, preemptions=0)
         self._snapshot = self._count()
 
     @property
@@ -114,7 +125,7 @@ class Engine:
         if not isinstance(max_tokens, numbers.Integral) or max_tokens < -1:
             raise ValueError(f"max_tokens must be an int >= -1, got {max_tokens!r}")
         r = Request([int(t) for t in prompt], int(max_tokens), sampler or Sampler(),
-                    bool(ignore_eos), on_token, on_done)
+                    bool(ignore_eos), on_token, on_done, self.lookup)
         with self._lock:
             self._inbox.append(r)
         self._work.set()
@@ -157,7 +168,7 @@ class Engine:
                 self._make_room(e)
             except Exception as e:   # one bad step fails its batch, not the engine
                 log.exception("decode failed")
-                for r, _, _ in plan:
+                for r, *_ in plan:
                     self._finish(r, "error", e)
                 return True
         self._advance(plan, logits)
@@ -165,8 +176,9 @@ class Engine:
 
     def _batch(self):
         """The batch of this step and its plan: (request, tokens fed, its
-        logits row or None). A follower rides on its leader's tokens (and
-        on whatever its leader rides on) up to its share_end."""
+        first logits row or None, its draft). A follower rides on its
+        leader's tokens (and on whatever its leader rides on) up to its
+        share_end."""
         batch, plan, n_rows = Batch(), [], 0
         followers = collections.defaultdict(list)
         for r in self.running.values():
@@ -181,60 +193,102 @@ class Engine:
         decoding = [r for r in leading if len(r.all_tokens) - r.n_past == 1]
         prefilling = [r for r in leading if len(r.all_tokens) - r.n_past > 1]
         budget = max(self.ctx.n_ubatch - len(decoding), 1)
-        for r in decoding + prefilling:
-            pending = r.all_tokens[r.n_past:]
-            n = min(len(pending), budget) if len(pending) > 1 else 1
+        feeds = []
+        for r in prefilling:
+            n = min(len(r.all_tokens) - r.n_past, budget)
             if n == 0:
                 break
-            if len(pending) > 1:
-                budget -= n
+            budget -= n
+            feeds.append((r, n, []))
+        # drafts take what is left of one ubatch and of the free cells: a
+        # batch of one ubatch overwrites no window cell a sequence still sees
+        n_fed = len(decoding) + sum(n for _, n, _ in feeds)
+        tables = [self.table] + ([self.swa.table] if self.swa is not None else [])
+        spare = min([self.ctx.n_ubatch] + [t.n_cells - t.used for t in tables]) - n_fed
+        drafting = []
+        for r in decoding:
+            draft = self._draft(r, spare)
+            spare -= len(draft)
+            drafting.append((r, 1, draft))
+        for r, n, draft in drafting + feeds:
+            pending = r.all_tokens[r.n_past:]
+            tokens = pending[:n] + draft
             fed = collections.Counter()
-            for i in range(n):
+            for i, t in enumerate(tokens):
                 along = riders(r, r.n_past + i)
                 fed.update(along)
-                batch.add(pending[i], r.n_past + i, [r.seq] + [f.seq for f in along],
-                          logits=i == len(pending) - 1)
-            plan.append((r, n, n_rows if n == len(pending) else None))
-            n_rows += n == len(pending)
-            plan += [(f, k, None) for f, k in fed.items()]
+                batch.add(t, r.n_past + i, [r.seq] + [f.seq for f in along],
+                          logits=i >= len(pending) - 1)
+            last = n == len(pending)
+            plan.append((r, len(tokens), n_rows if last else None, draft))
+            n_rows += last + len(draft)
+            plan += [(f, k, None, []) for f, k in fed.items()]
         return batch, plan
+
+    def _draft(self, r, spare):
+        """r's draft for this step: at most `spare` tokens, none past where r
+        stops (max_tokens, a full context), so they lie in its reservation."""
+        if r.drafter is None or spare <= 0:
+            return []
+        room = min(spare, self.ctx.n_ctx - len(r.all_tokens))
+        if r.max_tokens >= 0:
+            room = min(room, r.max_tokens - (len(r.all_tokens) - len(r.prompt)) - 1)
+        return r.drafter.draft(room)
 
     def _advance(self, plan, logits):
         """After a decode: positions, checkpoints, window trimming, sampling."""
-        for r, n, _ in plan:
+        for r, n, _, draft in plan:
+            n -= len(draft)        # drafted tokens count once accepted
             if r.leader is None:   # a follower's tokens were its leader's
                 self.counts["computed_prompt_tokens"] += max(0, min(len(r.prompt), r.n_past + n)
                                                              - r.n_past)
             r.n_past += n
             if r.leader is not None and r.n_past >= r.share_end:
                 r.leader = None
-        for r, _, _ in plan:
+        for r, _, _, _ in plan:
             for cp in sorted(c for c in r.checkpoints if c <= r.n_past):
                 r.checkpoints.discard(cp)
                 self._keep_checkpoint(r, cp)
             self._trim(r.seq, r.n_past)
-        for r, _, row in plan:
+        for r, _, row, draft in plan:
             if row is not None and r.finish_reason is None:
-                self._sample(r, logits[row])
+                self._sample(r, logits[row:row + 1 + len(draft)], draft)
 
-    def _sample(self, r, row):
+    def _sample(self, r, rows, draft):
+        """r's next token, or with a draft the drafted tokens its sampler
+        agrees with and the one after; the cells of the rest are removed."""
+        n_before = len(r.all_tokens)
+        eog = self.ctx.model.tokenizer.is_eog
         try:
-            token = r.sampler.sample(row, r.all_tokens)
+            made, n_accepted = accept(rows, draft,
+                                      lambda row, d: r.sampler.sample(row, r.all_tokens, draft=d),
+                                      lambda t: eog(t) and not r.ignore_eos, r.all_tokens)
         except Exception as e:
+            del r.all_tokens[n_before:]
             self._finish(r, "error", e)
             return
-        if self.ctx.model.tokenizer.is_eog(token) and not r.ignore_eos:
+        if draft:
+            r.drafter.update(len(draft), n_accepted)
+            r.n_past += n_accepted
+            if n_accepted < len(draft):
+                self.mem.seq_rm(r.seq, r.n_past, -1)
+            self._trim(r.seq, r.n_past)
+            self.counts["draft_tokens"] += len(draft)
+            self.counts["accepted_draft_tokens"] += n_accepted
+        for i, token in enumerate(made):
+            self.counts["generated_tokens"] += 1
+            if r.on_token is not None:
+                try:
+                    r.on_token(r, token)
+                except Exception as e:
+                    del r.all_tokens[n_before + i + 1:]
+                    self._finish(r, "error", e)
+                    return
+        # the draft stops short of max_tokens and the context: they can only
+        # be reached by the last token
+        if len(made) == n_accepted:
             self._finish(r, "stop")
-            return
-        r.tokens.append(token)
-        self.counts["generated_tokens"] += 1
-        if r.on_token is not None:
-            try:
-                r.on_token(r, token)
-            except Exception as e:
-                self._finish(r, "error", e)
-                return
-        if len(r.tokens) == r.max_tokens or len(r.all_tokens) > self.ctx.n_ctx:
+        elif len(r.tokens) == r.max_tokens or len(r.all_tokens) > self.ctx.n_ctx:
             self._finish(r, "length")
 
     # ---- admission ----

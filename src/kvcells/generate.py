@@ -5,7 +5,7 @@ import numpy as np
 from .batch import Batch
 from .engine import Engine
 from .errors import CacheFullError
-from .lookup import PromptLookup
+from .lookup import PromptLookup, accept
 from .sampling import Sampler
 
 
@@ -53,17 +53,9 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
             draft = []
             logits = decode_tail(ctx, pending, pos, seq_id, 1, progress)
         progress = None
-        made, n_accepted = [], 0
-        for i, row in enumerate(logits):
-            d = draft[i] if i < len(draft) else None
-            token = sampler.sample(row, history, draft=d)
-            if tok.is_eog(token):
-                break
-            made.append(token)
-            history.append(token)
-            if token != d:
-                break
-            n_accepted += 1
+        made, n_accepted = accept(logits, draft,
+                                  lambda row, d: sampler.sample(row, history, draft=d),
+                                  tok.is_eog, history)
         if drafter:
             drafter.update(len(draft), n_accepted)
         if n_accepted < len(draft):
@@ -145,15 +137,17 @@ def generate_parallel(ctx, prompt_ids, n_parallel, max_tokens, sampler=None):
         pos += 1
 
 
-def serve(ctx, prompts, max_tokens, sampler=None, n_slots=None, *, prefix_cache=True):
+def serve(ctx, prompts, max_tokens, sampler=None, n_slots=None, *, prefix_cache=True,
+          lookup=True):
     """Continuous batching of a queue of prompts through an Engine (n_slots
-    running at once; with prefix_cache, shared prefixes are computed once).
+    running at once; with prefix_cache, shared prefixes are computed once;
+    with lookup, each sequence drafts by prompt lookup as in generate).
     Yields (prompt_index, token) as they are sampled; a prompt's tokens end
     at end-of-generation or after max_tokens. A request that fails raises
     its error once the others are done. The engine owns ctx's memory and
     leaves it empty.
     """
-    engine = Engine(ctx, n_slots, prefix_cache=prefix_cache)
+    engine = Engine(ctx, n_slots, prefix_cache=prefix_cache, lookup=lookup)
     out = []
     try:
         requests = [engine.submit(p, max_tokens, sampler,

@@ -4,7 +4,7 @@ own history (prompt included), with no draft model.
 The last few tokens are looked up among the earlier n-grams of the history;
 the tokens that followed their latest earlier occurrence are the draft.
 Rewriting or quoting text repeats long runs of the prompt, so such drafts
-are often right; the caller verifies them all in one batch.
+are often right; the caller verifies them all in one batch (accept).
 
 The draft length adapts: it doubles after a fully accepted draft and shrinks
 to what was accepted otherwise, and after a draft with nothing accepted
@@ -59,3 +59,26 @@ class PromptLookup:
             self.next_pause = min(MAX_PAUSE, 2 * self.next_pause)
         else:
             self.next_pause = 1
+
+
+def accept(rows, draft, sample, is_end, history):
+    """Speculative acceptance of a draft verified in one batch: rows[i] are
+    the logits after the pending token and draft[:i]. Samples each row in
+    turn with sample(row, draft token or None) (Sampler.sample keeps a draft
+    token with its probability) and appends the tokens to history, until one
+    differs from its draft or is an end token (not appended). Returns the
+    tokens made and how many drafted tokens were accepted; the cells of the
+    drafts after those are to be removed. len(made) == n_accepted means an
+    end token stopped it."""
+    made, n_accepted = [], 0
+    for i, row in enumerate(rows):
+        d = draft[i] if i < len(draft) else None
+        token = sample(row, d)
+        if is_end(token):
+            break
+        made.append(token)
+        history.append(token)
+        if token != d:
+            break
+        n_accepted += 1
+    return made, n_accepted

@@ -70,6 +70,8 @@ def parse_args(argv):
                     help="requests queued beyond the slots; more get 503 at once")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="free finished sequences and compute every prompt in full")
+    ap.add_argument("--no-lookup", action="store_true",
+                    help="one token per step for each request, without prompt-lookup drafts")
     ap.add_argument("--chat-template", metavar="NAME", help="a built-in chat template by name")
     ap.add_argument("--chat-template-file", metavar="FILE", help="a Jinja chat template file")
     ap.add_argument("--replicas", type=int, default=1,
@@ -393,16 +395,18 @@ class Service:
             ctx = Context(self.model, n_ctx=a.ctx_size, n_seq_max=a.parallel + SPARE_SEQ_IDS,
                           n_ubatch=a.ubatch_size, type_k=a.cache_type_k, type_v=a.cache_type_v,
                           n_threads=a.threads)
-            self.engine = Engine(ctx, a.parallel, prefix_cache=not a.no_prefix_cache)
+            self.engine = Engine(ctx, a.parallel, prefix_cache=not a.no_prefix_cache,
+                                 lookup=not a.no_lookup)
         except (Exception, SystemExit) as e:
             log.error("loading failed: %s", e)
             self.load_error = e
             if self.on_load_error:
                 self.on_load_error()
             return
-        log.info("model %s (%s) loaded in %.2f s; %d slots, %d KV cells (%s/%s), prefix cache %s",
-                 path, self.model.arch, time.perf_counter() - t0, a.parallel, a.ctx_size,
-                 a.cache_type_k, a.cache_type_v, "off" if a.no_prefix_cache else "on")
+        log.info("model %s (%s) loaded in %.2f s; %d slots, %d KV cells (%s/%s), prefix cache %s, "
+                 "prompt lookup %s", path, self.model.arch, time.perf_counter() - t0, a.parallel,
+                 a.ctx_size, a.cache_type_k, a.cache_type_v, "off" if a.no_prefix_cache else "on",
+                 "off" if a.no_lookup else "on")
         runner = threading.Thread(target=self.run_engine, name="kvcells-engine", daemon=True)
         runner.start()
         self.threads.append(runner)
@@ -613,6 +617,9 @@ METRICS = [
     ("cells_total", "kv_cells_total", "gauge", "KV cells in the cache."),
     ("idle_cells", "kv_cells_idle", "gauge", "KV cells held only by cached prefixes."),
     ("evictions", "evictions_total", "counter", "Cached prefixes evicted for room."),
+    ("draft_tokens", "draft_tokens_total", "counter", "Tokens drafted by prompt lookup."),
+    ("accepted_draft_tokens", "draft_tokens_accepted_total", "counter",
+     "Drafted tokens the sampler accepted."),
 ]
 
 
