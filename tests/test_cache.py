@@ -2,6 +2,7 @@
 table's kq_mask, attention recomputed from scratch at shifted positions, the
 size formula of docs/architecture.md, and a plain model of which tokens each sequence holds
 (hypothesis state machine at the end)."""
+import copy
 import struct
 import zlib
 
@@ -795,12 +796,12 @@ class Tokens:
         return [(u, p) for p, ss, u in self.t.values()
                 if s in ss and p <= p1 and not is_masked_swa(self.n_swa, self.swa_type, p, p1)]
 
-    def forget_reused(self, table, n_seq):
+    def forget_reused(self, ref, n_seq):
         """A sliding-window cache overwrites cells the window has left and
-        drops the older positions of their sequence; follow what the table
-        kept (positions below its seq_pos_min are gone)."""
+        drops the older positions of their sequence; follow what the
+        reference cell table kept (positions below its seq_pos_min are gone)."""
         for s in range(n_seq):
-            lowest = table.seq_pos_min(s)
+            lowest = ref.seq_pos_min(s)
             for u, (p, ss, _) in list(self.t.items()):
                 if s in ss and (lowest < 0 or p < lowest):
                     ss.discard(s)
@@ -818,7 +819,10 @@ CHUNKS = st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 2)), st.in
 
 class MemoryMachine(RuleBasedStateMachine):
     """Starts from 6 to 16 decoded ubatches and decodes up to 4 per step, so
-    the tables run near full (statistics: pytest --hypothesis-show-statistics)."""
+    the tables run near full (statistics: pytest --hypothesis-show-statistics).
+    Each cell table has a twin in the reference (RefCells), given the same
+    placements and operations: it says where a ubatch goes, when the cache
+    is full and which cells a window reused."""
     N_SEQ = 3
     BASES = {0: 10000.0, 1: 500.0}
 
@@ -841,6 +845,7 @@ class MemoryMachine(RuleBasedStateMachine):
             self.parts = [(self.mem, [0, 1])]
         self.kind, self.mode = kind, mode
         self.truth = [Tokens(c.n_swa, c.swa_type) for c, _ in self.parts]
+        self.refs = [RefCells(c.n_cells, c.n_seq_max, c.n_swa, c.swa_type) for c, _ in self.parts]
         self.uid = self.n_copies = self.n_decodes = 0
         self.occupancy = []
         for chunks in prefill:
@@ -851,8 +856,9 @@ class MemoryMachine(RuleBasedStateMachine):
 
     def seq_op(self, name, *args):
         getattr(self.mem, name)(*args)
-        for tokens in self.truth:
+        for tokens, ref in zip(self.truth, self.refs):
             getattr(tokens, name)(*args)
+            getattr(ref, name)(*args)
 
     @rule(ubatches=st.lists(CHUNKS, min_size=1, max_size=4))
     def decode(self, ubatches):
@@ -872,22 +878,27 @@ class MemoryMachine(RuleBasedStateMachine):
                 seqs.append(ss)
             for x in ss:
                 nxt[x] = start + n
+        want = [ref.find_slot(len(pos)) for ref in self.refs]
         before = snapshot(self.mem)
         try:
             slot, = self.mem.prepare([(np.array(pos), seqs)])
         except CacheFullError:
+            assert None in want
             assert snapshot(self.mem) == before
             self.full = True
             return
         assert snapshot(self.mem) == before
+        slots = slot if isinstance(self.mem, ISWACache) else (slot,)
+        assert [list(x) for x in slots] == want
         self.mem.apply(slot, pos, seqs)
         uids = list(range(self.uid, self.uid + len(pos)))
         self.uid += len(pos)
-        for (cache, layers), tokens in zip(self.parts, self.truth):
+        for (cache, layers), tokens, ref, idxs in zip(self.parts, self.truth, self.refs, want):
+            ref.apply_ubatch(idxs, pos, seqs)
             for u, p, ss in zip(uids, pos, seqs):
                 tokens.t[u] = [p, set(ss), u]
             if cache.swa_type != "none":
-                tokens.forget_reused(cache.table, self.N_SEQ)
+                tokens.forget_reused(ref, self.N_SEQ)
             for il in layers:
                 k = np.stack([self.k_at(u, il, p) for u, p in zip(uids, pos)])
                 v = np.stack([raw(u, il, "v") for u in uids])
@@ -927,6 +938,8 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule()
     def defrag(self):
         self.mem.defrag()
+        for ref in self.refs:
+            ref.defrag()
 
     @rule()
     def whole_state_round_trip(self):
@@ -939,14 +952,30 @@ class MemoryMachine(RuleBasedStateMachine):
     def sequence_state_copy(self, src, dst):
         saved = self.mem.state_bytes(src)
         before = snapshot(self.mem)
+        # the reference: the saved positions (those the window still sees)
+        # go into the cells find_slot gives once dst is gone
+        refs = [copy.deepcopy(ref) for ref in self.refs]
+        fits = True
+        for ref in refs:
+            pos = [p for _, p in ref.seq_cells(src)]
+            pos = [p for p in pos if not is_masked_swa(ref.n_swa, ref.swa_type, p, pos[-1] + 1)]
+            ref.seq_rm(dst)
+            idxs = ref.find_slot(len(pos)) if pos else []
+            if idxs is None:
+                fits = False
+            elif pos:
+                ref.apply_ubatch(idxs, pos, [[dst]] * len(pos))
         try:
             self.mem.load_state_bytes(saved, seq_id=dst)
         except CacheFullError:
+            assert not fits
             assert snapshot(self.mem) == before
             return
+        assert fits
+        self.refs = refs
         if src == dst:   # bit-exact round trip of one sequence
             assert self.mem.state_bytes(dst) == saved
-        for (cache, _), tokens in zip(self.parts, self.truth):
+        for (cache, _), tokens, ref in zip(self.parts, self.truth, self.refs):
             kept = tokens.positions(src)
             horizon = (kept[-1] + 1) if kept else 0
             copied = [(p, u) for p, ss, u in tokens.t.values() if src in ss and not
@@ -956,15 +985,17 @@ class MemoryMachine(RuleBasedStateMachine):
                 self.n_copies += 1
                 tokens.t[("copy", self.n_copies)] = [p, {dst}, u]
             if cache.swa_type != "none":
-                tokens.forget_reused(cache.table, self.N_SEQ)
+                tokens.forget_reused(ref, self.N_SEQ)
 
     @invariant()
     def tables_hold_the_truth(self):
         if not hasattr(self, "mem"):
             return
         self.occupancy.append(max(c.table.used / c.n_cells for c, _ in self.parts))
-        for (cache, _), tokens in zip(self.parts, self.truth):
+        for (cache, _), tokens, ref in zip(self.parts, self.truth, self.refs):
             cache.table.check()
+            assert cache.table.positions().tolist() == ref.pos
+            assert [set(cache.table.seqs(i)) for i in range(cache.n_cells)] == ref.seq
             for s in range(self.N_SEQ):
                 assert list(cache.table.seq_cells(s)[1]) == tokens.positions(s)
 
