@@ -627,26 +627,112 @@ def test_state_checksum_alone_refuses_changed_kv_data(seq_id):
     assert target.v[0][2].tobytes() != mem.v[0][2].tobytes()
 
 
+def iswa_halves(b):
+    """An ISWA image's header (magic, version, length) and its two halves."""
+    head = 20 + struct.unpack("<q", b[12:20])[0]
+    return b[:20], b[20:head], b[head:]
+
+
+def iswa_image(base, swa, version=2):
+    return b"KVCISWA\0" + struct.pack("<Iq", version, len(base)) + base + swa
+
+
 def test_iswa_checksum_of_each_half_alone_refuses_a_change():
-    """The outer CRC cannot see a change inside a half that carries its own
-    valid CRC (a CRC over data followed by its CRC depends only on the
-    length), so each half's own checksum must refuse it."""
+    """One byte of each half's last V row changed: the half's own CRC, the
+    only checksum of the file, refuses it; resealed, it loads."""
     mem = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
     decode(mem, np.arange(3), [[0]] * 3, [0, 1], 121)
-    good = mem.state_bytes()
-    head = 8 + 12 + struct.unpack("<q", good[12:20])[0]   # magic, version, base length, base
-    base, swa = bytearray(good[20:head - 4]), bytearray(good[head:-8])   # without their CRCs
+    _, base, swa = iswa_halves(mem.state_bytes())
+    base, swa = bytearray(base[:-4]), bytearray(swa[:-4])
     base[-1] ^= 0x01
-    swa[-1] ^= 0x01                       # the last byte of each half's last V row
-    stale_base = crc_sealed(good[:20] + bytes(base) + good[head - 4:-4])
-    stale_swa = crc_sealed(good[:head] + bytes(swa) + good[-8:-4])
+    swa[-1] ^= 0x01
     fresh = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
-    for bad in (stale_base, stale_swa):
+    before = snapshot(fresh)
+    for bad in (iswa_image(bytes(base) + mem.state_bytes()[-4:], crc_sealed(bytes(swa))),
+                iswa_image(crc_sealed(bytes(base)), bytes(swa) + mem.state_bytes()[-4:])):
         with pytest.raises(StateError, match="checksum"):
             fresh.load_state_bytes(bad)
-    fresh.load_state_bytes(crc_sealed(good[:20] + crc_sealed(bytes(base)) + crc_sealed(bytes(swa))))
+        assert snapshot(fresh) == before
+    fresh.load_state_bytes(iswa_image(crc_sealed(bytes(base)), crc_sealed(bytes(swa))))
     assert fresh.base.v[0][2].tobytes() != mem.base.v[0][2].tobytes()
     assert fresh.swa.v[1][2].tobytes() != mem.swa.v[1][2].tobytes()
+
+
+def test_an_iswa_state_of_another_format_version_is_refused_clearly():
+    """Version 1 wrapped the halves in one more CRC-32; version 2 does not."""
+    mem = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    decode(mem, np.arange(3), [[0]] * 3, [0, 1], 122)
+    _, base, swa = iswa_halves(mem.state_bytes())
+    fresh = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    before = snapshot(fresh)
+    for old in (crc_sealed(iswa_image(base, swa, version=1)), iswa_image(base, swa, version=3)):
+        with pytest.raises(StateError, match=r"format version [13]; this kvcells reads version 2"):
+            fresh.load_state_bytes(old)
+        assert snapshot(fresh) == before
+    fresh.load_state_bytes(iswa_image(base, swa))
+    assert fresh.state_bytes() == mem.state_bytes()
+
+
+def iswa_pair(decodes, n_seq=2):
+    """A small ISWA cache (4 window cells of 8 plus a ubatch) after the given
+    (positions, sequence) ubatches."""
+    mem = ISWACache(64, n_seq, 4, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    for pos, s in decodes:
+        place(mem, pos, [[s]] * len(pos), [0, 1], len(pos))
+    return mem
+
+
+def test_iswa_halves_that_disagree_are_refused_and_change_nothing():
+    """Crafted images whose halves each carry a correct CRC but could not
+    come from one state_bytes call: a whole image beside a sequence one, two
+    different saved sequences, window cells below the full half's window."""
+    a = iswa_pair([(np.arange(6), 0)])
+    b = iswa_pair([(np.arange(6), 0), (np.arange(3), 1)])
+    _, a_base, a_swa = iswa_halves(a.state_bytes())
+    _, a_base0, a_swa0 = iswa_halves(a.state_bytes(0))
+    _, b_base1, b_swa1 = iswa_halves(b.state_bytes(1))
+    # seq 0 at positions 0..11 in a cache with a window of 4: the window half
+    # saves 9..11; put 2 (held by the full half) in place of 9
+    d = iswa_pair([(np.arange(12), 0)])
+    _, d_base0, d_swa0 = iswa_halves(d.state_bytes(0))
+    body = bytearray(d_swa0[:-4])
+    at = len(body) - 2 * 3 * d.swa.row_k - 12   # one layer's K and V rows follow the positions
+    assert struct.unpack("<3i", body[at:at + 12]) == (9, 10, 11)
+    body[at:at + 4] = struct.pack("<i", 2)
+    low_window = crc_sealed(bytes(body))
+    bad = [  # (what the error says, image, seq_id)
+        ("different sequences", iswa_image(a_base, b_swa1), None),     # whole and sequence
+        ("different sequences", iswa_image(a_base0, b_swa1), None),    # sequences 0 and 1
+        ("outside the window of position 12", iswa_image(d_base0, low_window), None),
+    ]
+    target = iswa_pair([(np.arange(2), 1)])
+    before = snapshot(target)
+    for why, image, seq_id in bad:
+        with pytest.raises(StateError, match=why):
+            target.load_state_bytes(image, seq_id)
+        assert snapshot(target) == before
+    # the halves as saved load
+    for image, seq_id in ((iswa_image(a_base, a_swa), None), (iswa_image(a_base0, a_swa0), None),
+                          (iswa_image(d_base0, d_swa0), 1), (iswa_image(b_base1, b_swa1), None)):
+        iswa_pair([]).load_state_bytes(image, seq_id)
+
+
+def test_an_iswa_sequence_the_window_half_lost_round_trips():
+    """seq_cp of cells the window half has reused copies them in the full
+    half only: a state a live cache holds, so it must load."""
+    def make():
+        return ISWACache(400, 2, 16, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+
+    mem = make()
+    for start in range(0, 300, 16):   # 300 tokens through 256 window cells
+        place(mem, np.arange(start, min(start + 16, 300)), [[0]] * min(16, 300 - start), [], 0)
+    assert mem.swa.table.seq_pos_min(0) > 4
+    mem.seq_cp(0, 1, 0, 4)
+    assert len(mem.base.table.seq_cells(1)[0]) == 4 and len(mem.swa.table.seq_cells(1)[0]) == 0
+    for seq_id in (None, 1):
+        fresh = make()
+        fresh.load_state_bytes(mem.state_bytes(seq_id), seq_id)
+        assert fresh.state_bytes(seq_id) == mem.state_bytes(seq_id)
 
 
 def test_sequence_state_that_does_not_fit_changes_nothing():
@@ -952,13 +1038,15 @@ class MemoryMachine(RuleBasedStateMachine):
     def sequence_state_copy(self, src, dst):
         saved = self.mem.state_bytes(src)
         before = snapshot(self.mem)
-        # the reference: the saved positions (those the window still sees)
-        # go into the cells find_slot gives once dst is gone
+        # the reference: the saved positions (those the window still sees
+        # from the full half's next position) go into the cells find_slot
+        # gives once dst is gone
         refs = [copy.deepcopy(ref) for ref in self.refs]
+        horizon = refs[0].seq_pos_max(src) + 1
         fits = True
         for ref in refs:
-            pos = [p for _, p in ref.seq_cells(src)]
-            pos = [p for p in pos if not is_masked_swa(ref.n_swa, ref.swa_type, p, pos[-1] + 1)]
+            pos = [p for _, p in ref.seq_cells(src)
+                   if not is_masked_swa(ref.n_swa, ref.swa_type, p, horizon)]
             ref.seq_rm(dst)
             idxs = ref.find_slot(len(pos)) if pos else []
             if idxs is None:
@@ -975,9 +1063,9 @@ class MemoryMachine(RuleBasedStateMachine):
         self.refs = refs
         if src == dst:   # bit-exact round trip of one sequence
             assert self.mem.state_bytes(dst) == saved
+        kept = self.truth[0].positions(src)
+        horizon = (kept[-1] + 1) if kept else 0
         for (cache, _), tokens, ref in zip(self.parts, self.truth, self.refs):
-            kept = tokens.positions(src)
-            horizon = (kept[-1] + 1) if kept else 0
             copied = [(p, u) for p, ss, u in tokens.t.values() if src in ss and not
                       is_masked_swa(cache.n_swa, cache.swa_type, p, horizon)]
             tokens.seq_rm(dst, -1, -1)
