@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 from cells_reference import RefCells, is_masked_swa
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -790,6 +790,29 @@ def test_a_sequence_state_out_of_order_or_at_int32_max_is_refused():
     assert target.table.used == 0
 
 
+def test_a_sequence_state_a_live_cache_could_not_hold_is_refused():
+    """With a correct CRC: a negative position, a sequence id beyond
+    n_seq_max, a negative count, more cells than the cache has."""
+    mem = KVCache(16, 2, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(mem, np.arange(3), [[1]] * 3, [0], 141)
+    body = mem.state_bytes(1)[:-4]
+    at = len(mem._header(1))                         # seq id, count, positions
+    rest = body[at + 8:]
+    bad = [
+        (StateError, "negative position", body[:at] + struct.pack("<2i3i", 1, 3, 0, -1, 2) + rest[12:]),
+        (StateError, r"sequence id 2 outside \[0, 2\)", body[:at] + struct.pack("<i", 2) + body[at + 4:]),
+        (StateError, "negative cell count", body[:at] + struct.pack("<2i", 1, -3) + rest),
+        (CacheFullError, "17 cells", body[:at] + struct.pack("<2i", 1, 17) + rest),
+    ]
+    target = KVCache(16, 2, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(target, np.arange(2), [[0]] * 2, [0], 142)
+    before = snapshot(target)
+    for error, why, image in bad:
+        with pytest.raises(error, match=why):
+            target.load_state_bytes(crc_sealed(image))
+        assert snapshot(target) == before
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         KVCache(8, 1, [0], 1, 40, "q8_0", "f16")        # blocks would straddle heads
@@ -830,6 +853,88 @@ def test_bad_arguments():
     mem.seq_rm(0, 1, -1)
     with pytest.raises(KVCellsError):
         mem.attend(0, rows(0, 2, 4), SCALE)            # the cache changed since apply
+
+
+CACHES = {
+    "full": lambda: KVCache(64, 3, [0, 1], N_HEAD_KV, HEAD_DIM, "f32", "f32"),
+    "swa": lambda: KVCache(64, 3, [0, 1], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4,
+                           swa_type="standard"),
+    "iswa": lambda: ISWACache(64, 3, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=3),
+}
+SEQ = st.integers(0, 2)
+RANGE = st.tuples(st.integers(-1, 20), st.integers(-1, 24))
+OPS = st.one_of(
+    st.tuples(st.just("decode"), SEQ, st.integers(1, 4)),
+    st.tuples(st.just("seq_rm"), st.integers(-1, 2), RANGE),
+    st.tuples(st.just("seq_cp"), SEQ, SEQ, RANGE),
+    st.tuples(st.just("seq_keep"), SEQ),
+    st.tuples(st.just("seq_add"), SEQ, RANGE, st.integers(-5, 5)),
+    st.tuples(st.just("seq_div"), SEQ, RANGE, st.integers(1, 3)),
+    st.tuples(st.just("defrag")))
+
+
+def run_ops(mem, ops):
+    for k, op in enumerate(ops):
+        name, args = op[0], op[1:]
+        if name == "decode":
+            s, n = args
+            start = mem.seq_pos_max(s) + 1
+            place(mem, np.arange(start, start + n), [[s]] * n, [0, 1], k)
+        elif name == "defrag":
+            mem.defrag()
+        elif name in ("seq_rm", "seq_add", "seq_div"):
+            s, (p0, p1), *rest = args
+            getattr(mem, name)(s, p0, p1, *rest)
+        elif name == "seq_cp":
+            getattr(mem, name)(args[0], args[1], *args[2])
+        else:
+            getattr(mem, name)(*args)
+
+
+def next_tokens(mem, seqs):
+    """One token more on each of seqs, at its largest position + 1, with K, V
+    and q that depend only on the sequence; {layer: attention output}."""
+    pos = [mem.seq_pos_max(s) + 1 for s in seqs]
+    slot, = mem.prepare([(pos, [[s] for s in seqs])])
+    mem.apply(slot, pos, [[s] for s in seqs])
+    out = {}
+    for il in (0, 1):
+        mem.store(il, *(np.concatenate([rows(600 + 10 * s + 3 * il + w, 1) for s in seqs])
+                        for w in (0, 1)))
+        q = np.concatenate([rows(700 + 10 * s + il, 1, N_HEAD) for s in seqs])
+        out[il] = mem.attend(il, q, SCALE)
+    return out
+
+
+@given(kind=st.sampled_from(sorted(CACHES)), ops=st.lists(OPS, max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_any_saved_state_loads_and_decodes_on_as_the_original(kind, ops):
+    """Whatever a live cache holds after valid operations (seq_div and seq_rm
+    leave duplicate and missing positions) saves, loads into a fresh cache
+    with the same table, and takes one more token on each sequence with the
+    original's attention: bit for bit for a whole image, to rounding for one
+    sequence loaded alone (its cells sit elsewhere)."""
+    mem = CACHES[kind]()
+    run_ops(mem, ops)
+    held = [s for s in range(3) if mem.seq_pos_max(s) >= 0]
+    whole = CACHES[kind]()
+    whole.load_state_bytes(mem.state_bytes())
+    assert snapshot(whole) == snapshot(mem)
+    alone = {}
+    for s in held:
+        alone[s] = CACHES[kind]()
+        alone[s].load_state_bytes(mem.state_bytes(s))
+        assert alone[s].state_bytes(s) == mem.state_bytes(s)
+    if not held:
+        return
+    want = next_tokens(mem, held)
+    got = next_tokens(whole, held)
+    for il in (0, 1):
+        np.testing.assert_array_equal(got[il], want[il])
+    for i, s in enumerate(held):
+        got = next_tokens(alone[s], [s])
+        for il in (0, 1):
+            np.testing.assert_allclose(got[il][0], want[il][i], atol=1e-5)
 
 
 # ---- the state machine ----
