@@ -1009,24 +1009,25 @@ static int check_tree(const kvc_table *t, int32_t s, int32_t n, int32_t depth, i
 // the in-order sequence must be sorted: compare each key with the next one
 static int check_sorted(const kvc_table *t, int32_t s) {
     int32_t n = t->count[s];
-    int32_t *cells = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
-    int32_t *poss = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+    if (n == 0) {
+        if (t->pos_min[s] == -1 && t->pos_max[s] == -1) return KVC_OK;
+        return kvc_fail(KVC_EBROKEN, "empty sequence %d has a min/max", s);
+    }
+    int32_t *cells = malloc((size_t)n * sizeof(int32_t));
+    int32_t *poss = malloc((size_t)n * sizeof(int32_t));
     int rc = KVC_OK;
     if (!cells || !poss) {
         rc = kvc_fail(KVC_ENOMEM, "out of memory");
     } else {
-        int32_t got = 0;
+        int32_t got = 0; // check_tree found exactly n entries
         tree_collect(t->nodes, t->root[s], INT64_MIN, INT64_MAX, cells, poss, &got);
         for (int32_t k = 1; k < got && !rc; k++) {
             if (!key_less(poss[k - 1], cells[k - 1], poss[k], cells[k])) {
                 rc = kvc_fail(KVC_EBROKEN, "index of sequence %d is not sorted", s);
             }
         }
-        if (!rc && got > 0 && (t->pos_min[s] != poss[0] || t->pos_max[s] != poss[got - 1])) {
+        if (!rc && (t->pos_min[s] != poss[0] || t->pos_max[s] != poss[got - 1])) {
             rc = kvc_fail(KVC_EBROKEN, "cached min/max of sequence %d is stale", s);
-        }
-        if (!rc && got == 0 && (t->pos_min[s] != -1 || t->pos_max[s] != -1)) {
-            rc = kvc_fail(KVC_EBROKEN, "empty sequence %d has a min/max", s);
         }
     }
     free(cells);
@@ -1042,17 +1043,18 @@ static int check_cells(const kvc_table *t, int64_t *n_entries) {
     int rc = KVC_OK;
     for (int32_t c = 0; c < t->n_cells && !rc; c++) {
         int bit = (t->used_bits[c / 64] >> (c % 64)) & 1;
-        int32_t n = 0;
-        for (int32_t s = 0; s < t->n_seq_max; s++) {
-            if (has_seq(t, c, s)) {
-                n++;
-                per_seq[s]++;
-            }
-        }
-        int32_t extra = 0; // bits beyond n_seq_max
+        int32_t n = 0, extra = 0; // extra: bits beyond n_seq_max
         for (int32_t k = 0; k < t->n_words; k++) {
+            uint64_t w = t->seq[(size_t)c * t->n_words + k];
             int32_t valid = t->n_seq_max - 64 * k;
-            if (valid < 64 && (t->seq[(size_t)c * t->n_words + k] >> valid)) extra = 1;
+            if (valid < 64 && (w >> valid)) {
+                extra = 1;
+                break;
+            }
+            for (; w; w &= w - 1) {
+                n++;
+                per_seq[k * 64 + __builtin_ctzll(w)]++;
+            }
         }
         entries += n;
         const char *why = NULL;

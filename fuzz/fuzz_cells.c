@@ -11,11 +11,14 @@
 
 static const int32_t SEQ_MAX[] = {1, 2, 3, 4, 63, 64, 65, 256};
 
-static uint8_t *image(const kvc_table *t, int64_t *len) {
-    *len = kvc_state_size(t);
-    uint8_t *buf = malloc((size_t)*len);
-    if (!buf || kvc_state_write(t, buf, *len) != KVC_OK) abort();
-    return buf;
+// the state of the largest table here: 32-byte header, 48 cells of 8 + 4 x 8
+// bytes, 8-byte checksum
+#define IMAGE_MAX (32 + 48 * 40 + 8)
+
+static int64_t image(const kvc_table *t, uint8_t *buf) {
+    int64_t len = kvc_state_size(t);
+    if (len > IMAGE_MAX || kvc_state_write(t, buf, len) != KVC_OK) abort();
+    return len;
 }
 
 static void fail(const char *what, const char *detail) {
@@ -98,11 +101,10 @@ static int one_call(kvc_table **tp, input *in) {
     }
     case 12: kvc_clear(t); return KVC_OK;
     case 13: {  // a state round trip replaces the table
-        int64_t len;
-        uint8_t *b = image(t, &len);
+        uint8_t b[IMAGE_MAX];
+        int64_t len = image(t, b);
         kvc_table *u;
-            if (kvc_state_read(b, len, &u) != KVC_OK) fail("own state refused", kvc_last_error());
-        free(b);
+        if (kvc_state_read(b, len, &u) != KVC_OK) fail("own state refused", kvc_last_error());
         kvc_free(t);
         *tp = u;
         return KVC_OK;
@@ -129,18 +131,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int32_t swa_type = take_u8(&in) % 4, n_swa = swa_type ? 1 + take_u8(&in) % 10 : 0;
     kvc_table *t;
     if (kvc_new(n_cells, n_seq, n_swa, swa_type, &t) != KVC_OK) fail("kvc_new", "refused");
+    uint8_t before[IMAGE_MAX], after[IMAGE_MAX];
     while (in.n) {
-        int64_t len_before, len_after;
-        uint8_t *before = image(t, &len_before);
+        int64_t len_before = image(t, before);
         int rc = one_call(&t, &in);
         if (kvc_check(t) != KVC_OK) fail("kvc_check", kvc_last_error());
         if (rc != KVC_OK) {
-            uint8_t *after = image(t, &len_after);
+            int64_t len_after = image(t, after);
             if (len_after != len_before || memcmp(before, after, (size_t)len_before))
                 fail("a refused call changed the table", kvc_last_error());
-            free(after);
         }
-        free(before);
     }
     kvc_free(t);
     return 0;

@@ -2,13 +2,14 @@
 table's kq_mask, attention recomputed from scratch at shifted positions, the
 size formula of docs/architecture.md, and a plain model of which tokens each sequence holds
 (hypothesis state machine at the end)."""
+import copy
 import struct
 import zlib
 
 import numpy as np
 import pytest
 from cells_reference import RefCells, is_masked_swa
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -626,26 +627,112 @@ def test_state_checksum_alone_refuses_changed_kv_data(seq_id):
     assert target.v[0][2].tobytes() != mem.v[0][2].tobytes()
 
 
+def iswa_halves(b):
+    """An ISWA image's header (magic, version, length) and its two halves."""
+    head = 20 + struct.unpack("<q", b[12:20])[0]
+    return b[:20], b[20:head], b[head:]
+
+
+def iswa_image(base, swa, version=2):
+    return b"KVCISWA\0" + struct.pack("<Iq", version, len(base)) + base + swa
+
+
 def test_iswa_checksum_of_each_half_alone_refuses_a_change():
-    """The outer CRC cannot see a change inside a half that carries its own
-    valid CRC (a CRC over data followed by its CRC depends only on the
-    length), so each half's own checksum must refuse it."""
+    """One byte of each half's last V row changed: the half's own CRC, the
+    only checksum of the file, refuses it; resealed, it loads."""
     mem = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
     decode(mem, np.arange(3), [[0]] * 3, [0, 1], 121)
-    good = mem.state_bytes()
-    head = 8 + 12 + struct.unpack("<q", good[12:20])[0]   # magic, version, base length, base
-    base, swa = bytearray(good[20:head - 4]), bytearray(good[head:-8])   # without their CRCs
+    _, base, swa = iswa_halves(mem.state_bytes())
+    base, swa = bytearray(base[:-4]), bytearray(swa[:-4])
     base[-1] ^= 0x01
-    swa[-1] ^= 0x01                       # the last byte of each half's last V row
-    stale_base = crc_sealed(good[:20] + bytes(base) + good[head - 4:-4])
-    stale_swa = crc_sealed(good[:head] + bytes(swa) + good[-8:-4])
+    swa[-1] ^= 0x01
     fresh = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4)
-    for bad in (stale_base, stale_swa):
+    before = snapshot(fresh)
+    for bad in (iswa_image(bytes(base) + mem.state_bytes()[-4:], crc_sealed(bytes(swa))),
+                iswa_image(crc_sealed(bytes(base)), bytes(swa) + mem.state_bytes()[-4:])):
         with pytest.raises(StateError, match="checksum"):
             fresh.load_state_bytes(bad)
-    fresh.load_state_bytes(crc_sealed(good[:20] + crc_sealed(bytes(base)) + crc_sealed(bytes(swa))))
+        assert snapshot(fresh) == before
+    fresh.load_state_bytes(iswa_image(crc_sealed(bytes(base)), crc_sealed(bytes(swa))))
     assert fresh.base.v[0][2].tobytes() != mem.base.v[0][2].tobytes()
     assert fresh.swa.v[1][2].tobytes() != mem.swa.v[1][2].tobytes()
+
+
+def test_an_iswa_state_of_another_format_version_is_refused_clearly():
+    """Version 1 wrapped the halves in one more CRC-32; version 2 does not."""
+    mem = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    decode(mem, np.arange(3), [[0]] * 3, [0, 1], 122)
+    _, base, swa = iswa_halves(mem.state_bytes())
+    fresh = ISWACache(300, 1, 8, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    before = snapshot(fresh)
+    for old in (crc_sealed(iswa_image(base, swa, version=1)), iswa_image(base, swa, version=3)):
+        with pytest.raises(StateError, match=r"format version [13]; this kvcells reads version 2"):
+            fresh.load_state_bytes(old)
+        assert snapshot(fresh) == before
+    fresh.load_state_bytes(iswa_image(base, swa))
+    assert fresh.state_bytes() == mem.state_bytes()
+
+
+def iswa_pair(decodes, n_seq=2):
+    """A small ISWA cache (4 window cells of 8 plus a ubatch) after the given
+    (positions, sequence) ubatches."""
+    mem = ISWACache(64, n_seq, 4, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+    for pos, s in decodes:
+        place(mem, pos, [[s]] * len(pos), [0, 1], len(pos))
+    return mem
+
+
+def test_iswa_halves_that_disagree_are_refused_and_change_nothing():
+    """Crafted images whose halves each carry a correct CRC but could not
+    come from one state_bytes call: a whole image beside a sequence one, two
+    different saved sequences, window cells below the full half's window."""
+    a = iswa_pair([(np.arange(6), 0)])
+    b = iswa_pair([(np.arange(6), 0), (np.arange(3), 1)])
+    _, a_base, a_swa = iswa_halves(a.state_bytes())
+    _, a_base0, a_swa0 = iswa_halves(a.state_bytes(0))
+    _, b_base1, b_swa1 = iswa_halves(b.state_bytes(1))
+    # seq 0 at positions 0..11 in a cache with a window of 4: the window half
+    # saves 9..11; put 2 (held by the full half) in place of 9
+    d = iswa_pair([(np.arange(12), 0)])
+    _, d_base0, d_swa0 = iswa_halves(d.state_bytes(0))
+    body = bytearray(d_swa0[:-4])
+    at = len(body) - 2 * 3 * d.swa.row_k - 12   # one layer's K and V rows follow the positions
+    assert struct.unpack("<3i", body[at:at + 12]) == (9, 10, 11)
+    body[at:at + 4] = struct.pack("<i", 2)
+    low_window = crc_sealed(bytes(body))
+    bad = [  # (what the error says, image, seq_id)
+        ("different sequences", iswa_image(a_base, b_swa1), None),     # whole and sequence
+        ("different sequences", iswa_image(a_base0, b_swa1), None),    # sequences 0 and 1
+        ("outside the window of position 12", iswa_image(d_base0, low_window), None),
+    ]
+    target = iswa_pair([(np.arange(2), 1)])
+    before = snapshot(target)
+    for why, image, seq_id in bad:
+        with pytest.raises(StateError, match=why):
+            target.load_state_bytes(image, seq_id)
+        assert snapshot(target) == before
+    # the halves as saved load
+    for image, seq_id in ((iswa_image(a_base, a_swa), None), (iswa_image(a_base0, a_swa0), None),
+                          (iswa_image(d_base0, d_swa0), 1), (iswa_image(b_base1, b_swa1), None)):
+        iswa_pair([]).load_state_bytes(image, seq_id)
+
+
+def test_an_iswa_sequence_the_window_half_lost_round_trips():
+    """seq_cp of cells the window half has reused copies them in the full
+    half only: a state a live cache holds, so it must load."""
+    def make():
+        return ISWACache(400, 2, 16, [False, True], N_HEAD_KV, HEAD_DIM, n_swa=4)
+
+    mem = make()
+    for start in range(0, 300, 16):   # 300 tokens through 256 window cells
+        place(mem, np.arange(start, min(start + 16, 300)), [[0]] * min(16, 300 - start), [], 0)
+    assert mem.swa.table.seq_pos_min(0) > 4
+    mem.seq_cp(0, 1, 0, 4)
+    assert len(mem.base.table.seq_cells(1)[0]) == 4 and len(mem.swa.table.seq_cells(1)[0]) == 0
+    for seq_id in (None, 1):
+        fresh = make()
+        fresh.load_state_bytes(mem.state_bytes(seq_id), seq_id)
+        assert fresh.state_bytes(seq_id) == mem.state_bytes(seq_id)
 
 
 def test_sequence_state_that_does_not_fit_changes_nothing():
@@ -703,6 +790,29 @@ def test_a_sequence_state_out_of_order_or_at_int32_max_is_refused():
     assert target.table.used == 0
 
 
+def test_a_sequence_state_a_live_cache_could_not_hold_is_refused():
+    """With a correct CRC: a negative position, a sequence id beyond
+    n_seq_max, a negative count, more cells than the cache has."""
+    mem = KVCache(16, 2, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(mem, np.arange(3), [[1]] * 3, [0], 141)
+    body = mem.state_bytes(1)[:-4]
+    at = len(mem._header(1))                         # seq id, count, positions
+    rest = body[at + 8:]
+    bad = [
+        (StateError, "negative position", body[:at] + struct.pack("<2i3i", 1, 3, 0, -1, 2) + rest[12:]),
+        (StateError, r"sequence id 2 outside \[0, 2\)", body[:at] + struct.pack("<i", 2) + body[at + 4:]),
+        (StateError, "negative cell count", body[:at] + struct.pack("<2i", 1, -3) + rest),
+        (CacheFullError, "17 cells", body[:at] + struct.pack("<2i", 1, 17) + rest),
+    ]
+    target = KVCache(16, 2, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(target, np.arange(2), [[0]] * 2, [0], 142)
+    before = snapshot(target)
+    for error, why, image in bad:
+        with pytest.raises(error, match=why):
+            target.load_state_bytes(crc_sealed(image))
+        assert snapshot(target) == before
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         KVCache(8, 1, [0], 1, 40, "q8_0", "f16")        # blocks would straddle heads
@@ -743,6 +853,88 @@ def test_bad_arguments():
     mem.seq_rm(0, 1, -1)
     with pytest.raises(KVCellsError):
         mem.attend(0, rows(0, 2, 4), SCALE)            # the cache changed since apply
+
+
+CACHES = {
+    "full": lambda: KVCache(64, 3, [0, 1], N_HEAD_KV, HEAD_DIM, "f32", "f32"),
+    "swa": lambda: KVCache(64, 3, [0, 1], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=4,
+                           swa_type="standard"),
+    "iswa": lambda: ISWACache(64, 3, 8, [False, True], N_HEAD_KV, HEAD_DIM, "f32", "f32", n_swa=3),
+}
+SEQ = st.integers(0, 2)
+RANGE = st.tuples(st.integers(-1, 20), st.integers(-1, 24))
+OPS = st.one_of(
+    st.tuples(st.just("decode"), SEQ, st.integers(1, 4)),
+    st.tuples(st.just("seq_rm"), st.integers(-1, 2), RANGE),
+    st.tuples(st.just("seq_cp"), SEQ, SEQ, RANGE),
+    st.tuples(st.just("seq_keep"), SEQ),
+    st.tuples(st.just("seq_add"), SEQ, RANGE, st.integers(-5, 5)),
+    st.tuples(st.just("seq_div"), SEQ, RANGE, st.integers(1, 3)),
+    st.tuples(st.just("defrag")))
+
+
+def run_ops(mem, ops):
+    for k, op in enumerate(ops):
+        name, args = op[0], op[1:]
+        if name == "decode":
+            s, n = args
+            start = mem.seq_pos_max(s) + 1
+            place(mem, np.arange(start, start + n), [[s]] * n, [0, 1], k)
+        elif name == "defrag":
+            mem.defrag()
+        elif name in ("seq_rm", "seq_add", "seq_div"):
+            s, (p0, p1), *rest = args
+            getattr(mem, name)(s, p0, p1, *rest)
+        elif name == "seq_cp":
+            getattr(mem, name)(args[0], args[1], *args[2])
+        else:
+            getattr(mem, name)(*args)
+
+
+def next_tokens(mem, seqs):
+    """One token more on each of seqs, at its largest position + 1, with K, V
+    and q that depend only on the sequence; {layer: attention output}."""
+    pos = [mem.seq_pos_max(s) + 1 for s in seqs]
+    slot, = mem.prepare([(pos, [[s] for s in seqs])])
+    mem.apply(slot, pos, [[s] for s in seqs])
+    out = {}
+    for il in (0, 1):
+        mem.store(il, *(np.concatenate([rows(600 + 10 * s + 3 * il + w, 1) for s in seqs])
+                        for w in (0, 1)))
+        q = np.concatenate([rows(700 + 10 * s + il, 1, N_HEAD) for s in seqs])
+        out[il] = mem.attend(il, q, SCALE)
+    return out
+
+
+@given(kind=st.sampled_from(sorted(CACHES)), ops=st.lists(OPS, max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_any_saved_state_loads_and_decodes_on_as_the_original(kind, ops):
+    """Whatever a live cache holds after valid operations (seq_div and seq_rm
+    leave duplicate and missing positions) saves, loads into a fresh cache
+    with the same table, and takes one more token on each sequence with the
+    original's attention: bit for bit for a whole image, to rounding for one
+    sequence loaded alone (its cells sit elsewhere)."""
+    mem = CACHES[kind]()
+    run_ops(mem, ops)
+    held = [s for s in range(3) if mem.seq_pos_max(s) >= 0]
+    whole = CACHES[kind]()
+    whole.load_state_bytes(mem.state_bytes())
+    assert snapshot(whole) == snapshot(mem)
+    alone = {}
+    for s in held:
+        alone[s] = CACHES[kind]()
+        alone[s].load_state_bytes(mem.state_bytes(s))
+        assert alone[s].state_bytes(s) == mem.state_bytes(s)
+    if not held:
+        return
+    want = next_tokens(mem, held)
+    got = next_tokens(whole, held)
+    for il in (0, 1):
+        np.testing.assert_array_equal(got[il], want[il])
+    for i, s in enumerate(held):
+        got = next_tokens(alone[s], [s])
+        for il in (0, 1):
+            np.testing.assert_allclose(got[il][0], want[il][i], atol=1e-5)
 
 
 # ---- the state machine ----
@@ -795,12 +987,12 @@ class Tokens:
         return [(u, p) for p, ss, u in self.t.values()
                 if s in ss and p <= p1 and not is_masked_swa(self.n_swa, self.swa_type, p, p1)]
 
-    def forget_reused(self, table, n_seq):
+    def forget_reused(self, ref, n_seq):
         """A sliding-window cache overwrites cells the window has left and
-        drops the older positions of their sequence; follow what the table
-        kept (positions below its seq_pos_min are gone)."""
+        drops the older positions of their sequence; follow what the
+        reference cell table kept (positions below its seq_pos_min are gone)."""
         for s in range(n_seq):
-            lowest = table.seq_pos_min(s)
+            lowest = ref.seq_pos_min(s)
             for u, (p, ss, _) in list(self.t.items()):
                 if s in ss and (lowest < 0 or p < lowest):
                     ss.discard(s)
@@ -818,7 +1010,10 @@ CHUNKS = st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 2)), st.in
 
 class MemoryMachine(RuleBasedStateMachine):
     """Starts from 6 to 16 decoded ubatches and decodes up to 4 per step, so
-    the tables run near full (statistics: pytest --hypothesis-show-statistics)."""
+    the tables run near full (statistics: pytest --hypothesis-show-statistics).
+    Each cell table has a twin in the reference (RefCells), given the same
+    placements and operations: it says where a ubatch goes, when the cache
+    is full and which cells a window reused."""
     N_SEQ = 3
     BASES = {0: 10000.0, 1: 500.0}
 
@@ -841,6 +1036,7 @@ class MemoryMachine(RuleBasedStateMachine):
             self.parts = [(self.mem, [0, 1])]
         self.kind, self.mode = kind, mode
         self.truth = [Tokens(c.n_swa, c.swa_type) for c, _ in self.parts]
+        self.refs = [RefCells(c.n_cells, c.n_seq_max, c.n_swa, c.swa_type) for c, _ in self.parts]
         self.uid = self.n_copies = self.n_decodes = 0
         self.occupancy = []
         for chunks in prefill:
@@ -851,8 +1047,9 @@ class MemoryMachine(RuleBasedStateMachine):
 
     def seq_op(self, name, *args):
         getattr(self.mem, name)(*args)
-        for tokens in self.truth:
+        for tokens, ref in zip(self.truth, self.refs):
             getattr(tokens, name)(*args)
+            getattr(ref, name)(*args)
 
     @rule(ubatches=st.lists(CHUNKS, min_size=1, max_size=4))
     def decode(self, ubatches):
@@ -872,22 +1069,27 @@ class MemoryMachine(RuleBasedStateMachine):
                 seqs.append(ss)
             for x in ss:
                 nxt[x] = start + n
+        want = [ref.find_slot(len(pos)) for ref in self.refs]
         before = snapshot(self.mem)
         try:
             slot, = self.mem.prepare([(np.array(pos), seqs)])
         except CacheFullError:
+            assert None in want
             assert snapshot(self.mem) == before
             self.full = True
             return
         assert snapshot(self.mem) == before
+        slots = slot if isinstance(self.mem, ISWACache) else (slot,)
+        assert [list(x) for x in slots] == want
         self.mem.apply(slot, pos, seqs)
         uids = list(range(self.uid, self.uid + len(pos)))
         self.uid += len(pos)
-        for (cache, layers), tokens in zip(self.parts, self.truth):
+        for (cache, layers), tokens, ref, idxs in zip(self.parts, self.truth, self.refs, want):
+            ref.apply_ubatch(idxs, pos, seqs)
             for u, p, ss in zip(uids, pos, seqs):
                 tokens.t[u] = [p, set(ss), u]
             if cache.swa_type != "none":
-                tokens.forget_reused(cache.table, self.N_SEQ)
+                tokens.forget_reused(ref, self.N_SEQ)
             for il in layers:
                 k = np.stack([self.k_at(u, il, p) for u, p in zip(uids, pos)])
                 v = np.stack([raw(u, il, "v") for u in uids])
@@ -927,6 +1129,8 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule()
     def defrag(self):
         self.mem.defrag()
+        for ref in self.refs:
+            ref.defrag()
 
     @rule()
     def whole_state_round_trip(self):
@@ -939,16 +1143,34 @@ class MemoryMachine(RuleBasedStateMachine):
     def sequence_state_copy(self, src, dst):
         saved = self.mem.state_bytes(src)
         before = snapshot(self.mem)
+        # the reference: the saved positions (those the window still sees
+        # from the full half's next position) go into the cells find_slot
+        # gives once dst is gone
+        refs = [copy.deepcopy(ref) for ref in self.refs]
+        horizon = refs[0].seq_pos_max(src) + 1
+        fits = True
+        for ref in refs:
+            pos = [p for _, p in ref.seq_cells(src)
+                   if not is_masked_swa(ref.n_swa, ref.swa_type, p, horizon)]
+            ref.seq_rm(dst)
+            idxs = ref.find_slot(len(pos)) if pos else []
+            if idxs is None:
+                fits = False
+            elif pos:
+                ref.apply_ubatch(idxs, pos, [[dst]] * len(pos))
         try:
             self.mem.load_state_bytes(saved, seq_id=dst)
         except CacheFullError:
+            assert not fits
             assert snapshot(self.mem) == before
             return
+        assert fits
+        self.refs = refs
         if src == dst:   # bit-exact round trip of one sequence
             assert self.mem.state_bytes(dst) == saved
-        for (cache, _), tokens in zip(self.parts, self.truth):
-            kept = tokens.positions(src)
-            horizon = (kept[-1] + 1) if kept else 0
+        kept = self.truth[0].positions(src)
+        horizon = (kept[-1] + 1) if kept else 0
+        for (cache, _), tokens, ref in zip(self.parts, self.truth, self.refs):
             copied = [(p, u) for p, ss, u in tokens.t.values() if src in ss and not
                       is_masked_swa(cache.n_swa, cache.swa_type, p, horizon)]
             tokens.seq_rm(dst, -1, -1)
@@ -956,15 +1178,17 @@ class MemoryMachine(RuleBasedStateMachine):
                 self.n_copies += 1
                 tokens.t[("copy", self.n_copies)] = [p, {dst}, u]
             if cache.swa_type != "none":
-                tokens.forget_reused(cache.table, self.N_SEQ)
+                tokens.forget_reused(ref, self.N_SEQ)
 
     @invariant()
     def tables_hold_the_truth(self):
         if not hasattr(self, "mem"):
             return
         self.occupancy.append(max(c.table.used / c.n_cells for c, _ in self.parts))
-        for (cache, _), tokens in zip(self.parts, self.truth):
+        for (cache, _), tokens, ref in zip(self.parts, self.truth, self.refs):
             cache.table.check()
+            assert cache.table.positions().tolist() == ref.pos
+            assert [set(cache.table.seqs(i)) for i in range(cache.n_cells)] == ref.seq
             for s in range(self.N_SEQ):
                 assert list(cache.table.seq_cells(s)[1]) == tokens.positions(s)
 

@@ -12,7 +12,8 @@ seconds=${1:-30}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cc=${CC_FUZZ:-clang}
-flags=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -I"$root/csrc")
+flags=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -I"$root/csrc"
+       -fsanitize-coverage-ignorelist="$root/fuzz/not_covered.txt")
 export ASAN_OPTIONS=detect_leaks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 mkdir -p "$root/fuzz/crashes"

@@ -4,6 +4,7 @@ Each header marks the part cffi should see with `// cffi-begin` and
 `// cffi-end`, so the C API is written once.
 
 KVCELLS_SANITIZE=1 builds with AddressSanitizer and UBSan; any report aborts.
+KVCELLS_SANITIZE=thread builds with ThreadSanitizer (tools/tsan_tests.sh).
 """
 import os
 import pathlib
@@ -11,8 +12,9 @@ import pathlib
 from cffi import FFI
 
 CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
-SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-            "-fno-sanitize-recover=all"]
+SANITIZE = {"1": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                  "-fno-sanitize-recover=all"],
+            "thread": ["-fsanitize=thread"]}
 
 
 def declarations(header):
@@ -31,9 +33,10 @@ def make_builder(absolute_paths=False):
     cflags = ["-std=c11", "-O3", "-pthread", "-Wall", "-Wextra",
               "-Wno-unused-parameter"]
     lflags = ["-pthread"]
-    if os.environ.get("KVCELLS_SANITIZE") == "1":
-        cflags = [f for f in cflags if f != "-O3"] + ["-O1", "-g"] + SANITIZE
-        lflags += SANITIZE
+    sanitize = SANITIZE.get(os.environ.get("KVCELLS_SANITIZE"))
+    if sanitize:
+        cflags = [f for f in cflags if f != "-O3"] + ["-O1", "-g"] + sanitize
+        lflags += sanitize
     ffi.set_source(
         "kvcells._core",
         "\n".join(f'#include "{h.name}"' for h in headers),

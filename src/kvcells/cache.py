@@ -26,6 +26,7 @@ from .rope import NEOX, NORM
 STATE_MAGIC = b"KVCSTATE"
 ISWA_STATE_MAGIC = b"KVCISWA\0"
 STATE_VERSION = 1
+ISWA_STATE_VERSION = 2   # version 1 had a CRC-32 over both halves besides their own
 _WHOLE, _SEQUENCE = 0, 1
 
 
@@ -324,6 +325,9 @@ class KVCache(Memory):
     @_locked
     def state_bytes(self, seq_id=None):
         """The whole cache, or one sequence's cells, positions and K/V rows."""
+        return self._state_bytes(seq_id)
+
+    def _state_bytes(self, seq_id, horizon=None):
         if seq_id is None:
             body = self._header(_WHOLE)
             table = self.table.to_bytes()
@@ -331,7 +335,7 @@ class KVCache(Memory):
             body += struct.pack("<q", len(table)) + table
         else:
             body = self._header(_SEQUENCE)
-            rows, pos = self._saved_cells(seq_id)
+            rows, pos = self._saved_cells(seq_id, horizon)
             body += struct.pack("<ii", seq_id, len(rows)) + pos.astype("<i4").tobytes()
         parts = [body]
         for il in self.layers:
@@ -339,12 +343,15 @@ class KVCache(Memory):
         body = b"".join(parts)
         return body + struct.pack("<I", zlib.crc32(body))
 
-    def _saved_cells(self, seq_id):
+    def _saved_cells(self, seq_id, horizon=None):
         """The sequence's cells by position, without those its window has
-        left behind for good (as llama.cpp saves a sequence)."""
+        left behind for good (as llama.cpp saves a sequence): below the
+        window of `horizon`, by default its largest position + 1."""
         idxs, pos = self.table.seq_cells(seq_id)
         if self.swa_type != "none" and len(pos):
-            keep = pos >= _window_start(pos.max() + 1, self.n_swa, self.swa_type)
+            if horizon is None:
+                horizon = pos.max() + 1
+            keep = pos >= _window_start(horizon, self.n_swa, self.swa_type)
             idxs, pos = idxs[keep], pos[keep]
         return idxs, pos
 
@@ -354,11 +361,12 @@ class KVCache(Memory):
         (find_slot) under seq_id (default: its own id), replacing that
         sequence; a whole image replaces everything. StateError (or
         CacheFullError) and no change when it cannot be loaded."""
-        self._plan_load(b, seq_id)()
+        self._plan_load(b, seq_id)[0]()
 
     def _plan_load(self, b, seq_id):
-        """Check and stage a load; returns the function that commits it."""
-        r = _Reader(b)
+        """Check and stage a load; returns the function that commits it,
+        the new table and the sequence it loads (None: a whole image)."""
+        r = _Reader(_unseal(b))
         magic, version, kind, n_cells, n_seq_max = struct.unpack("<8sIIii", r.take(24))
         if magic != STATE_MAGIC or version != STATE_VERSION:
             raise StateError("not a kvcells cache state of this version")
@@ -409,7 +417,7 @@ class KVCache(Memory):
             for il, (k, v) in zip(self.layers, data):
                 self.k[il][rows] = k
                 self.v[il][rows] = v
-        return commit
+        return commit, table, (None if kind == _WHOLE else dest)
 
 
 class _Ubatch:
@@ -419,14 +427,19 @@ class _Ubatch:
         self.idxs, self.cells, self.lo, self.hi = idxs, cells, lo, hi
 
 
+def _unseal(b):
+    """A state image without its trailing CRC-32, once that is checked."""
+    b = bytes(b)
+    if len(b) < 4 or zlib.crc32(b[:-4]) != struct.unpack("<I", b[-4:])[0]:
+        raise StateError("state checksum mismatch: the data is corrupt or truncated")
+    return b[:-4]
+
+
 class _Reader:
-    """Reads a state image after checking its trailing CRC-32."""
+    """Reads a state image field by field."""
 
     def __init__(self, b):
-        b = bytes(b)
-        if len(b) < 4 or zlib.crc32(b[:-4]) != struct.unpack("<I", b[-4:])[0]:
-            raise StateError("state checksum mismatch: the data is corrupt or truncated")
-        self.b, self.off = b[:-4], 0
+        self.b, self.off = bytes(b), 0
 
     def take(self, n):
         if n < 0 or self.off + n > len(self.b):
@@ -578,17 +591,43 @@ class ISWACache(Memory):
 
     @_locked
     def state_bytes(self, seq_id=None):
-        base, swa = self.base.state_bytes(seq_id), self.swa.state_bytes(seq_id)
-        body = ISWA_STATE_MAGIC + struct.pack("<Iq", STATE_VERSION, len(base)) + base + swa
-        return body + struct.pack("<I", zlib.crc32(body))
+        """Both halves' images, each with its own CRC-32 (none around them).
+        A sequence's window cells are those the full half's next position sees."""
+        base = self.base.state_bytes(seq_id)
+        horizon = None if seq_id is None else self.base.seq_pos_max(seq_id) + 1
+        swa = self.swa._state_bytes(seq_id, horizon)
+        return ISWA_STATE_MAGIC + struct.pack("<Iq", ISWA_STATE_VERSION, len(base)) + base + swa
 
     @_locked
     def load_state_bytes(self, b, seq_id=None):
         r = _Reader(b)
-        if r.take(8) != ISWA_STATE_MAGIC or r.int("<I") != STATE_VERSION:
-            raise StateError("not a kvcells ISWA cache state of this version")
+        if r.take(8) != ISWA_STATE_MAGIC:
+            raise StateError("not a kvcells ISWA cache state")
+        version = r.int("<I")
+        if version != ISWA_STATE_VERSION:
+            raise StateError(f"ISWA cache state of format version {version}; this kvcells "
+                             f"reads version {ISWA_STATE_VERSION}")
         base = r.take(r.int("<q"))
         swa = r.take(len(r.b) - r.off)
-        commits = [self.base._plan_load(base, seq_id), self.swa._plan_load(swa, seq_id)]
-        for commit in commits:
-            commit()
+        commit_base, base_table, base_seq = self.base._plan_load(base, seq_id)
+        commit_swa, swa_table, swa_seq = self.swa._plan_load(swa, seq_id)
+        if base_seq != swa_seq:
+            raise StateError("the two halves of the ISWA state hold different sequences")
+        if base_seq is not None:
+            self._check_window(base_table, swa_table, base_seq)
+        commit_base()
+        commit_swa()
+
+    def _check_window(self, base, swa, seq_id):
+        """A saved sequence's window cells lie in the window of the full
+        half's next position (state_bytes saves no others). Nothing else
+        ties the halves: seq_add on a cell the window half no longer shares
+        moves a position in one half only, so a live cache's halves may
+        hold different positions and sequences (docs/testing.md)."""
+        full = base.seq_cells(seq_id)[1]
+        window = swa.seq_cells(seq_id)[1]
+        if len(window):
+            horizon = full.max() + 1 if len(full) else 0
+            if window.min() < _window_start(horizon, self.swa.n_swa, self.swa.swa_type):
+                raise StateError(f"the sliding-window half holds position {window.min()} of "
+                                 f"sequence {seq_id}, outside the window of position {horizon}")
