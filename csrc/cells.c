@@ -608,7 +608,8 @@ void kvc_seq_matrix(const kvc_table *t, uint8_t *out) {
 // ---------------------------------------------------------------- sequence operations
 
 static int64_t range_lo(int32_t p0) { return p0 < 0 ? 0 : p0; }
-static int64_t range_hi(int32_t p1) { return p1 < 0 ? INT32_MAX : p1; }
+// p1 < 0: no upper end, so a cell at INT32_MAX is in range too
+static int64_t range_hi(int32_t p1) { return p1 < 0 ? (int64_t)INT32_MAX + 1 : p1; }
 
 // removes s from its cells with p0 <= pos < p1; *first_freed lowers to the lowest freed cell
 static void seq_rm_range(kvc_table *t, int32_t s, int64_t p0, int64_t p1, int32_t *first_freed) {
@@ -658,7 +659,7 @@ kvc_status kvc_seq_keep(kvc_table *t, int32_t seq_id) {
     int32_t first_freed = t->n_cells;
     for (int32_t s = 0; s < t->n_seq_max; s++) {
         if (s == seq_id) continue;
-        int32_t n = seq_range(t, s, 0, (int64_t)INT32_MAX + 1);
+        int32_t n = seq_range(t, s, 0, range_hi(-1));
         for (int32_t k = 0; k < n; k++) {
             int32_t c = t->tmp_cell[k];
             if (cell_del_seq(t, c, s) && c < first_freed) first_freed = c;

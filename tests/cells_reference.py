@@ -23,7 +23,7 @@ def is_masked_swa(n_swa, swa_type, p0, p1):
 
 
 def _range(p0, p1):
-    return (0 if p0 < 0 else p0), (INT32_MAX if p1 < 0 else p1)
+    return (0 if p0 < 0 else p0), (INT32_MAX + 1 if p1 < 0 else p1)
 
 
 class RefCells:

@@ -775,7 +775,7 @@ def test_a_nan_query_or_scale_gives_nan_as_dense_attention_does():
     assert np.isnan(mem.attend(0, rows(132, 4, N_HEAD), float("nan"))).all()
 
 
-def test_a_sequence_state_out_of_order_or_at_int32_max_is_refused():
+def test_a_sequence_state_out_of_order_is_refused():
     mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
     decode(mem, np.arange(3), [[0]] * 3, [0], 140)
     body = bytearray(mem.state_bytes(0)[:-4])
@@ -784,10 +784,25 @@ def test_a_sequence_state_out_of_order_or_at_int32_max_is_refused():
     target = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
     with pytest.raises(StateError, match="order"):
         target.load_state_bytes(crc_sealed(bytes(body)), 0)
-    body[at:at + 12] = struct.pack("<3i", 0, 1, 2**31 - 1)
-    with pytest.raises(StateError, match="largest"):
-        target.load_state_bytes(crc_sealed(bytes(body)), 0)
     assert target.table.used == 0
+
+
+def test_a_sequence_at_int32_max_saves_loads_and_is_replaced_whole():
+    """seq_add can put a cell at 2**31 - 1; the ranged operations' open end
+    reaches it, so loading the sequence again replaces it rather than
+    leaving a duplicate beside it."""
+    mem = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    decode(mem, np.arange(3), [[0]] * 3, [0], 140)
+    mem.seq_add(0, 0, -1, 2**31 - 3)
+    assert (mem.seq_pos_min(0), mem.seq_pos_max(0)) == (2**31 - 3, 2**31 - 1)
+    saved = mem.state_bytes(0)
+    target = KVCache(16, 1, [0], N_HEAD_KV, HEAD_DIM, "f32", "f32")
+    target.load_state_bytes(saved, 0)
+    target.load_state_bytes(saved, 0)
+    assert target.table.used == 3
+    assert target.state_bytes(0) == saved
+    target.seq_rm(0, 2**31 - 2)
+    assert target.table.used == 1 and target.seq_pos_max(0) == 2**31 - 3
 
 
 def test_a_sequence_state_a_live_cache_could_not_hold_is_refused():

@@ -399,8 +399,6 @@ class KVCache(Memory):
                 raise StateError("negative position in a saved sequence")
             if np.any(np.diff(pos) < 0):
                 raise StateError("the positions of a saved sequence are not in order")
-            if n and pos[-1] == 2**31 - 1:   # no next token, and no range operation reaches it
-                raise StateError("a saved sequence at the largest position, 2**31 - 1")
             table = self.table.copy()
             table.seq_rm(dest)
             rows = table.find_slot(n) if n else np.zeros(0, np.int32)
