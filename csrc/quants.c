@@ -496,57 +496,96 @@ static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, in
 
 // ---- the panel kernels (many tokens) ----
 
-static inline AVX2 void panel_put(panel_block *b, int r, __m256i v, float a0, float a1, float off) {
-    int8_t q[32];
-    _mm256_storeu_si256((__m256i *)q, v);
-    for (int k = 0; k < 8; k++) memcpy(b->v[k][r], q + 4 * k, 4);
-    b->a[0][r] = a0, b->a[1][r] = a1, b->off[r] = off;
-}
-
-// Rows r of a panel: values as the tiles above unpack them (signed for
-// Q8_0 and Q6_K, else unsigned with an offset).
-static AVX2 void pack_row(int type, const uint8_t *row, int64_t n, panel_block *p, int r) {
+// Unit u of a row (a block of 32 values, or of 256 for the K types): its
+// sub-blocks of 32 as the tiles above unpack them (signed for Q8_0 and Q6_K,
+// else unsigned with an offset): sub-block s has values v[s], scales a0[s]
+// and a1[s] and offset off[s].
+TILE void unpack_unit(int type, const uint8_t *row, int64_t u, __m256i *v, float *a0,
+                      float *a1, float *off) {
     if (type == KVC_TYPE_Q8_0) {
-        for (int64_t g = 0; g < n / QK; g++) {
-            const uint8_t *blk = row + 34 * g;
-            float d = f16_simd(blk);
-            panel_put(p + g, r, _mm256_loadu_si256((const __m256i *)(blk + 2)), d, d, 0.0f);
-        }
+        const uint8_t *blk = row + 34 * u;
+        v[0] = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        a0[0] = a1[0] = f16_simd(blk), off[0] = 0.0f;
     } else if (type == KVC_TYPE_Q6_K) {
-        for (int64_t b = 0; b < n / QK_K; b++) {
-            const uint8_t *blk = row + 210 * b;
-            const int8_t *sc = (const int8_t *)(blk + 192);
-            float d = f16_simd(blk + 208);
-            for (int c = 0; c < 8; c++)
-                panel_put(p + 8 * b + c, r, q6_k_values(blk, c / 4, c % 4),
-                          d * (float)sc[2 * c], d * (float)sc[2 * c + 1], 0.0f);
+        const uint8_t *blk = row + 210 * u;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = f16_simd(blk + 208);
+        for (int c = 0; c < 8; c++) {
+            v[c] = q6_k_values(blk, c / 4, c % 4);
+            a0[c] = d * (float)sc[2 * c], a1[c] = d * (float)sc[2 * c + 1];
+            off[c] = 0.0f;
         }
     } else if (type == KVC_TYPE_Q4_K || type == KVC_TYPE_Q5_K) {
         int five = type == KVC_TYPE_Q5_K;
-        for (int64_t b = 0; b < n / QK_K; b++) {
-            const uint8_t *blk = row + (five ? 176 : 144) * b;
-            float ds[8], dm[8];
-            k_scales_avx2(blk, ds, dm);
-            for (int s = 0; s < 8; s++)
-                panel_put(p + 8 * b + s, r, k45_values(blk, five, s), ds[s], ds[s], dm[s]);
+        const uint8_t *blk = row + (five ? 176 : 144) * u;
+        float ds[8], dm[8];
+        k_scales_avx2(blk, ds, dm);
+        for (int s = 0; s < 8; s++) {
+            v[s] = k45_values(blk, five, s);
+            a0[s] = a1[s] = ds[s], off[s] = dm[s];
         }
     } else {
         int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
         int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
-        for (int64_t g = 0; g < n / QK; g++) {
-            const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * g;
-            float d = f16_simd(blk);
-            float off = has_min ? -f16_simd(blk + 2) : (five ? 16.0f : 8.0f) * d;
-            panel_put(p + g, r, q45_values(blk, five, has_min), d, d, off);
-        }
+        const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * u;
+        float d = f16_simd(blk);
+        v[0] = q45_values(blk, five, has_min);
+        a0[0] = a1[0] = d;
+        off[0] = has_min ? -f16_simd(blk + 2) : (five ? 16.0f : 8.0f) * d;
     }
 }
 
-#define PACK_ENTRY(name, type)                                                                \
-    static AVX2 void name(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,       \
-                          panel_block *out) {                                                 \
-        memset(out, 0, sizeof(panel_block) * (size_t)(n / QK));                               \
-        for (int r = 0; r < n_rows; r++) pack_row(type, w + r * row_stride, n, out, r);       \
+// v[r] (the 8 dwords of row r) into v[k] (dword k of rows 0..7).
+static inline AVX2 void transpose_8x8(__m256i *v) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            u[4 * i + 2 * j] = _mm256_unpacklo_epi64(t[4 * i + j], t[4 * i + j + 2]);
+            u[4 * i + 2 * j + 1] = _mm256_unpackhi_epi64(t[4 * i + j], t[4 * i + j + 2]);
+        }
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
+        v[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
+    }
+}
+
+// Row by row first (one stream of reads at a time: several interleaved
+// streams defeat the hardware prefetcher), each block's values stored as
+// [row][32 bytes], then each block transposed in place.
+TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
+                    panel_block *out) {
+    const int sub = type_block(type) / QK;   // sub-blocks of 32 per unit
+    const int64_t nb = n / QK;
+    if (n_rows < PANEL) memset(out, 0, sizeof(panel_block) * (size_t)nb);
+    for (int r = 0; r < n_rows; r++) {
+        const uint8_t *row = w + r * row_stride;
+        for (int64_t u = 0; u < nb / sub; u++) {
+            __m256i v[8];
+            float a0[8], a1[8], off[8];
+            unpack_unit(type, row, u, v, a0, a1, off);
+            for (int s = 0; s < sub; s++) {
+                panel_block *b = out + u * sub + s;
+                _mm256_storeu_si256((__m256i *)b->v + r, v[s]);
+                b->a[0][r] = a0[s], b->a[1][r] = a1[s], b->off[r] = off[s];
+            }
+        }
+    }
+    for (int64_t g = 0; g < nb; g++) {
+        __m256i v[PANEL];
+        for (int r = 0; r < PANEL; r++) v[r] = _mm256_loadu_si256((const __m256i *)out[g].v + r);
+        transpose_8x8(v);
+        for (int k = 0; k < 8; k++) _mm256_storeu_si256((__m256i *)out[g].v + k, v[k]);
+    }
+}
+
+#define PACK_ENTRY(name, type)                                                          \
+    static AVX2 void name(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n, \
+                          panel_block *out) {                                           \
+        pack_rows(type, w, row_stride, n_rows, n, out);                                 \
     }
 
 PACK_ENTRY(pack_q8_0, KVC_TYPE_Q8_0)
