@@ -14,6 +14,8 @@
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
 #define PANEL_MIN_TOKENS 8  // from here on rows are unpacked once into panels for all tokens
 #define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
+#define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
+                            // from writing to one line of y
 
 typedef struct {
     act_q8 x;       // quantised weight types
@@ -150,20 +152,16 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
     if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
-    if (j.panel.pack) {
-        const int64_t panel_bytes = nb * (int64_t)sizeof(panel_block);
-        if (chunk > PACKED_BYTES / panel_bytes * PANEL) chunk = PACKED_BYTES / panel_bytes * PANEL;
-        chunk = chunk / PANEL * PANEL;
-        if (chunk < PANEL) chunk = PANEL;
-        j.packed = malloc((size_t)(n_threads * chunk / PANEL * panel_bytes));
-        if (!j.packed) {
-            free(q); free(ds); free(groups);
-            return kvc_fail(KVC_ENOMEM, "matmul: out of memory");
-        }
-    } else if (chunk > CHUNK_BYTES / row_stride) {
-        chunk = CHUNK_BYTES / row_stride;
+    const int64_t panel_bytes = nb * (int64_t)sizeof(panel_block);
+    const int64_t max_rows = j.panel.pack ? PACKED_BYTES / panel_bytes * PANEL : CHUNK_BYTES / row_stride;
+    if (chunk > max_rows) chunk = max_rows;
+    if (chunk >= LINE_ROWS) chunk = chunk / LINE_ROWS * LINE_ROWS;
+    else chunk = j.panel.pack ? PANEL : chunk > 0 ? chunk : 1;
+    j.chunk = chunk;
+    if (j.panel.pack && !(j.packed = malloc((size_t)(n_threads * chunk / PANEL * panel_bytes)))) {
+        free(q); free(ds); free(groups);
+        return kvc_fail(KVC_ENOMEM, "matmul: out of memory");
     }
-    j.chunk = chunk > 0 ? chunk : 1;
     pool_run(run_job, &j, n_threads);
     free(q); free(ds); free(groups); free(j.packed);
     return KVC_OK;
