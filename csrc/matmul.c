@@ -12,7 +12,8 @@
 #define MIN_PARALLEL_MACS 65536   // smaller products run on the caller alone
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
-#define PANEL_MIN_TOKENS 8  // from here on rows are unpacked once into panels for all tokens
+#define PANEL_MIN_TOKENS 5  // from here on rows are unpacked once into panels for all tokens
+                            // (at 4 the one-row tiles, with all 4 in one group, are as fast)
 #define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
 #define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
                             // from writing to one line of y

@@ -233,12 +233,12 @@ def test_token_groups_and_tiles(name, n, simd):
 
 @pytest.mark.parametrize("name", QUANTISED)
 def test_panel_edges(name, simd):
-    # from 8 tokens on, the SIMD path multiplies panels of 8 rows with 4
+    # from 5 tokens on, the SIMD path multiplies panels of 8 rows with 4
     # tokens (or a lone one) at a time, over chunks of rows that are a
     # multiple of 8 and small enough for L2 (n_in 8192: 16 rows a chunk)
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     n_in = N_IN.get(name, 96)
-    for n_out, n, n_threads in [(5, 8, 1), (8, 9, 2), (13, 12, 3), (3, 8, 4), (29, 23, 2), (1, 41, 2)]:
+    for n_out, n, n_threads in [(5, 8, 1), (11, 5, 2), (8, 9, 2), (13, 12, 3), (3, 8, 4), (29, 23, 2), (1, 41, 2)]:
         raw = make_raw(name, n_out, n_in, rng)
         check_matmul(raw, name, n_out, n_in, rng.standard_normal((n, n_in)).astype(np.float32), n_threads)
     raw = make_raw(name, 37, 8192, rng)
