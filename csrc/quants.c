@@ -327,14 +327,6 @@ TILE void q8_0_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out)
     store_sums(acc, off, nt, out);
 }
 
-// The unsigned q of a Q4_0, Q4_1, Q5_0 or Q5_1 block.
-static inline AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min) {
-    __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
-    if (!five) return u;
-    __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
-    return _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
-}
-
 // Q4_0, Q4_1, Q5_0, Q5_1 with unsigned q: d*(q.x) + o*(sum of x) per block,
 // o = -8d, -16d (the 8 or 16 applied once at the end) or the block's min m.
 TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
@@ -346,7 +338,11 @@ TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
         const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * g;
         float d = f16_simd(blk);
         float o = has_min ? -f16_simd(blk + 2) : d;   // times the bias below
-        __m256i u = q45_values(blk, five, has_min);
+        __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
+        if (five) {
+            __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
+            u = _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
+        }
         for (int t = 0; t < nt; t++) {
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
             off[t] += o * x.s[g * nt + t];
@@ -369,28 +365,27 @@ static inline AVX2 void k_scales_avx2(const uint8_t *blk, float *ds, float *dm) 
     _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk + 2)), m));
 }
 
-// The unsigned q of sub-block s of a Q4_K or Q5_K block.
-static inline AVX2 __m256i k45_values(const uint8_t *blk, int five, int s) {
-    const __m128i shift = _mm_cvtsi32_si128(4 * (s % 2));
-    __m256i u = _mm256_loadu_si256((const __m256i *)(blk + (five ? 48 : 16) + 32 * (s / 2)));
-    u = _mm256_and_si256(_mm256_srl_epi16(u, shift), _mm256_set1_epi8(0xF));
-    if (!five) return u;
-    __m256i qh = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(blk + 16)), _mm_cvtsi32_si128(s));
-    return _mm256_or_si256(u, _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(1)), 4));
-}
-
 // Q4_K and Q5_K: d*sc*(q.x) - dmin*m*(sum of x) per sub-block of 32.
 TILE void k45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out, int five) {
+    const __m256i low4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
     __m256 acc[ACT_GROUP];
     float off[ACT_GROUP] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / QK_K; b++) {
         const uint8_t *blk = row + (five ? 176 : 144) * b;
+        const uint8_t *qs = blk + (five ? 48 : 16);
         float ds[8], dm[8];
         k_scales_avx2(blk, ds, dm);
+        __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             int64_t g = 8 * b + s;
-            __m256i u = k45_values(blk, five, s);
+            __m256i u = _mm256_loadu_si256((const __m256i *)(qs + 32 * (s / 2)));
+            if (s % 2) u = _mm256_srli_epi16(u, 4);
+            u = _mm256_and_si256(u, low4);
+            if (five) {
+                u = _mm256_or_si256(u, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+                qh = _mm256_srli_epi16(qh, 1);
+            }
             for (int t = 0; t < nt; t++) {
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds[s] * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
                 off[t] += dm[s] * x.s[g * nt + t];
@@ -400,17 +395,9 @@ TILE void k45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out, 
     store_sums(acc, off, nt, out);
 }
 
-// The signed q (-32..31) of chunk c of half h of a Q6_K block (see q6_k_value).
-static inline AVX2 __m256i q6_k_values(const uint8_t *blk, int h, int c) {
-    __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (c % 2)));
-    lo = _mm256_and_si256(_mm256_srl_epi16(lo, _mm_cvtsi32_si128(4 * (c / 2))), _mm256_set1_epi8(0xF));
-    __m256i hi = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(3));
-    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
-}
-
 // Q6_K: signed q with one scale per 16 values, applied by the int16 madd.
 TILE void q6_k_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out) {
+    const __m256i low4 = _mm256_set1_epi8(0xF), low2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
     __m256 acc[ACT_GROUP];
     float off[ACT_GROUP] = {0};
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
@@ -419,9 +406,16 @@ TILE void q6_k_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out)
         const int8_t *scales = (const int8_t *)(blk + 192);
         float d = f16_simd(blk + 208);
         for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
             for (int c = 0; c < 4; c++) {
                 int64_t g = 8 * b + 4 * h + c;
-                __m256i q = q6_k_values(blk, h, c);
+                __m256i lo = c % 2 ? ql1 : ql0;
+                if (c >= 2) lo = _mm256_srli_epi16(lo, 4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), low2);
+                __m256i q = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_slli_epi16(hi, 4));
+                q = _mm256_sub_epi8(q, bias);
                 __m256i aq = _mm256_abs_epi8(q);
                 __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[8 * h + 2 * c + 1]),
                                               _mm_set1_epi16(scales[8 * h + 2 * c]));
@@ -493,185 +487,6 @@ static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, in
     return sum + dot_f32_portable(type, row + 2 * i, x + i, n - i);
 }
 
-
-// ---- the panel kernels (many tokens) ----
-
-// Unit u of a row (a block of 32 values, or of 256 for the K types): its
-// sub-blocks of 32 as the tiles above unpack them (signed for Q8_0 and Q6_K,
-// else unsigned with an offset): sub-block s has values v[s], scales a0[s]
-// and a1[s] and offset off[s].
-TILE void unpack_unit(int type, const uint8_t *row, int64_t u, __m256i *v, float *a0,
-                      float *a1, float *off) {
-    if (type == KVC_TYPE_Q8_0) {
-        const uint8_t *blk = row + 34 * u;
-        v[0] = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        a0[0] = a1[0] = f16_simd(blk), off[0] = 0.0f;
-    } else if (type == KVC_TYPE_Q6_K) {
-        const uint8_t *blk = row + 210 * u;
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        float d = f16_simd(blk + 208);
-        for (int c = 0; c < 8; c++) {
-            v[c] = q6_k_values(blk, c / 4, c % 4);
-            a0[c] = d * (float)sc[2 * c], a1[c] = d * (float)sc[2 * c + 1];
-            off[c] = 0.0f;
-        }
-    } else if (type == KVC_TYPE_Q4_K || type == KVC_TYPE_Q5_K) {
-        int five = type == KVC_TYPE_Q5_K;
-        const uint8_t *blk = row + (five ? 176 : 144) * u;
-        float ds[8], dm[8];
-        k_scales_avx2(blk, ds, dm);
-        for (int s = 0; s < 8; s++) {
-            v[s] = k45_values(blk, five, s);
-            a0[s] = a1[s] = ds[s], off[s] = dm[s];
-        }
-    } else {
-        int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
-        int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
-        const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * u;
-        float d = f16_simd(blk);
-        v[0] = q45_values(blk, five, has_min);
-        a0[0] = a1[0] = d;
-        off[0] = has_min ? -f16_simd(blk + 2) : (five ? 16.0f : 8.0f) * d;
-    }
-}
-
-// v[r] (the 8 dwords of row r) into v[k] (dword k of rows 0..7).
-static inline AVX2 void transpose_8x8(__m256i *v) {
-    __m256i t[8], u[8];
-    for (int i = 0; i < 4; i++) {
-        t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-    }
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 2; j++) {
-            u[4 * i + 2 * j] = _mm256_unpacklo_epi64(t[4 * i + j], t[4 * i + j + 2]);
-            u[4 * i + 2 * j + 1] = _mm256_unpackhi_epi64(t[4 * i + j], t[4 * i + j + 2]);
-        }
-    for (int k = 0; k < 4; k++) {
-        v[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
-        v[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
-    }
-}
-
-// Row by row first (one stream of reads at a time: several interleaved
-// streams defeat the hardware prefetcher), each block's values stored as
-// [row][32 bytes], then each block transposed in place.
-TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
-                    panel_block *out) {
-    const int sub = type_block(type) / QK;   // sub-blocks of 32 per unit
-    const int64_t nb = n / QK;
-    if (n_rows < PANEL) memset(out, 0, sizeof(panel_block) * (size_t)nb);
-    for (int r = 0; r < n_rows; r++) {
-        const uint8_t *row = w + r * row_stride;
-        for (int64_t u = 0; u < nb / sub; u++) {
-            __m256i v[8];
-            float a0[8], a1[8], off[8];
-            unpack_unit(type, row, u, v, a0, a1, off);
-            for (int s = 0; s < sub; s++) {
-                panel_block *b = out + u * sub + s;
-                _mm256_storeu_si256((__m256i *)b->v + r, v[s]);
-                b->a[0][r] = a0[s], b->a[1][r] = a1[s], b->off[r] = off[s];
-            }
-        }
-    }
-    for (int64_t g = 0; g < nb; g++) {
-        __m256i v[PANEL];
-        for (int r = 0; r < PANEL; r++) v[r] = _mm256_loadu_si256((const __m256i *)out[g].v + r);
-        transpose_8x8(v);
-        for (int k = 0; k < 8; k++) _mm256_storeu_si256((__m256i *)out[g].v + k, v[k]);
-    }
-}
-
-#define PACK_ENTRY(name, type)                                                          \
-    static AVX2 void name(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n, \
-                          panel_block *out) {                                           \
-        pack_rows(type, w, row_stride, n_rows, n, out);                                 \
-    }
-
-PACK_ENTRY(pack_q8_0, KVC_TYPE_Q8_0)
-PACK_ENTRY(pack_q4_0, KVC_TYPE_Q4_0)
-PACK_ENTRY(pack_q4_1, KVC_TYPE_Q4_1)
-PACK_ENTRY(pack_q5_0, KVC_TYPE_Q5_0)
-PACK_ENTRY(pack_q5_1, KVC_TYPE_Q5_1)
-PACK_ENTRY(pack_q4_k, KVC_TYPE_Q4_K)
-PACK_ENTRY(pack_q5_k, KVC_TYPE_Q5_K)
-PACK_ENTRY(pack_q6_k, KVC_TYPE_Q6_K)
-
-// A panel times nt tokens (4, or 1). Each 4-byte piece of a token's block
-// is broadcast and multiplied with the same piece of the 8 rows, so the
-// lanes of the sums are rows and one conversion and one FMA serve 8 rows.
-// Signed values (Q8_0, Q6_K) go through the sign trick and have no offset.
-
-// sum[t] += the products of pieces k0..k0+3 of block b with token t's (at
-// xq + t * QK). They are added in int16 first where that cannot overflow
-// (|v| <= 32: 4 * 2 * 32 * 127 < 2^15), i.e. for every type but Q8_0.
-TILE void panel_pieces(const panel_block *b, int k0, const int8_t *xq, int nt, __m256i *sum,
-                       int sgn, int wide) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i s16[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)b->v[k0 + i]);
-        __m256i aw = sgn ? _mm256_abs_epi8(w) : w;
-#pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) {
-            __m256i xb = _mm256_set1_epi32((int)load_u32((const uint8_t *)xq + t * QK + 4 * (k0 + i)));
-            __m256i p16 = _mm256_maddubs_epi16(aw, sgn ? _mm256_sign_epi8(xb, w) : xb);
-            if (wide) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(p16, ones));
-            else s16[t] = i ? _mm256_add_epi16(s16[t], p16) : p16;
-        }
-    }
-    if (!wide)
-#pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(s16[t], ones));
-}
-
-// acc[t] += sum[t] * a * (token t's scale d), and sum[t] = 0.
-TILE void panel_scale(__m256 *acc, __m256i *sum, const float *a, const float *xd, int nt) {
-    __m256 va = _mm256_loadu_ps(a);
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) {
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[t]), _mm256_mul_ps(va, _mm256_set1_ps(xd[t])), acc[t]);
-        sum[t] = _mm256_setzero_si256();
-    }
-}
-
-TILE void panel_tile(const panel_block *p, int64_t n, act_q8 x, int t0, int nt, float *y,
-                     int64_t y_stride, int n_rows, int n_tok, int sgn, int halves, int wide) {
-    __m256 acc[4];
-    __m256i sum[4];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps(), sum[t] = _mm256_setzero_si256();
-    for (int64_t g = 0; g < n / QK; g++) {
-        const panel_block *b = p + g;
-        const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
-        const int8_t *xq = x.q + k * QK;
-        panel_pieces(b, 0, xq, nt, sum, sgn, wide);
-        if (halves) panel_scale(acc, sum, b->a[0], x.d + k, nt);
-        panel_pieces(b, 4, xq, nt, sum, sgn, wide);
-        panel_scale(acc, sum, b->a[halves], x.d + k, nt);
-        if (!sgn) {
-            __m256 off = _mm256_loadu_ps(b->off);
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_fnmadd_ps(off, _mm256_set1_ps(x.s[k + t]), acc[t]);
-        }
-    }
-    for (int t = 0; t < n_tok; t++) {
-        float out[PANEL];
-        _mm256_storeu_ps(out, acc[t]);
-        memcpy(y + t * y_stride, out, sizeof(float) * (size_t)n_rows);
-    }
-}
-
-#define PANEL_ENTRY(name, sgn, halves, wide)                                                       \
-    static AVX2 void name(const panel_block *p, int64_t n, act_q8 x, int t0, float *y,            \
-                          int64_t y_stride, int n_rows, int n_tok) {                              \
-        if (x.nt == 1) panel_tile(p, n, x, t0, 1, y, y_stride, n_rows, n_tok, sgn, halves, wide); \
-        else panel_tile(p, n, x, t0, 4, y, y_stride, n_rows, n_tok, sgn, halves, wide);           \
-    }
-
-PANEL_ENTRY(panel_q8_0, 1, 0, 1)
-PANEL_ENTRY(panel_q6_k, 1, 1, 0)
-PANEL_ENTRY(panel_offset, 0, 0, 0)   // the unsigned types
-
 #endif  // HAVE_X86
 
 void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd) {
@@ -702,26 +517,6 @@ dot_q8_fn quant_dot_q8(int type, int simd) {
 #endif
     (void)simd;
     return dot_q8_portable;
-}
-
-panel_kernel quant_panel(int type, int simd) {
-    panel_kernel k = {NULL, NULL};
-#ifdef HAVE_X86
-    if (simd) {
-        switch (type) {
-        case KVC_TYPE_Q8_0: return (panel_kernel){pack_q8_0, panel_q8_0};
-        case KVC_TYPE_Q4_0: return (panel_kernel){pack_q4_0, panel_offset};
-        case KVC_TYPE_Q4_1: return (panel_kernel){pack_q4_1, panel_offset};
-        case KVC_TYPE_Q5_0: return (panel_kernel){pack_q5_0, panel_offset};
-        case KVC_TYPE_Q5_1: return (panel_kernel){pack_q5_1, panel_offset};
-        case KVC_TYPE_Q4_K: return (panel_kernel){pack_q4_k, panel_offset};
-        case KVC_TYPE_Q5_K: return (panel_kernel){pack_q5_k, panel_offset};
-        case KVC_TYPE_Q6_K: return (panel_kernel){pack_q6_k, panel_q6_k};
-        }
-    }
-#endif
-    (void)type, (void)simd;
-    return k;
 }
 
 dot_f32_fn quant_dot_f32(int type, int simd) {

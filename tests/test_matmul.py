@@ -232,10 +232,10 @@ def test_token_groups_and_tiles(name, n, simd):
 
 
 @pytest.mark.parametrize("name", QUANTISED)
-def test_panel_edges(name, simd):
-    # from 5 tokens on, the SIMD path multiplies panels of 8 rows with 4
-    # tokens (or a lone one) at a time, over chunks of rows that are a
-    # multiple of 8 and small enough for L2 (n_in 8192: 16 rows a chunk)
+def test_token_group_and_chunk_edges(name, simd):
+    # groups of 8, 4 (padded) and 1 token; fewer rows than threads; chunks of
+    # rows limited by CHUNK_BYTES (n_in 8192: a few rows a chunk) and rounded
+    # to 16 rows
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     n_in = N_IN.get(name, 96)
     for n_out, n, n_threads in [(5, 8, 1), (11, 5, 2), (8, 9, 2), (13, 12, 3), (3, 8, 4), (29, 23, 2), (1, 41, 2)]:
@@ -257,7 +257,7 @@ def test_non_finite_activations_stay_in_their_token(name, simd):
     x[0, 5], x[2, 40] = np.nan, np.inf
     got = mm.matmul(raw, name, 9, n_in, x)
     np.testing.assert_array_equal(got[1], mm.matmul(raw, name, 9, n_in, x[1:2])[0])
-    # 10 tokens (panels on the SIMD path): the others as with finite values there
+    # 10 tokens (groups of 8 and 4): the others as with finite values there
     x = rng.standard_normal((10, n_in)).astype(np.float32)
     finite = mm.matmul(raw, name, 9, n_in, x)
     x[0, 5], x[9, 40] = np.nan, np.inf
