@@ -12,6 +12,8 @@
 #define MIN_PARALLEL_MACS 65536   // smaller products run on the caller alone
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
+#define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
+                            // from writing to one line of y
 
 typedef struct {
     act_q8 x;       // quantised weight types
@@ -120,10 +122,11 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     if (quantised) j.dot_q8 = quant_dot_q8(type, simd);
     else j.dot_f32 = quant_dot_f32(type, simd);
     if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
+    if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
     if (chunk > CHUNK_BYTES / row_stride) chunk = CHUNK_BYTES / row_stride;
+    if (chunk >= LINE_ROWS) chunk = chunk / LINE_ROWS * LINE_ROWS;
     j.chunk = chunk > 0 ? chunk : 1;
-    if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     pool_run(run_job, &j, n_threads);
     free(q); free(ds); free(groups);
     return KVC_OK;

@@ -231,6 +231,23 @@ def test_token_groups_and_tiles(name, n, simd):
     check_matmul(raw, name, 21, n_in, rng.standard_normal((n, n_in)).astype(np.float32), 2)
 
 
+@pytest.mark.parametrize("name", QUANTISED)
+def test_token_group_and_chunk_edges(name, simd):
+    # groups of 8, 4 (padded) and 1 token; fewer rows than threads; chunks of
+    # rows limited by CHUNK_BYTES (n_in 8192: a few rows a chunk) and rounded
+    # to 16 rows
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    n_in = N_IN.get(name, 96)
+    for n_out, n, n_threads in [(5, 8, 1), (11, 5, 2), (8, 9, 2), (13, 12, 3), (3, 8, 4), (29, 23, 2), (1, 41, 2)]:
+        raw = make_raw(name, n_out, n_in, rng)
+        check_matmul(raw, name, n_out, n_in, rng.standard_normal((n, n_in)).astype(np.float32), n_threads)
+    raw = make_raw(name, 37, 8192, rng)
+    x = rng.standard_normal((10, 8192)).astype(np.float32)
+    one = check_matmul(raw, name, 37, 8192, x, 1)
+    for n_threads in (2, 3):   # each row is computed whole by one thread
+        np.testing.assert_array_equal(mm.matmul(raw, name, 37, 8192, x, n_threads=n_threads), one)
+
+
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F32"])
 def test_non_finite_activations_stay_in_their_token(name, simd):
     rng = np.random.default_rng(12)
@@ -240,6 +257,11 @@ def test_non_finite_activations_stay_in_their_token(name, simd):
     x[0, 5], x[2, 40] = np.nan, np.inf
     got = mm.matmul(raw, name, 9, n_in, x)
     np.testing.assert_array_equal(got[1], mm.matmul(raw, name, 9, n_in, x[1:2])[0])
+    # 10 tokens (groups of 8 and 4): the others as with finite values there
+    x = rng.standard_normal((10, n_in)).astype(np.float32)
+    finite = mm.matmul(raw, name, 9, n_in, x)
+    x[0, 5], x[9, 40] = np.nan, np.inf
+    np.testing.assert_array_equal(mm.matmul(raw, name, 9, n_in, x)[1:9], finite[1:9])
 
 
 def test_read_probe_sums_every_word_once():
