@@ -581,11 +581,11 @@ static kvc_status attend_tiled(const job *proto, const int32_t *block, int n_blo
     return ok ? KVC_OK : kvc_fail(KVC_ENOMEM, "attend: out of memory");
 }
 
-static kvc_status check_args(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
-                             int64_t n_rows, int n_head_kv, int head_dim,
-                             const int32_t *cells, int64_t n_list, int n_tokens,
-                             const int32_t *lo, const int32_t *hi, const float *q, int n_head,
-                             const float *out) {
+kvc_status kv_check_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+                           int64_t n_rows, int n_head_kv, int head_dim,
+                           const int32_t *cells, int64_t n_list, int n_tokens,
+                           const int32_t *lo, const int32_t *hi, const float *q, int n_head,
+                           const float *out) {
     if (head_bytes(type_k, head_dim) == 0 || head_bytes(type_v, head_dim) == 0)
         return kvc_fail(KVC_EINVAL, "attend: types %d/%d cannot hold heads of %d values",
                         type_k, type_v, head_dim);
@@ -608,14 +608,26 @@ static kvc_status check_args(int type_k, const uint8_t *k, int type_v, const uin
     return KVC_OK;
 }
 
+// The tiles' running max skips NaN scores; a NaN or infinite query row (or
+// scale) gives NaN, as softmax(scale * q.K) . V would.
+static void nan_where_q_is_not_finite(const job *jb, int n_tokens) {
+    const int d = jb->head_dim;
+    for (int64_t r = 0; r < (int64_t)n_tokens * jb->n_head; r++) {
+        int finite = isfinite(jb->scale);
+        for (int i = 0; finite && i < d; i++) finite = isfinite(jb->q[r * d + i]);
+        if (!finite)
+            for (int i = 0; i < d; i++) jb->out[r * d + i] = NAN;
+    }
+}
+
 kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
                      int64_t n_rows, int n_head_kv, int head_dim,
                      const int32_t *cells, int64_t n_list,
                      int n_tokens, const int32_t *lo, const int32_t *hi,
                      const float *q, int n_head, float scale, float *out,
                      int n_threads) {
-    kvc_status st = check_args(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, n_list,
-                               n_tokens, lo, hi, q, n_head, out);
+    kvc_status st = kv_check_attend(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells,
+                                    n_list, n_tokens, lo, hi, q, n_head, out);
     if (st) return st;
     if (n_tokens == 0) return KVC_OK;
     int64_t visits = 0;
@@ -641,5 +653,23 @@ kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
         n_blocks = make_blocks(n_tokens, lo, hi, max_len /= 2, block);
     st = attend_tiled(&proto, block, n_blocks, n_threads);
     free(block);
+    if (st == KVC_OK) nan_where_q_is_not_finite(&proto, n_tokens);
     return st;
+}
+
+kvc_status kv_store(int type, uint8_t *rows, int64_t n_rows, int64_t n_values,
+                    const int32_t *cells, int64_t n, const float *x) {
+    const int64_t row = head_bytes(type, n_values);
+    if (row == 0)
+        return kvc_fail(KVC_EINVAL, "store: type %d cannot hold rows of %lld values", type,
+                        (long long)n_values);
+    if (n_rows < 0 || n < 0) return kvc_fail(KVC_EINVAL, "store: negative size");
+    if (n > 0 && (!rows || !cells || !x)) return kvc_fail(KVC_EINVAL, "store: missing array");
+    for (int64_t i = 0; i < n; i++)
+        if (cells[i] < 0 || cells[i] >= n_rows)
+            return kvc_fail(KVC_EINVAL, "store: cell %d outside [0, %lld)", cells[i],
+                            (long long)n_rows);
+    for (int64_t i = 0; i < n; i++)
+        quant_quantize_row(type, x + i * n_values, n_values, rows + cells[i] * row);
+    return KVC_OK;
 }

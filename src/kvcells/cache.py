@@ -153,7 +153,8 @@ class KVCache(Memory):
         pos = np.asarray(pos, dtype=np.int32)
         self._ubatch = None
         self.table.apply_ubatch(slot, pos, seq_lists)
-        self._ubatch = _Ubatch(np.asarray(slot, dtype=np.int32), *self._visible(pos, seq_lists))
+        self._ubatch = _Ubatch(np.ascontiguousarray(slot, dtype=np.int32),
+                               *self._visible(pos, seq_lists))
 
     def _visible(self, pos, seq_lists):
         """A list of cells and, per token, the range [lo, hi) of it that the
@@ -201,8 +202,9 @@ class KVCache(Memory):
         v = np.ascontiguousarray(v, dtype=np.float32)
         idxs = self._check(layer, k, self.n_head_kv, "k")
         self._check(layer, v, self.n_head_kv, "v")
-        self.k[layer][idxs] = kv_quant.quantize(k.reshape(len(idxs), -1), self.type_k)
-        self.v[layer][idxs] = kv_quant.quantize(v.reshape(len(idxs), -1), self.type_v)
+        n = self.n_head_kv * self.head_dim
+        native.kv_store(native.kv_type_id(self.type_k), self.k[layer], n, idxs, k)
+        native.kv_store(native.kv_type_id(self.type_v), self.v[layer], n, idxs, v)
 
     @_locked
     def attend(self, layer, q, scale):
@@ -219,13 +221,23 @@ class KVCache(Memory):
                          native.kv_type_id(self.type_v), self.v[layer], self.n_cells,
                          self.n_head_kv, self.head_dim, ub.cells, ub.lo, ub.hi, q, scale, out,
                          self.n_threads or native.get_num_threads())
-        # the kernel's running max skips NaN scores; a NaN or infinite query
-        # or scale gives NaN, as softmax(q.K * scale).V would
-        if not np.isfinite(scale):
-            out[:] = np.nan
-        else:
-            out[~np.isfinite(q).all(axis=2)] = np.nan
         return out
+
+    @_locked
+    def layer_kv(self, layer):
+        """The applied ubatch and a layer's K/V rows as the C block takes
+        them (native.KVView): the block stores and attends in one call."""
+        if self._ubatch is None:
+            raise KVCellsError("no ubatch applied (or the cache changed since apply)")
+        if layer not in self.k:
+            raise ValueError(f"layer {layer} is not in this cache")
+        ub = self._ubatch
+        view = ub.views.get(layer)
+        if view is None:
+            view = ub.views[layer] = native.KVView(
+                native.kv_type_id(self.type_k), self.k[layer], native.kv_type_id(self.type_v),
+                self.v[layer], self.n_head_kv * self.head_dim, ub.idxs, ub.cells, ub.lo, ub.hi)
+        return view
 
     # ---- sequence operations (docs/api.md semantics) ----
 
@@ -417,6 +429,7 @@ class _Ubatch:
 
     def __init__(self, idxs, cells, lo, hi):
         self.idxs, self.cells, self.lo, self.hi = idxs, cells, lo, hi
+        self.views = {}   # layer -> native.KVView, made on first use
 
 
 class _Reader:
@@ -524,6 +537,10 @@ class ISWACache(Memory):
     @_locked
     def attend(self, layer, q, scale):
         return self._half(layer).attend(layer, q, scale)
+
+    @_locked
+    def layer_kv(self, layer):
+        return self._half(layer).layer_kv(layer)
 
     @_locked
     def seq_rm(self, seq_id, p0=-1, p1=-1):

@@ -39,6 +39,7 @@ class Context:
             raise MemoryError(f"a KV cache of {n_ctx} cells needs {need / 2**30:.1f} GiB "
                               f"({type_k} K, {type_v} V) and could not be allocated") from None
         self.memory.n_threads = n_threads
+        self.scratch = model.make_scratch(n_ubatch)
 
     @property
     def kv_bytes(self):
@@ -58,7 +59,7 @@ class Context:
         logits = [np.zeros((0, self.n_vocab), np.float32)]
         for (tokens, pos, seqs, rows), slot in zip(ubatches, slots):
             self.memory.apply(slot, pos, seqs)
-            logits.append(self.model.forward(tokens, pos, seqs, rows, self.memory))
+            logits.append(self.model.forward(tokens, pos, seqs, rows, self.memory, self.scratch))
         return np.concatenate(logits)
 
     def check_batch(self, batch):

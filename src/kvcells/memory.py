@@ -39,6 +39,11 @@ class Memory(ABC):
         """Attention output of the applied ubatch's queries in a layer."""
 
     @abstractmethod
+    def layer_kv(self, layer):
+        """The applied ubatch's K/V view of a layer for the forward pass's C
+        block (native.KVView), which stores and attends in one call."""
+
+    @abstractmethod
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         """Remove a sequence's positions in [p0, p1); llama.cpp's semantics."""
 
