@@ -95,12 +95,13 @@ void block_scratch_times(const kvc_scratch *s, double *matmul_s, double *attend_
     *attend_s = s->t_attend;
 }
 
-static kvc_status check_run(const kvc_block *b, const kvc_kv *kv, const kvc_scratch *s,
+static kvc_status check_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
+                            const kvc_scratch *s,
                             const float *x, int64_t n, const float *cos, const float *sin,
                             const int32_t *out_rows, int64_t n_out, int n_threads) {
     kvc_status st = check_block(b);
     if (st) return st;
-    if (!kv || !s || !x || !cos || !sin) return kvc_fail(KVC_EINVAL, "block: missing array");
+    if (!kv || !ub || !s || !x || !cos || !sin) return kvc_fail(KVC_EINVAL, "block: missing array");
     if (s->n_embd != b->n_embd || s->n_q != (int64_t)b->n_head * b->head_dim
         || s->n_kv != (int64_t)b->n_head_kv * b->head_dim || s->n_ff != b->n_ff)
         return kvc_fail(KVC_EINVAL, "block: the scratch was made for another model");
@@ -108,17 +109,17 @@ static kvc_status check_run(const kvc_block *b, const kvc_kv *kv, const kvc_scra
         return kvc_fail(KVC_EINVAL, "block: %lld tokens (the scratch holds 1 to %lld)",
                         (long long)n, (long long)s->n_tokens);
     if (n_threads < 1) return kvc_fail(KVC_EINVAL, "n_threads must be >= 1, got %d", n_threads);
-    if (kv->n_tokens != n || kv->n_values != s->n_kv)
-        return kvc_fail(KVC_EINVAL, "block: the K/V view holds %lld tokens of %lld values, "
-                        "the block %lld of %lld", (long long)kv->n_tokens,
+    if (ub->n_tokens != n || kv->n_values != s->n_kv)
+        return kvc_fail(KVC_EINVAL, "block: a ubatch of %lld tokens, K/V rows of %lld values; "
+                        "the block has %lld tokens, rows of %lld", (long long)ub->n_tokens,
                         (long long)kv->n_values, (long long)n, (long long)s->n_kv);
-    if (!kv->slots) return kvc_fail(KVC_EINVAL, "block: no K/V slots");
+    if (!ub->slots) return kvc_fail(KVC_EINVAL, "block: no K/V slots");
     for (int64_t t = 0; t < n; t++)
-        if (kv->slots[t] < 0 || kv->slots[t] >= kv->n_rows)
-            return kvc_fail(KVC_EINVAL, "block: cell %d outside [0, %lld)", kv->slots[t],
+        if (ub->slots[t] < 0 || ub->slots[t] >= kv->n_rows)
+            return kvc_fail(KVC_EINVAL, "block: cell %d outside [0, %lld)", ub->slots[t],
                             (long long)kv->n_rows);
     if ((st = kv_check_attend(kv->type_k, kv->k, kv->type_v, kv->v, kv->n_rows, b->n_head_kv,
-                              b->head_dim, kv->cells, kv->n_list, (int)n, kv->lo, kv->hi, s->q,
+                              b->head_dim, ub->cells, ub->n_list, (int)n, ub->lo, ub->hi, s->q,
                               b->n_head, s->a)))
         return st;
     if (n_out >= 0) {
@@ -154,10 +155,10 @@ static void keep_rows(float *m, float *tmp, int64_t n, const int32_t *out_rows, 
     memcpy(m, tmp, sizeof(float) * (size_t)(n_out * n));
 }
 
-kvc_status block_run(const kvc_block *b, const kvc_kv *kv, kvc_scratch *s, float *x,
-                     int64_t n, const float *cos, const float *sin,
+kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
+                     kvc_scratch *s, float *x, int64_t n, const float *cos, const float *sin,
                      const int32_t *out_rows, int64_t n_out, int n_threads) {
-    kvc_status st = check_run(b, kv, s, x, n, cos, sin, out_rows, n_out, n_threads);
+    kvc_status st = check_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads);
     if (st) return st;
     const int64_t e = b->n_embd, nq = s->n_q, nkv = s->n_kv, ff = b->n_ff, d = b->head_dim;
     const float eps = b->norm_eps;
@@ -169,12 +170,12 @@ kvc_status block_run(const kvc_block *b, const kvc_kv *kv, kvc_scratch *s, float
         return st;
     ops_rope(s->q, n, b->n_head, d, cos, sin, b->rope_neox, b->attn_q_norm, eps);
     ops_rope(s->k, n, b->n_head_kv, d, cos, sin, b->rope_neox, b->attn_k_norm, eps);
-    if ((st = kv_store(kv->type_k, kv->k, kv->n_rows, nkv, kv->slots, n, s->k))
-        || (st = kv_store(kv->type_v, kv->v, kv->n_rows, nkv, kv->slots, n, s->v)))
+    if ((st = kv_store(kv->type_k, kv->k, kv->n_rows, nkv, ub->slots, n, s->k))
+        || (st = kv_store(kv->type_v, kv->v, kv->n_rows, nkv, ub->slots, n, s->v)))
         return st;
     const double t = now_s();
     st = kv_attend(kv->type_k, kv->k, kv->type_v, kv->v, kv->n_rows, b->n_head_kv, (int)d,
-                   kv->cells, kv->n_list, (int)n, kv->lo, kv->hi, s->q, b->n_head,
+                   ub->cells, ub->n_list, (int)n, ub->lo, ub->hi, s->q, b->n_head,
                    b->attn_scale, s->a, n_threads);
     s->t_attend += now_s() - t;
     if (st) return st;

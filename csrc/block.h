@@ -37,17 +37,21 @@ typedef struct {
     kvc_matrix attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down;
 } kvc_block;
 
-// One layer's K/V rows and the applied ubatch: token t's K/V rows go to cell
-// slots[t]; it attends cells[lo[t]], ..., cells[hi[t] - 1] (kv_attend).
+// One layer's K/V rows: n_rows rows of n_values values each.
 typedef struct {
     int type_k, type_v;
-    uint8_t *k, *v;          // n_rows rows of n_values values each
+    uint8_t *k, *v;
     int64_t n_rows, n_values;
+} kvc_layer_kv;
+
+// The applied ubatch of a cache: token t's K/V rows go to cell slots[t];
+// it attends cells[lo[t]], ..., cells[hi[t] - 1] (kv_attend).
+typedef struct {
     int64_t n_tokens;
     const int32_t *slots, *lo, *hi;   // n_tokens each
     const int32_t *cells;
     int64_t n_list;
-} kvc_kv;
+} kvc_ubatch;
 
 typedef struct kvc_scratch kvc_scratch;
 
@@ -62,7 +66,8 @@ void block_scratch_times(const kvc_scratch *s, double *matmul_s, double *attend_
 // token goes on after attention; else only the n_out tokens out_rows (in
 // [0, n_tokens)) do, and x's first n_out rows are then theirs (the last
 // layer). Nothing is written on a failed check.
-kvc_status block_run(const kvc_block *b, const kvc_kv *kv, kvc_scratch *s, float *x,
+kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
+                     kvc_scratch *s, float *x,
                      int64_t n_tokens, const float *cos, const float *sin,
                      const int32_t *out_rows, int64_t n_out, int n_threads);
 

@@ -659,7 +659,8 @@ kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
 
 kvc_status kv_store(int type, uint8_t *rows, int64_t n_rows, int64_t n_values,
                     const int32_t *cells, int64_t n, const float *x) {
-    const int64_t row = head_bytes(type, n_values);
+    const int64_t row =
+        n_values > 0 && n_values <= INT32_MAX ? head_bytes(type, (int)n_values) : 0;
     if (row == 0)
         return kvc_fail(KVC_EINVAL, "store: type %d cannot hold rows of %lld values", type,
                         (long long)n_values);
@@ -669,7 +670,8 @@ kvc_status kv_store(int type, uint8_t *rows, int64_t n_rows, int64_t n_values,
         if (cells[i] < 0 || cells[i] >= n_rows)
             return kvc_fail(KVC_EINVAL, "store: cell %d outside [0, %lld)", cells[i],
                             (long long)n_rows);
-    for (int64_t i = 0; i < n; i++)
-        quant_quantize_row(type, x + i * n_values, n_values, rows + cells[i] * row);
+    const int avx2 = kvc_simd_enabled() && n_values % 8 == 0;
+    for (int64_t i = 0; i < n; i++) narrow(avx2, type, x + i * n_values, (int)n_values,
+                                           rows + cells[i] * row);
     return KVC_OK;
 }

@@ -40,11 +40,16 @@ void ops_silu_mul(float *g, const float *u, int64_t n) {
     for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+// tanh(y) = 1 - 2 / (e^2y + 1): one expf (libm's tanhf costs about four
+// times as much, and a decode step of Gemma 3 270M takes ~37k of them);
+// absolute error ~1e-7, exactly +-1 far out, NaN stays NaN
+static float tanh_by_exp(float y) { return 1.0f - 2.0f / (expf(2.0f * y) + 1.0f); }
+
 void ops_gelu_tanh_mul(float *g, const float *u, int64_t n) {
     const float c = 0.7978845608f, c3 = 0.7978845608f * 0.044715f;
     for (int64_t i = 0; i < n; i++) {
         const float x = g[i];
-        g[i] = 0.5f * x * (1.0f + tanhf(x * (c + c3 * x * x))) * u[i];
+        g[i] = 0.5f * x * (1.0f + tanh_by_exp(x * (c + c3 * x * x))) * u[i];
     }
 }
 
@@ -53,5 +58,5 @@ void ops_add(float *x, const float *y, int64_t n) {
 }
 
 void ops_softcap(float *x, int64_t n, float cap) {
-    for (int64_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] / cap);
+    for (int64_t i = 0; i < n; i++) x[i] = cap * tanh_by_exp(x[i] / cap);
 }

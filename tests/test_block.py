@@ -71,7 +71,7 @@ def test_one_block_equals_the_layer_in_numpy(gemma, n_threads):
     block = make_block(w, gemma)
     mem, slot = applied_cache(n)
     got = x.copy()
-    native.block_run(block, mem.layer_kv(0), native.Scratch(block, 8), got,
+    native.block_run(block, *mem.layer_kv(0), native.Scratch(block, 8), got,
                      *rope_tables(np.arange(n), base, D), None, n_threads)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     k_cached = dequantize(mem.k[0][slot], "f32", HKV * D).reshape(n, HKV, D)
@@ -86,7 +86,7 @@ def test_only_the_output_rows_go_on_after_attention():
     block = make_block(w, True)
     mem, _ = applied_cache(n)
     got = x.copy()
-    native.block_run(block, mem.layer_kv(0), native.Scratch(block, n), got,
+    native.block_run(block, *mem.layer_kv(0), native.Scratch(block, n), got,
                      *rope_tables(np.arange(n), 10000.0, D), np.array([3, 0], np.int32), 1)
     np.testing.assert_allclose(got[:2], want[[3, 0]], rtol=1e-4, atol=1e-4)
 
@@ -102,7 +102,7 @@ def test_rope_layouts_differ():
                    for name, a in w.items()}
         block = native.Block(E, H, HKV, D, FF, "silu", neox, EPS, 1.0 / np.sqrt(D), tensors)
         mem, slot = applied_cache(3)
-        native.block_run(block, mem.layer_kv(0), native.Scratch(block, 3), x.copy(),
+        native.block_run(block, *mem.layer_kv(0), native.Scratch(block, 3), x.copy(),
                          *rope_tables(np.arange(3), 10000.0, D), None, 1)
         ks.append(dequantize(mem.k[0][slot], "f32", HKV * D).reshape(3, HKV, D))
     h = rms_norm(x, w["attn_norm"], EPS)
@@ -136,21 +136,21 @@ def test_bad_calls_raise_and_write_no_kv_row():
     cos, sin = rope_tables(np.arange(n), 10000.0, D)
     x = np.ones((n, E), np.float32)
     before = mem.k[0].copy()
-    kv = mem.layer_kv(0)
+    kv, ub = mem.layer_kv(0)
     with pytest.raises(ValueError, match="scratch holds"):
-        native.block_run(block, kv, native.Scratch(block, 2), x, cos, sin, None, 1)
+        native.block_run(block, kv, ub, native.Scratch(block, 2), x, cos, sin, None, 1)
     with pytest.raises(ValueError, match="float32"):
-        native.block_run(block, kv, scratch, np.ones((n, E + 1), np.float32), cos, sin, None, 1)
+        native.block_run(block, kv, ub, scratch, np.ones((n, E + 1), np.float32), cos, sin,
+                         None, 1)
     with pytest.raises(ValueError, match="cos and sin"):
-        native.block_run(block, kv, scratch, x, cos[:1], sin[:1], None, 1)
+        native.block_run(block, kv, ub, scratch, x, cos[:1], sin[:1], None, 1)
     with pytest.raises(ValueError, match="output row 3 outside"):
-        native.block_run(block, kv, scratch, x, cos, sin, np.array([3], np.int32), 1)
-    bad = native.KVView(native.TYPES["F32"], mem.k[0], native.TYPES["F32"], mem.v[0], HKV * D,
-                        np.array([0, 1, 99], np.int32), kv.keep[3], kv.keep[4], kv.keep[5])
+        native.block_run(block, kv, ub, scratch, x, cos, sin, np.array([3], np.int32), 1)
+    bad = native.UbatchView(np.array([0, 1, 99], np.int32), *ub.keep[1:])
     with pytest.raises(ValueError, match="cell 99 outside"):
-        native.block_run(block, bad, scratch, x, cos, sin, None, 1)
+        native.block_run(block, kv, bad, scratch, x, cos, sin, None, 1)
     with pytest.raises(ValueError, match="n_threads"):
-        native.block_run(block, kv, scratch, x, cos, sin, None, 0)
+        native.block_run(block, kv, ub, scratch, x, cos, sin, None, 0)
     assert np.array_equal(mem.k[0], before) and np.array_equal(x, np.ones((n, E), np.float32))
     with pytest.raises(ValueError, match="attn_q must be"):
         native.Block(E, H, HKV, D, FF, "silu", False, EPS, 1.0, {})

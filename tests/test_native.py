@@ -75,7 +75,7 @@ def test_block_entry_points_report_bad_arguments():
     b.attn_norm = b.ffn_norm = x
     assert lib.block_scratch_new(b, 4, out) == lib.KVC_EINVAL
     assert "matrix attn_q" in message()
-    assert lib.block_run(ffi.NULL, ffi.NULL, ffi.NULL, x, 1, x, x, ffi.NULL, -1, 1) \
+    assert lib.block_run(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, x, 1, x, x, ffi.NULL, -1, 1) \
         == lib.KVC_EINVAL
     assert lib.block_output(x, 1e-6, ffi.NULL, 4, 8, 0.0, x, 1, x, ffi.NULL, 1) \
         == lib.KVC_EINVAL

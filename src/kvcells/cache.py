@@ -107,6 +107,9 @@ class KVCache(Memory):
         self.row_v = kv_quant.row_bytes(type_v, n_head_kv * head_dim)
         self.k = {il: np.zeros((n_cells, self.row_k), np.uint8) for il in self.layers}
         self.v = {il: np.zeros((n_cells, self.row_v), np.uint8) for il in self.layers}
+        self._layer_kv = {il: native.LayerKV(native.kv_type_id(type_k), self.k[il],
+                                             native.kv_type_id(type_v), self.v[il],
+                                             n_head_kv * head_dim) for il in self.layers}
         self._ubatch = None
         self.lock = threading.RLock()
 
@@ -225,19 +228,16 @@ class KVCache(Memory):
 
     @_locked
     def layer_kv(self, layer):
-        """The applied ubatch and a layer's K/V rows as the C block takes
-        them (native.KVView): the block stores and attends in one call."""
+        """A layer's K/V rows and the applied ubatch as the C block takes them
+        (native.LayerKV, native.UbatchView): it stores and attends in one call."""
         if self._ubatch is None:
             raise KVCellsError("no ubatch applied (or the cache changed since apply)")
         if layer not in self.k:
             raise ValueError(f"layer {layer} is not in this cache")
         ub = self._ubatch
-        view = ub.views.get(layer)
-        if view is None:
-            view = ub.views[layer] = native.KVView(
-                native.kv_type_id(self.type_k), self.k[layer], native.kv_type_id(self.type_v),
-                self.v[layer], self.n_head_kv * self.head_dim, ub.idxs, ub.cells, ub.lo, ub.hi)
-        return view
+        if ub.view is None:
+            ub.view = native.UbatchView(ub.idxs, ub.cells, ub.lo, ub.hi)
+        return self._layer_kv[layer], ub.view
 
     # ---- sequence operations (docs/api.md semantics) ----
 
@@ -429,7 +429,7 @@ class _Ubatch:
 
     def __init__(self, idxs, cells, lo, hi):
         self.idxs, self.cells, self.lo, self.hi = idxs, cells, lo, hi
-        self.views = {}   # layer -> native.KVView, made on first use
+        self.view = None   # native.UbatchView, made on first use
 
 
 class _Reader:

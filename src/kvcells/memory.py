@@ -40,8 +40,9 @@ class Memory(ABC):
 
     @abstractmethod
     def layer_kv(self, layer):
-        """The applied ubatch's K/V view of a layer for the forward pass's C
-        block (native.KVView), which stores and attends in one call."""
+        """A layer's K/V rows and the applied ubatch for the forward pass's C
+        block (native.LayerKV, native.UbatchView), which stores and attends
+        in one call."""
 
     @abstractmethod
     def seq_rm(self, seq_id, p0=-1, p1=-1):

@@ -290,31 +290,43 @@ class Scratch:
         return mm[0], att[0]
 
 
-class KVView:
-    """One layer's K/V rows and the applied ubatch (kvc_kv): token t's rows
-    go to cell slots[t] and it attends cells[lo[t]:hi[t]]."""
+class LayerKV:
+    """One layer's K/V rows as C sees them (kvc_layer_kv): k and v, uint8
+    (n_rows, row bytes) arrays of rows of n_values values of type_k, type_v."""
 
-    def __init__(self, type_k, k, type_v, v, n_values, slots, cells, lo, hi):
-        n_rows, n = k.shape[0], len(slots)
+    def __init__(self, type_k, k, type_v, v, n_values):
+        n_rows = k.shape[0]
         for name, rows, t in (("k", k, type_k), ("v", v, type_v)):
-            if rows.dtype != _U8 or rows.shape != (n_rows, row_bytes(t, n_values)) \
-                    or not rows.flags.c_contiguous:
-                raise ValueError(f"{name} rows must be uint8 ({n_rows}, row bytes)")
+            if not isinstance(rows, np.ndarray) or rows.dtype != _U8 \
+                    or rows.shape != (n_rows, row_bytes(t, n_values)) or not rows.flags.c_contiguous:
+                raise ValueError(f"{name} rows must be a contiguous uint8 ({n_rows}, row bytes) array")
+        self.keep = (k, v)
+        self.c = ffi.new("kvc_layer_kv *", {
+            "type_k": type_k, "type_v": type_v, "k": bytes_of(k, True), "v": bytes_of(v, True),
+            "n_rows": n_rows, "n_values": n_values})
+
+
+class UbatchView:
+    """An applied ubatch as C sees it (kvc_ubatch): token t's K/V rows go to
+    cell slots[t] and it attends cells[lo[t]:hi[t]]; int32 vectors."""
+
+    def __init__(self, slots, cells, lo, hi):
         for name, a in (("slots", slots), ("lo", lo), ("hi", hi), ("cells", cells)):
-            if a.dtype != np.int32 or a.ndim != 1 or not a.flags.c_contiguous:
+            if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
+                    or not a.flags.c_contiguous:
                 raise ValueError(f"{name} must be a contiguous int32 vector")
+        n = len(slots)
         if len(lo) != n or len(hi) != n:
             raise ValueError(f"{n} tokens need {n} ranges")
-        self.keep = (k, v, slots, cells, lo, hi)
-        self.c = ffi.new("kvc_kv *", {
-            "type_k": type_k, "type_v": type_v, "k": bytes_of(k, True), "v": bytes_of(v, True),
-            "n_rows": n_rows, "n_values": n_values, "n_tokens": n,
-            "slots": int32s(slots), "lo": int32s(lo), "hi": int32s(hi),
+        self.keep = (slots, cells, lo, hi)
+        self.c = ffi.new("kvc_ubatch *", {
+            "n_tokens": n, "slots": int32s(slots), "lo": int32s(lo), "hi": int32s(hi),
             "cells": int32s(cells) if len(cells) else ffi.NULL, "n_list": len(cells)})
 
 
-def block_run(block, kv, scratch, x, cos, sin, out_rows, n_threads):
-    """Runs one layer on x (float32 (n, n_embd), in place); cos, sin: float32
+def block_run(block, kv, ubatch, scratch, x, cos, sin, out_rows, n_threads):
+    """Runs one layer (Block) on x (float32 (n, n_embd), in place), its K/V
+    rows kv (LayerKV) and the applied ubatch (UbatchView); cos, sin: float32
     (n, ..., head_dim/2); out_rows: None, or the int32 rows that go on after
     attention (x's first len(out_rows) rows are then theirs)."""
     n = x.shape[0] if x.ndim == 2 else 0
@@ -329,7 +341,7 @@ def block_run(block, kv, scratch, x, cos, sin, out_rows, n_threads):
         if out_rows.dtype != np.int32 or out_rows.ndim != 1 or not out_rows.flags.c_contiguous:
             raise ValueError("out_rows must be a contiguous int32 vector")
         rows, n_out = int32s(out_rows) if len(out_rows) else ffi.NULL, len(out_rows)
-    status = lib.block_run(block.c, kv.c, scratch.c, ffi.from_buffer(_FLOATS, x), n,
+    status = lib.block_run(block.c, kv.c, ubatch.c, scratch.c, ffi.from_buffer(_FLOATS, x), n,
                            ffi.from_buffer(_FLOATS, cos), ffi.from_buffer(_FLOATS, sin),
                            rows, n_out, check_threads(n_threads))
     if status:

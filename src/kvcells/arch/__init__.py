@@ -86,6 +86,6 @@ def run_layers(blocks, x, rope, output_rows, mem, scratch):
     rows output_rows go on after the last layer's attention. Returns them."""
     nt, last = threads(mem), len(blocks) - 1
     for il, block in enumerate(blocks):
-        native.block_run(block, mem.layer_kv(il), scratch, x, *rope[il],
+        native.block_run(block, *mem.layer_kv(il), scratch, x, *rope[il],
                          output_rows if il == last else None, nt)
     return x[:len(output_rows)]
