@@ -14,7 +14,8 @@
 
 struct kvc_scratch {
     int64_t n_tokens, n_embd, n_q, n_kv, n_ff;
-    float *h, *q, *k, *v, *a, *o, *g, *u;   // rows of n_embd, n_q, n_kv, n_kv, n_q, n_embd, n_ff, n_ff
+    // rows of n_embd, n_q, n_kv, n_kv, n_q, n_embd, n_ff, n_ff floats
+    float *h, *q, *k, *v, *a, *o, *g, *u;
     double t_matmul, t_attend;
 };
 
@@ -193,7 +194,7 @@ kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatc
         || (st = mm(s, &b->ffn_up, ff, e, s->h, n, s->u, n_threads)))
         return st;
     if (b->act == KVC_ACT_SILU) ops_silu_mul(s->g, s->u, n * ff);
-    else ops_gelu_tanh_mul(s->g, s->u, n * ff);
+    else ops_gelu_tanh_mul(s->g, s->u, n, ff);
     if ((st = mm(s, &b->ffn_down, e, ff, s->g, n, s->o, n_threads))) return st;
     add_normed(x, s->o, b->post_ffw_norm, n, e, eps);
     return KVC_OK;
@@ -213,6 +214,6 @@ kvc_status block_output(const float *norm_w, float eps, const kvc_matrix *head,
     if (n == 0) return KVC_OK;
     ops_rms_norm(x, norm_w, x, n, n_embd, eps);
     if ((st = mm(s, head, n_vocab, n_embd, x, n, logits, n_threads))) return st;
-    if (softcap > 0.0f) ops_softcap(logits, n * n_vocab, softcap);
+    if (softcap > 0.0f) ops_softcap(logits, n, n_vocab, softcap);
     return KVC_OK;
 }

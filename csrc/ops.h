@@ -20,11 +20,12 @@ void ops_rope(float *x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, con
               const float *sin, int neox, const float *w, float eps);
 // g[i] = silu(g[i]) * u[i], silu(x) = x / (1 + e^-x)
 void ops_silu_mul(float *g, const float *u, int64_t n);
-// g[i] = gelu(g[i]) * u[i], gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-void ops_gelu_tanh_mul(float *g, const float *u, int64_t n);
+// g[i] = gelu(g[i]) * u[i], gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+// for n_rows rows of n
+void ops_gelu_tanh_mul(float *g, const float *u, int64_t n_rows, int64_t n);
 // x[i] += y[i]
 void ops_add(float *x, const float *y, int64_t n);
-// x[i] = cap * tanh(x[i] / cap)
-void ops_softcap(float *x, int64_t n, float cap);
+// x[i] = cap * tanh(x[i] / cap) for n_rows rows of n
+void ops_softcap(float *x, int64_t n_rows, int64_t n, float cap);
 
 #endif

@@ -298,8 +298,9 @@ class LayerKV:
         n_rows = k.shape[0]
         for name, rows, t in (("k", k, type_k), ("v", v, type_v)):
             if not isinstance(rows, np.ndarray) or rows.dtype != _U8 \
-                    or rows.shape != (n_rows, row_bytes(t, n_values)) or not rows.flags.c_contiguous:
-                raise ValueError(f"{name} rows must be a contiguous uint8 ({n_rows}, row bytes) array")
+                    or rows.shape != (n_rows, row_bytes(t, n_values)) \
+                    or not rows.flags.c_contiguous:
+                raise ValueError(f"{name} rows must be contiguous uint8 ({n_rows}, row bytes)")
         self.keep = (k, v)
         self.c = ffi.new("kvc_layer_kv *", {
             "type_k": type_k, "type_v": type_v, "k": bytes_of(k, True), "v": bytes_of(v, True),

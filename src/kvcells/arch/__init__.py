@@ -53,7 +53,9 @@ def blocks(file, names, act):
         tensors = {}
         for name in names:
             t = file.tensors[f"blk.{il}.{name}.weight"]
-            tensors[name] = t if isinstance(t, np.ndarray) else native.Matrix(t.type, t.raw, *t.shape)
+            if not isinstance(t, np.ndarray):   # a vector is float32 already
+                t = native.Matrix(t.type, t.raw, *t.shape)
+            tensors[name] = t
         out.append(native.Block(hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff, act,
                                 hp.rope_mode == NEOX, hp.norm_eps, hp.attn_scale, tensors))
     return out
