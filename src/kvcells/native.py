@@ -239,9 +239,11 @@ class Matrix:
 
 class Block:
     """One layer as block.c runs it (kvc_block). tensors: the layer's
-    tensors by their GGUF names (a Matrix for each of BLOCK_MATRICES, a
-    float32 vector or None for each of BLOCK_NORMS; attn_norm and ffn_norm
-    required); act: a key of ACTIVATIONS."""
+    tensors by their GGUF names, a Matrix for each of attn_q, attn_k, attn_v,
+    attn_output, ffn_gate, ffn_up, ffn_down, and a float32 vector for
+    attn_norm, ffn_norm and, where the architecture has them, attn_q_norm,
+    attn_k_norm, post_attention_norm, post_ffw_norm; act: a key of
+    ACTIVATIONS; rope_neox: NEOX pairs, else NORM."""
 
     def __init__(self, n_embd, n_head, n_head_kv, head_dim, n_ff, act, rope_neox,
                  norm_eps, attn_scale, tensors):
