@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp8.h"
 #include "pool.h"
 #include "quants.h"
 
@@ -153,26 +154,6 @@ static void tile_scores_avx2(const float *q, int nr, const float *k, int nc, int
                 s[(r + x) * KC + j + 1] = t[2 * x + 1];
             }
         }
-}
-
-// e^x for x <= 0 (a softmax's shifted scores): 2^n e^f with n = round(x / ln 2),
-// |f| <= ln 2 / 2, e^f by its Taylor series to f^6 (relative error < 2e-7);
-// x below -87 gives about 1e-38 instead of 0, NaN stays NaN
-AVX2 __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln 2, high bits
-    f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), f);      // and the rest
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
 }
 
 // One streaming-softmax step of a query row over a chunk: s[j] becomes
@@ -581,11 +562,11 @@ static kvc_status attend_tiled(const job *proto, const int32_t *block, int n_blo
     return ok ? KVC_OK : kvc_fail(KVC_ENOMEM, "attend: out of memory");
 }
 
-static kvc_status check_args(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
-                             int64_t n_rows, int n_head_kv, int head_dim,
-                             const int32_t *cells, int64_t n_list, int n_tokens,
-                             const int32_t *lo, const int32_t *hi, const float *q, int n_head,
-                             const float *out) {
+kvc_status kv_check_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+                           int64_t n_rows, int n_head_kv, int head_dim,
+                           const int32_t *cells, int64_t n_list, int n_tokens,
+                           const int32_t *lo, const int32_t *hi, const float *q, int n_head,
+                           const float *out) {
     if (head_bytes(type_k, head_dim) == 0 || head_bytes(type_v, head_dim) == 0)
         return kvc_fail(KVC_EINVAL, "attend: types %d/%d cannot hold heads of %d values",
                         type_k, type_v, head_dim);
@@ -608,14 +589,26 @@ static kvc_status check_args(int type_k, const uint8_t *k, int type_v, const uin
     return KVC_OK;
 }
 
+// The tiles' running max skips NaN scores; a NaN or infinite query row (or
+// scale) gives NaN, as softmax(scale * q.K) . V would.
+static void nan_where_q_is_not_finite(const job *jb, int n_tokens) {
+    const int d = jb->head_dim;
+    for (int64_t r = 0; r < (int64_t)n_tokens * jb->n_head; r++) {
+        int finite = isfinite(jb->scale);
+        for (int i = 0; finite && i < d; i++) finite = isfinite(jb->q[r * d + i]);
+        if (!finite)
+            for (int i = 0; i < d; i++) jb->out[r * d + i] = NAN;
+    }
+}
+
 kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
                      int64_t n_rows, int n_head_kv, int head_dim,
                      const int32_t *cells, int64_t n_list,
                      int n_tokens, const int32_t *lo, const int32_t *hi,
                      const float *q, int n_head, float scale, float *out,
                      int n_threads) {
-    kvc_status st = check_args(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, n_list,
-                               n_tokens, lo, hi, q, n_head, out);
+    kvc_status st = kv_check_attend(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells,
+                                    n_list, n_tokens, lo, hi, q, n_head, out);
     if (st) return st;
     if (n_tokens == 0) return KVC_OK;
     int64_t visits = 0;
@@ -641,5 +634,25 @@ kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
         n_blocks = make_blocks(n_tokens, lo, hi, max_len /= 2, block);
     st = attend_tiled(&proto, block, n_blocks, n_threads);
     free(block);
+    if (st == KVC_OK) nan_where_q_is_not_finite(&proto, n_tokens);
     return st;
+}
+
+kvc_status kv_store(int type, uint8_t *rows, int64_t n_rows, int64_t n_values,
+                    const int32_t *cells, int64_t n, const float *x) {
+    const int64_t row =
+        n_values > 0 && n_values <= INT32_MAX ? head_bytes(type, (int)n_values) : 0;
+    if (row == 0)
+        return kvc_fail(KVC_EINVAL, "store: type %d cannot hold rows of %lld values", type,
+                        (long long)n_values);
+    if (n_rows < 0 || n < 0) return kvc_fail(KVC_EINVAL, "store: negative size");
+    if (n > 0 && (!rows || !cells || !x)) return kvc_fail(KVC_EINVAL, "store: missing array");
+    for (int64_t i = 0; i < n; i++)
+        if (cells[i] < 0 || cells[i] >= n_rows)
+            return kvc_fail(KVC_EINVAL, "store: cell %d outside [0, %lld)", cells[i],
+                            (long long)n_rows);
+    const int avx2 = kvc_simd_enabled() && n_values % 8 == 0;
+    for (int64_t i = 0; i < n; i++) narrow(avx2, type, x + i * n_values, (int)n_values,
+                                           rows + cells[i] * row);
+    return KVC_OK;
 }

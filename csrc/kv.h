@@ -13,7 +13,8 @@
 // For each token t, attends the cells cells[lo[t]], ..., cells[hi[t] - 1]:
 // out[t, h] = softmax_j(scale * q[t, h] . K[cell_j, h / g]) . V[cell_j, h / g]
 // with g = n_head / n_head_kv. q and out are float32 (n_tokens, n_head,
-// head_dim); k and v hold n_rows rows. A token that sees no cell gets zeros.
+// head_dim); k and v hold n_rows rows. A token that sees no cell gets zeros;
+// a query row with a NaN or infinity (or a non-finite scale) gets NaN.
 // Runs on up to n_threads threads of the pool.
 kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
                      int64_t n_rows, int n_head_kv, int head_dim,
@@ -21,6 +22,11 @@ kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
                      int n_tokens, const int32_t *lo, const int32_t *hi,
                      const float *q, int n_head, float scale, float *out,
                      int n_threads);
+
+// Writes row i of x (n rows of n_values floats) into row cells[i] of rows
+// (n_rows rows of n_values values of `type`), converted to that type.
+kvc_status kv_store(int type, uint8_t *rows, int64_t n_rows, int64_t n_values,
+                    const int32_t *cells, int64_t n, const float *x);
 
 // Re-rotates K rows after a position shift: row cells[i] of each of the
 // n_layers arrays rows[l] (n_rows rows of n_head x head_dim values of `type`)
@@ -40,5 +46,12 @@ kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n
 // token decoded alone gets the bits it gets inside a prompt.
 #define KV_SEGMENT 2048
 // cffi-end
+
+// kv_attend's argument checks alone (block.c checks before it writes K/V).
+kvc_status kv_check_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+                           int64_t n_rows, int n_head_kv, int head_dim,
+                           const int32_t *cells, int64_t n_list, int n_tokens,
+                           const int32_t *lo, const int32_t *hi, const float *q, int n_head,
+                           const float *out);
 
 #endif

@@ -164,7 +164,8 @@ def decode_ubatch(model, mem, tokens, pos, seq_ids, output_rows=None):
         output_rows = np.arange(len(tokens))
     (slot,) = mem.prepare([(pos, seq_ids)])
     mem.apply(slot, pos, seq_ids)
-    return model.forward(np.asarray(tokens), pos, seq_ids, output_rows, mem)
+    return model.forward(np.asarray(tokens), pos, seq_ids, output_rows, mem,
+                         model.make_scratch(len(tokens)))
 
 
 def decode_one_by_one(model, tokens, *, n_ctx=64, n_ubatch=16, first=6, type_kv="f32"):

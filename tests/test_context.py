@@ -224,12 +224,12 @@ def test_corrupt_or_foreign_state_raises_and_changes_nothing(llama, gemma, tmp_p
 
 
 def test_n_threads_reaches_the_matmul_and_attention_kernels(llama, monkeypatch):
-    """Context(n_threads=k) runs that context's matmuls and attention on k
-    threads and leaves the process default alone."""
+    """Context(n_threads=k) runs that context's layers (matmuls and
+    attention) and head on k threads and leaves the process default alone."""
     import kvcells
     from kvcells import native
     seen = []
-    for name in ("matmul", "kv_attend"):
+    for name in ("block_run", "block_output"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name,
                             lambda *a, real=real, name=name: seen.append((name, a[-1])) or real(*a))
@@ -237,7 +237,7 @@ def test_n_threads_reaches_the_matmul_and_attention_kernels(llama, monkeypatch):
     ctx = Context(llama[0], n_ctx=16, n_threads=1)
     ctx.decode(one_sequence([1, 2]))
     assert ctx.memory.n_threads == 1 and kvcells.get_num_threads() == before
-    assert {name for name, _ in seen} == {"matmul", "kv_attend"}
+    assert {name for name, _ in seen} == {"block_run", "block_output"}
     assert all(n == 1 for _, n in seen)
 
 

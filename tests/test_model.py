@@ -151,12 +151,17 @@ def test_forward_rejects_bad_input(tiny):
         decode_ubatch(model, mem, [-1], [0], [0])
     with pytest.raises(ValueError):
         decode_ubatch(model, mem, [1, 2], [0, 1], [0, 0], output_rows=[2])
+    with pytest.raises(ValueError, match="distinct"):
+        decode_ubatch(model, mem, [1, 2], [0, 1], [0, 0], output_rows=[1, 1])
     (slot,) = mem.prepare([(np.array([0], np.int32), [[0]])])
     mem.apply(slot, np.array([0], np.int32), [[0]])
+    scratch = model.make_scratch(1)
     with pytest.raises(ValueError):
-        model.forward([1, 2], [0], [[0]], [0], mem)
+        model.forward([1, 2], [0], [[0]], [0], mem, scratch)
     with pytest.raises(ValueError):
-        model.forward([], [], [], [], mem)
+        model.forward([], [], [], [], mem, scratch)
+    with pytest.raises(ValueError, match="scratch holds 1"):
+        model.forward([1, 2], [0, 1], [[0], [0]], [0], mem, scratch)
 
 
 def test_kv_bytes_follow_the_formula(tiny):

@@ -61,12 +61,25 @@ def test_kvc_new_reports_why_its_parameters_are_bad():
     assert "n_swa" in message()
 
 
-def test_ops_report_bad_sizes():
-    x = ffi.new("float[]", 4)
-    assert lib.ops_rms_norm(x, x, x, 1, 0, 1e-6) == lib.KVC_EINVAL
-    assert "rms_norm" in message()
-    assert lib.ops_rms_norm_rope_neox(x, x, x, x, x, 1, 1, 3, 1e-6) == lib.KVC_EINVAL
-    assert "rms_norm_rope_neox" in message()
+def test_block_entry_points_report_bad_arguments():
+    """Straight through cffi, past native.py's checks: the C side refuses too."""
+    b = ffi.new("kvc_block *", {"n_embd": 8, "n_head": 3, "n_head_kv": 2, "head_dim": 4,
+                                "n_ff": 8})
+    out = ffi.new("kvc_scratch **")
+    assert lib.block_scratch_new(b, 4, out) == lib.KVC_EINVAL
+    assert "bad sizes" in message()
+    b.n_head = 2
+    assert lib.block_scratch_new(b, 4, out) == lib.KVC_EINVAL
+    assert "norm" in message()
+    x = ffi.new("float[]", 8)
+    b.attn_norm = b.ffn_norm = x
+    assert lib.block_scratch_new(b, 4, out) == lib.KVC_EINVAL
+    assert "matrix attn_q" in message()
+    assert lib.block_run(ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, x, 1, x, x, ffi.NULL, -1, 1) \
+        == lib.KVC_EINVAL
+    assert lib.block_output(x, 1e-6, ffi.NULL, 4, 8, 0.0, x, 1, x, ffi.NULL, 1) \
+        == lib.KVC_EINVAL
+    assert "missing" in message()
 
 
 def test_kv_entry_points_report_bad_arguments():

@@ -108,6 +108,9 @@ class KVCache(Memory):
         self.row_v = kv_quant.row_bytes(type_v, n_head_kv * head_dim)
         self.k = {il: np.zeros((n_cells, self.row_k), np.uint8) for il in self.layers}
         self.v = {il: np.zeros((n_cells, self.row_v), np.uint8) for il in self.layers}
+        self._layer_kv = {il: native.LayerKV(native.kv_type_id(type_k), self.k[il],
+                                             native.kv_type_id(type_v), self.v[il],
+                                             n_head_kv * head_dim) for il in self.layers}
         self._ubatch = None
         self.lock = threading.RLock()
 
@@ -154,7 +157,8 @@ class KVCache(Memory):
         pos = np.asarray(pos, dtype=np.int32)
         self._ubatch = None
         self.table.apply_ubatch(slot, pos, seq_lists)
-        self._ubatch = _Ubatch(np.asarray(slot, dtype=np.int32), *self._visible(pos, seq_lists))
+        self._ubatch = _Ubatch(np.ascontiguousarray(slot, dtype=np.int32),
+                               *self._visible(pos, seq_lists))
 
     def _visible(self, pos, seq_lists):
         """A list of cells and, per token, the range [lo, hi) of it that the
@@ -202,8 +206,9 @@ class KVCache(Memory):
         v = np.ascontiguousarray(v, dtype=np.float32)
         idxs = self._check(layer, k, self.n_head_kv, "k")
         self._check(layer, v, self.n_head_kv, "v")
-        self.k[layer][idxs] = kv_quant.quantize(k.reshape(len(idxs), -1), self.type_k)
-        self.v[layer][idxs] = kv_quant.quantize(v.reshape(len(idxs), -1), self.type_v)
+        n = self.n_head_kv * self.head_dim
+        native.kv_store(native.kv_type_id(self.type_k), self.k[layer], n, idxs, k)
+        native.kv_store(native.kv_type_id(self.type_v), self.v[layer], n, idxs, v)
 
     @_locked
     def attend(self, layer, q, scale):
@@ -220,13 +225,20 @@ class KVCache(Memory):
                          native.kv_type_id(self.type_v), self.v[layer], self.n_cells,
                          self.n_head_kv, self.head_dim, ub.cells, ub.lo, ub.hi, q, scale, out,
                          self.n_threads or native.get_num_threads())
-        # the kernel's running max skips NaN scores; a NaN or infinite query
-        # or scale gives NaN, as softmax(q.K * scale).V would
-        if not np.isfinite(scale):
-            out[:] = np.nan
-        else:
-            out[~np.isfinite(q).all(axis=2)] = np.nan
         return out
+
+    @_locked
+    def layer_kv(self, layer):
+        """A layer's K/V rows and the applied ubatch as the C block takes them
+        (native.LayerKV, native.UbatchView): it stores and attends in one call."""
+        if self._ubatch is None:
+            raise KVCellsError("no ubatch applied (or the cache changed since apply)")
+        if layer not in self.k:
+            raise ValueError(f"layer {layer} is not in this cache")
+        ub = self._ubatch
+        if ub.view is None:
+            ub.view = native.UbatchView(ub.idxs, ub.cells, ub.lo, ub.hi)
+        return self._layer_kv[layer], ub.view
 
     # ---- sequence operations (docs/api.md semantics) ----
 
@@ -423,6 +435,7 @@ class _Ubatch:
 
     def __init__(self, idxs, cells, lo, hi):
         self.idxs, self.cells, self.lo, self.hi = idxs, cells, lo, hi
+        self.view = None   # native.UbatchView, made on first use
 
 
 def _unseal(b):
@@ -535,6 +548,10 @@ class ISWACache(Memory):
     @_locked
     def attend(self, layer, q, scale):
         return self._half(layer).attend(layer, q, scale)
+
+    @_locked
+    def layer_kv(self, layer):
+        return self._half(layer).layer_kv(layer)
 
     @_locked
     def seq_rm(self, seq_id, p0=-1, p1=-1):

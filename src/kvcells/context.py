@@ -39,6 +39,7 @@ class Context:
             raise MemoryError(f"a KV cache of {n_ctx} cells needs {need / 2**30:.1f} GiB "
                               f"({type_k} K, {type_v} V) and could not be allocated") from None
         self.memory.n_threads = n_threads
+        self.scratch = model.make_scratch(n_ubatch)
 
     @property
     def kv_bytes(self):
@@ -55,11 +56,11 @@ class Context:
         self.check_batch(batch)
         ubatches = list(batch.split(self.n_ubatch))
         slots = self.memory.prepare([(pos, seqs) for _, pos, seqs, _ in ubatches])
-        logits = [np.zeros((0, self.n_vocab), np.float32)]
+        logits = []
         for (tokens, pos, seqs, rows), slot in zip(ubatches, slots):
             self.memory.apply(slot, pos, seqs)
-            logits.append(self.model.forward(tokens, pos, seqs, rows, self.memory))
-        return np.concatenate(logits)
+            logits.append(self.model.forward(tokens, pos, seqs, rows, self.memory, self.scratch))
+        return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
     def check_batch(self, batch):
         """llama.cpp's rules: known tokens and sequences, and each sequence's

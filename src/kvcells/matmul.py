@@ -57,28 +57,7 @@ def _type_id(type_name):
     return TYPES[type_name]
 
 
-_layouts = {}   # (type_name, n_in) -> (type id, row bytes), once validated
-_U8 = np.dtype(np.uint8)
-
-
 def _check_raw(raw, type_name, n_out, n_in):
-    """Returns (type id, row stride in bytes) of a valid raw weight matrix.
-
-    Kept cheap: a decode step calls matmul ~130 times."""
-    layout = _layouts.get((type_name, n_in))
-    if layout is None:
-        layout = _type_id(type_name), row_bytes(type_name, n_in)
-        _layouts[(type_name, n_in)] = layout
-    type_id, nbytes = layout
-    if not isinstance(raw, np.ndarray) or raw.dtype != _U8 or raw.ndim != 2:
-        raise ValueError("raw must be a 2-D np.uint8 array (n_out, row_bytes)")
-    if type(n_out) is not int:
-        n_out = native.as_int(n_out, "n_out", hi=None)
-    if raw.shape[0] != n_out or n_out < 1:
-        raise ValueError(f"raw has {raw.shape[0]} rows, expected n_out={n_out} >= 1")
-    if raw.shape[1] != nbytes:
-        raise ValueError(f"{type_name} rows of {n_in} values take {nbytes} bytes, raw has {raw.shape[1]}")
-    stride = raw.strides
-    if stride[1] != 1 or stride[0] < nbytes:
-        raise ValueError("raw rows must be contiguous and not overlap")
-    return type_id, stride[0]
+    """Returns (type id, row stride in bytes) of a valid raw weight matrix."""
+    type_id = _type_id(type_name)
+    return type_id, native.matrix_stride(raw, type_id, n_out, n_in)

@@ -39,6 +39,12 @@ class Memory(ABC):
         """Attention output of the applied ubatch's queries in a layer."""
 
     @abstractmethod
+    def layer_kv(self, layer):
+        """A layer's K/V rows and the applied ubatch for the forward pass's C
+        block (native.LayerKV, native.UbatchView), which stores and attends
+        in one call."""
+
+    @abstractmethod
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         """Remove a sequence's positions in [p0, p1); llama.cpp's semantics."""
 

@@ -1,7 +1,7 @@
 """kvcells.Model: a GGUF model ready to run through a KV cache."""
 import numpy as np
 
-from . import arch, kv_quant
+from . import arch, kv_quant, native
 from .cache import ISWACache, KVCache, swa_cells
 from .errors import GGUFError
 from .gguf_model import load_gguf
@@ -66,12 +66,18 @@ class Model:
         row = sum(kv_quant.row_bytes(t, hp.n_head_kv * hp.head_dim) for t in (type_k, type_v))
         return sum(row * (n_swa_cells if swa else n_ctx) for swa in hp.swa_layers)
 
-    def forward(self, tokens, pos, seq_ids, output_rows, mem):
+    def make_scratch(self, n_tokens):
+        """The buffers of a forward pass of up to n_tokens tokens (a
+        Context makes one, for its n_ubatch)."""
+        return native.Scratch(self.impl.blocks[0], n_tokens)
+
+    def forward(self, tokens, pos, seq_ids, output_rows, mem, scratch):
         """Run one ubatch, already applied to `mem` (mem.apply), through the
-        model; logits float32 (len(output_rows), n_vocab) of those rows."""
+        model, its intermediate rows in `scratch` (make_scratch); logits
+        float32 (len(output_rows), n_vocab) of those rows."""
         tokens = np.asarray(tokens, dtype=np.int64)
         pos = np.asarray(pos, dtype=np.int32)
-        output_rows = np.asarray(output_rows, dtype=np.int64)
+        output_rows = np.ascontiguousarray(output_rows, dtype=np.int32)
         n = len(tokens)
         if tokens.ndim != 1 or n == 0:
             raise ValueError("forward: tokens must be a non-empty 1-D sequence")
@@ -82,5 +88,9 @@ class Model:
         if output_rows.ndim != 1 or (output_rows.size and (output_rows.min() < 0
                                                            or output_rows.max() >= n)):
             raise ValueError(f"forward: output rows must lie in [0, {n})")
-        return self.impl.forward(tokens, pos, output_rows, mem)
+        if len(np.unique(output_rows)) != len(output_rows):
+            raise ValueError("forward: output rows must be distinct")
+        if n > scratch.n_tokens:
+            raise ValueError(f"forward: {n} tokens, the scratch holds {scratch.n_tokens}")
+        return self.impl.forward(tokens, pos, output_rows, mem, scratch)
 

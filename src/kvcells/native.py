@@ -130,23 +130,6 @@ def simd_enabled():
 # The hot ones (a decode step makes ~200 of these calls) spell their buffers
 # out and call check() only on a failure: each extra Python call costs.
 
-def rms_norm(x, w, y, eps):
-    n = x.shape[-1]
-    status = lib.ops_rms_norm(ffi.from_buffer(_FLOATS, x), ffi.from_buffer(_FLOATS, w),
-                              ffi.from_buffer(_FLOATS, y), x.size // n, n, eps)
-    if status:
-        check(status)
-
-
-def rms_norm_rope_neox(x, w, cos, sin, y, eps):
-    n, heads, d = x.shape
-    status = lib.ops_rms_norm_rope_neox(
-        ffi.from_buffer(_FLOATS, x), ffi.from_buffer(_FLOATS, w), ffi.from_buffer(_FLOATS, cos),
-        ffi.from_buffer(_FLOATS, sin), ffi.from_buffer(_FLOATS, y), n, heads, d, eps)
-    if status:
-        check(status)
-
-
 def quantize(type_id, x, out):
     n = x.shape[-1]
     check(lib.quant_quantize(type_id, floats(x), x.size // n, n, bytes_of(out, True)))
@@ -185,6 +168,13 @@ def kv_attend(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells, lo, hi, 
         check(status)
 
 
+def kv_store(type_id, rows, n_values, cells, x):
+    """Row i of x (float32, n rows of n_values) into row cells[i] of rows
+    (uint8 (n_rows, row bytes)) in the type type_id."""
+    check(lib.kv_store(type_id, bytes_of(rows, True), rows.shape[0], n_values,
+                       int32s(cells), len(cells), floats(x)))
+
+
 def kv_rope_shift(type_id, layers, n_rows, n_head, head_dim, cells, delta, base, freq_scale,
                   neox):
     bufs = [bytes_of(a, True) for a in layers]
@@ -194,3 +184,184 @@ def kv_rope_shift(type_id, layers, n_rows, n_head, head_dim, cells, delta, base,
 
 
 KV_SEGMENT = lib.KV_SEGMENT
+
+
+# ---- the transformer block (block.c) ----
+
+ACTIVATIONS = {"silu": lib.KVC_ACT_SILU, "gelu_tanh": lib.KVC_ACT_GELU_TANH}
+_U8 = np.dtype(np.uint8)
+_F32 = np.dtype(np.float32)
+_layouts = {}   # (type id, n_in) -> row bytes
+
+
+def matrix_stride(raw, type_id, n_out, n_in):
+    """The row stride in bytes of raw, a weight matrix of n_out rows of n_in
+    values of type type_id as GGUF stores it: np.uint8 (n_out, row bytes),
+    each row contiguous, rows apart without overlap."""
+    nbytes = _layouts.get((type_id, n_in))
+    if nbytes is None:
+        nbytes = _layouts[(type_id, n_in)] = row_bytes(type_id, n_in)
+    if not isinstance(raw, np.ndarray) or raw.dtype != _U8 or raw.ndim != 2:
+        raise ValueError("raw must be a 2-D np.uint8 array (n_out, row_bytes)")
+    if type(n_out) is not int:
+        n_out = as_int(n_out, "n_out", hi=None)
+    if raw.shape[0] != n_out or n_out < 1:
+        raise ValueError(f"raw has {raw.shape[0]} rows, expected n_out={n_out} >= 1")
+    if raw.shape[1] != nbytes:
+        raise ValueError(f"rows of {n_in} values of type {type_id} take {nbytes} bytes, "
+                         f"raw has {raw.shape[1]}")
+    stride = raw.strides
+    if stride[1] != 1 or stride[0] < nbytes:
+        raise ValueError("raw rows must be contiguous and not overlap")
+    return stride[0]
+
+
+def _vector(a, n, name):
+    if not isinstance(a, np.ndarray) or a.dtype != _F32 or a.shape != (n,) \
+            or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous float32 vector of {n}")
+    return ffi.from_buffer(_FLOATS, a)
+
+
+class Matrix:
+    """A weight matrix as C sees it (kvc_matrix): n_out rows of n_in values
+    of the element type type_name, in raw (checked by matrix_stride)."""
+
+    def __init__(self, type_name, raw, n_out, n_in):
+        if type_name not in TYPES:
+            raise ValueError(f"unsupported weight type {type_name!r}; known: {', '.join(TYPES)}")
+        self.n_out, self.n_in = n_out, n_in
+        self.stride = matrix_stride(raw, TYPES[type_name], n_out, n_in)
+        self.raw = raw
+        self.c = ffi.new("kvc_matrix *", {"type": TYPES[type_name], "w": rows_ptr(raw),
+                                          "row_stride": self.stride})
+
+
+class Block:
+    """One layer as block.c runs it (kvc_block). tensors: the layer's
+    tensors by their GGUF names, a Matrix for each of attn_q, attn_k, attn_v,
+    attn_output, ffn_gate, ffn_up, ffn_down, and a float32 vector for
+    attn_norm, ffn_norm and, where the architecture has them, attn_q_norm,
+    attn_k_norm, post_attention_norm, post_ffw_norm; act: a key of
+    ACTIVATIONS; rope_neox: NEOX pairs, else NORM."""
+
+    def __init__(self, n_embd, n_head, n_head_kv, head_dim, n_ff, act, rope_neox,
+                 norm_eps, attn_scale, tensors):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; one of {tuple(ACTIVATIONS)}")
+        q, kv = n_head * head_dim, n_head_kv * head_dim
+        shapes = {"attn_q": (q, n_embd), "attn_k": (kv, n_embd), "attn_v": (kv, n_embd),
+                  "attn_output": (n_embd, q), "ffn_gate": (n_ff, n_embd),
+                  "ffn_up": (n_ff, n_embd), "ffn_down": (n_embd, n_ff)}
+        sizes = {"attn_norm": n_embd, "ffn_norm": n_embd, "attn_q_norm": head_dim,
+                 "attn_k_norm": head_dim, "post_attention_norm": n_embd,
+                 "post_ffw_norm": n_embd}
+        fields = {}
+        for name, shape in shapes.items():
+            m = tensors.get(name)
+            if not isinstance(m, Matrix) or (m.n_out, m.n_in) != shape:
+                raise ValueError(f"{name} must be a {shape[0]} x {shape[1]} Matrix")
+            fields[name] = m.c[0]
+        for name, n in sizes.items():
+            w = tensors.get(name)
+            if w is None and name in ("attn_norm", "ffn_norm"):
+                raise ValueError(f"{name} is required")
+            fields[name] = ffi.NULL if w is None else _vector(w, n, name)
+        self.keep = (dict(tensors), fields)   # the buffers the struct points into
+        self.n_embd, self.n_rot = n_embd, head_dim // 2
+        self.c = ffi.new("kvc_block *", dict(
+            fields, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+            n_ff=n_ff, act=ACTIVATIONS[act], rope_neox=1 if rope_neox else 0,
+            norm_eps=norm_eps, attn_scale=attn_scale))
+
+
+class Scratch:
+    """The intermediate rows of blocks shaped like `block`, for up to
+    n_tokens tokens: allocated once (per context), freed with this object."""
+
+    def __init__(self, block, n_tokens):
+        out = ffi.new("kvc_scratch **")
+        check(lib.block_scratch_new(block.c, as_int(n_tokens, "n_tokens", 1), out))
+        self.c = ffi.gc(out[0], lib.block_scratch_free)
+        self.n_tokens = n_tokens
+
+    def times(self):
+        """(seconds in matmuls, seconds in attention) of the calls so far."""
+        mm, att = ffi.new("double *"), ffi.new("double *")
+        lib.block_scratch_times(self.c, mm, att)
+        return mm[0], att[0]
+
+
+class LayerKV:
+    """One layer's K/V rows as C sees them (kvc_layer_kv): k and v, uint8
+    (n_rows, row bytes) arrays of rows of n_values values of type_k, type_v."""
+
+    def __init__(self, type_k, k, type_v, v, n_values):
+        n_rows = k.shape[0]
+        for name, rows, t in (("k", k, type_k), ("v", v, type_v)):
+            if not isinstance(rows, np.ndarray) or rows.dtype != _U8 \
+                    or rows.shape != (n_rows, row_bytes(t, n_values)) \
+                    or not rows.flags.c_contiguous:
+                raise ValueError(f"{name} rows must be contiguous uint8 ({n_rows}, row bytes)")
+        self.keep = (k, v)
+        self.c = ffi.new("kvc_layer_kv *", {
+            "type_k": type_k, "type_v": type_v, "k": bytes_of(k, True), "v": bytes_of(v, True),
+            "n_rows": n_rows, "n_values": n_values})
+
+
+class UbatchView:
+    """An applied ubatch as C sees it (kvc_ubatch): token t's K/V rows go to
+    cell slots[t] and it attends cells[lo[t]:hi[t]]; int32 vectors."""
+
+    def __init__(self, slots, cells, lo, hi):
+        for name, a in (("slots", slots), ("lo", lo), ("hi", hi), ("cells", cells)):
+            if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
+                    or not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be a contiguous int32 vector")
+        n = len(slots)
+        if len(lo) != n or len(hi) != n:
+            raise ValueError(f"{n} tokens need {n} ranges")
+        self.keep = (slots, cells, lo, hi)
+        self.c = ffi.new("kvc_ubatch *", {
+            "n_tokens": n, "slots": int32s(slots), "lo": int32s(lo), "hi": int32s(hi),
+            "cells": int32s(cells) if len(cells) else ffi.NULL, "n_list": len(cells)})
+
+
+def block_run(block, kv, ubatch, scratch, x, cos, sin, out_rows, n_threads):
+    """Runs one layer (Block) on x (float32 (n, n_embd), in place), its K/V
+    rows kv (LayerKV) and the applied ubatch (UbatchView); cos, sin: float32
+    (n, ..., head_dim/2); out_rows: None, or the int32 rows that go on after
+    attention (x's first len(out_rows) rows are then theirs)."""
+    n = x.shape[0] if x.ndim == 2 else 0
+    if x.dtype != _F32 or x.shape != (n, block.n_embd) or not x.flags.c_contiguous \
+            or not x.flags.writeable:
+        raise ValueError(f"x must be a writable contiguous float32 (n, {block.n_embd}) array")
+    for a in (cos, sin):
+        if a.dtype != _F32 or a.size != n * block.n_rot or not a.flags.c_contiguous:
+            raise ValueError(f"cos and sin must be contiguous float32, {n} x {block.n_rot}")
+    rows, n_out = ffi.NULL, -1
+    if out_rows is not None:
+        if out_rows.dtype != np.int32 or out_rows.ndim != 1 or not out_rows.flags.c_contiguous:
+            raise ValueError("out_rows must be a contiguous int32 vector")
+        rows, n_out = int32s(out_rows) if len(out_rows) else ffi.NULL, len(out_rows)
+    status = lib.block_run(block.c, kv.c, ubatch.c, scratch.c, ffi.from_buffer(_FLOATS, x), n,
+                           ffi.from_buffer(_FLOATS, cos), ffi.from_buffer(_FLOATS, sin),
+                           rows, n_out, check_threads(n_threads))
+    if status:
+        check(status)
+
+
+def block_output(norm, eps, head, softcap, x, scratch, n_threads):
+    """Logits float32 (n, head.n_out) of the rows x (float32 (n, n_embd),
+    normed in place with norm): head(norm(x)), soft-capped when softcap > 0."""
+    n = x.shape[0] if x.ndim == 2 else -1
+    if x.dtype != _F32 or x.shape != (n, head.n_in) or not x.flags.c_contiguous \
+            or not x.flags.writeable:
+        raise ValueError(f"x must be a writable contiguous float32 (n, {head.n_in}) array")
+    logits = np.empty((n, head.n_out), np.float32)
+    if n:
+        check(lib.block_output(_vector(norm, head.n_in, "norm"), eps, head.c, head.n_out,
+                               head.n_in, softcap, ffi.from_buffer(_FLOATS, x), n,
+                               ffi.from_buffer(_FLOATS, logits), scratch.c,
+                               check_threads(n_threads)))
+    return logits

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import native
 from ..errors import GGUFError
+from ..rope import NEOX
 
 NAMES = ("llama", "gemma3")
 
@@ -42,41 +43,51 @@ def tensor_shapes(hp):
             "post_ffw_norm": (e,)}
 
 
-def layer_weights(file, il, names):
-    """{short name: tensor} for layer il, e.g. "attn_q" -> blk.{il}.attn_q.weight."""
-    return {name: file.tensors[f"blk.{il}.{name}.weight"] for name in names}
+def blocks(file, names, act):
+    """native.Block of each layer: the tensors blk.{il}.<name>.weight for
+    names (those of the block the architecture lacks stay None), and the
+    gating activation act."""
+    hp = file.hparams
+    out = []
+    for il in range(hp.n_layer):
+        tensors = {}
+        for name in names:
+            t = file.tensors[f"blk.{il}.{name}.weight"]
+            if not isinstance(t, np.ndarray):   # a vector is float32 already
+                t = native.Matrix(t.type, t.raw, *t.shape)
+            tensors[name] = t
+        out.append(native.Block(hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff, act,
+                                hp.rope_mode == NEOX, hp.norm_eps, hp.attn_scale, tensors))
+    return out
 
 
-def rms_norm(x, w, eps):
-    """x / rms(x) * w over the last axis, in float32 (a fused C loop: a decode
-    step makes ~110 of these calls, where numpy's per-call overhead dominated)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = x.shape[-1]
-    if n < 1 or w.dtype != np.float32 or w.shape != (n,) or not w.flags.c_contiguous:
-        raise ValueError(f"rms_norm: weight must be float32 ({n},), got {w.dtype} {w.shape}")
-    y = np.empty_like(x)
-    native.rms_norm(x, w, y, eps)
-    return y
+class Output:
+    """The final norm and the head: the output matrix, or the token
+    embeddings when the model ties them; logits soft-capped when the model
+    says so, in C."""
+
+    def __init__(self, file):
+        hp = file.hparams
+        w = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
+        self.head = native.Matrix(w.type, w.raw, *w.shape)
+        self.norm = file.tensors["output_norm.weight"]
+        self.eps, self.softcap = hp.norm_eps, hp.logit_softcap
+
+    def logits(self, x, mem, scratch):
+        return native.block_output(self.norm, self.eps, self.head, self.softcap, x, scratch,
+                                   threads(mem))
 
 
-def rms_norm_rope_neox(x, w, eps, cos, sin):
-    """rope.apply_rope(rms_norm(x, w, eps), cos, sin, NEOX) in one C pass, for
-    x (n_tokens, n_heads, head_dim) and rope.rope_tables' cos, sin."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n, _, d = x.shape
-    if w.dtype != np.float32 or w.shape != (d,) or not w.flags.c_contiguous:
-        raise ValueError(f"rms_norm_rope_neox: weight must be float32 ({d},)")
-    cos = np.ascontiguousarray(cos, dtype=np.float32)
-    sin = np.ascontiguousarray(sin, dtype=np.float32)
-    if d < 2 or d % 2 or cos.size != n * (d // 2) or sin.size != cos.size:
-        raise ValueError(f"rms_norm_rope_neox: need an even head_dim and {n} x {d // 2} cos/sin")
-    y = np.empty_like(x)
-    native.rms_norm_rope_neox(x, w, cos, sin, y, eps)
-    return y
+def threads(mem):
+    """The threads of a forward pass through mem: its own, else the default."""
+    return mem.n_threads or native.get_num_threads()
 
 
-def output_logits(file, x, n_threads=None):
-    """Logits for the final hidden rows x: the output matrix, or the token
-    embeddings when the model ties them."""
-    out = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
-    return out.matmul(x, n_threads)
+def run_layers(blocks, x, rope, output_rows, mem, scratch):
+    """x through every layer (rope[il]: its (cos, sin)), in place; only the
+    rows output_rows go on after the last layer's attention. Returns them."""
+    nt, last = threads(mem), len(blocks) - 1
+    for il, block in enumerate(blocks):
+        native.block_run(block, *mem.layer_kv(il), scratch, x, *rope[il],
+                         output_rows if il == last else None, nt)
+    return x[:len(output_rows)]

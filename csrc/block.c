@@ -1,0 +1,219 @@
+// One transformer layer per call (see block.h). Everything is checked
+// before the first K/V row is written, so a bad call changes nothing.
+#define _POSIX_C_SOURCE 200809L
+#include "block.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kv.h"
+#include "matmul.h"
+#include "ops.h"
+#include "quants.h"
+
+struct kvc_scratch {
+    int64_t n_tokens, n_embd, n_q, n_kv, n_ff;
+    // rows of n_embd, n_q, n_kv, n_kv, n_q, n_embd, n_ff, n_ff floats
+    float *h, *q, *k, *v, *a, *o, *g, *u;
+    double t_matmul, t_attend;
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static kvc_status check_matrix(const kvc_matrix *m, const char *name, int64_t n_in) {
+    const int64_t row = type_row_bytes(m->type, n_in);
+    if (!m->w || row == 0 || m->row_stride < row)
+        return kvc_fail(KVC_EINVAL, "block: matrix %s is missing, of type %d that cannot hold "
+                        "rows of %lld values, or has rows %lld bytes apart", name, m->type,
+                        (long long)n_in, (long long)m->row_stride);
+    return KVC_OK;
+}
+
+static kvc_status check_block(const kvc_block *b) {
+    if (!b) return kvc_fail(KVC_EINVAL, "block: no block");
+    if (b->n_embd < 1 || b->n_head < 1 || b->n_head_kv < 1 || b->n_ff < 1 || b->head_dim < 2
+        || b->head_dim % 2 || b->n_head % b->n_head_kv)
+        return kvc_fail(KVC_EINVAL, "block: bad sizes (n_embd %d, %d heads on %d KV heads of "
+                        "%d values, n_ff %d)", b->n_embd, b->n_head, b->n_head_kv, b->head_dim,
+                        b->n_ff);
+    if (b->act != KVC_ACT_SILU && b->act != KVC_ACT_GELU_TANH)
+        return kvc_fail(KVC_EINVAL, "block: unknown activation %d", b->act);
+    if (!b->attn_norm || !b->ffn_norm) return kvc_fail(KVC_EINVAL, "block: missing norm");
+    const int64_t e = b->n_embd, nq = (int64_t)b->n_head * b->head_dim;
+    kvc_status st;
+    if ((st = check_matrix(&b->attn_q, "attn_q", e))
+        || (st = check_matrix(&b->attn_k, "attn_k", e))
+        || (st = check_matrix(&b->attn_v, "attn_v", e))
+        || (st = check_matrix(&b->attn_output, "attn_output", nq))
+        || (st = check_matrix(&b->ffn_gate, "ffn_gate", e))
+        || (st = check_matrix(&b->ffn_up, "ffn_up", e))
+        || (st = check_matrix(&b->ffn_down, "ffn_down", b->n_ff)))
+        return st;
+    return KVC_OK;
+}
+
+kvc_status block_scratch_new(const kvc_block *b, int64_t n_tokens, kvc_scratch **out) {
+    kvc_status st = check_block(b);
+    if (st) return st;
+    if (!out || n_tokens < 1 || n_tokens > INT32_MAX)
+        return kvc_fail(KVC_EINVAL, "block scratch: %lld tokens", (long long)n_tokens);
+    const int64_t e = b->n_embd, nq = (int64_t)b->n_head * b->head_dim;
+    const int64_t nkv = (int64_t)b->n_head_kv * b->head_dim, ff = b->n_ff;
+    const int64_t per_token = 2 * e + 2 * nq + 2 * nkv + 2 * ff;
+    kvc_scratch *s = calloc(1, sizeof *s);
+    float *mem = s && (uint64_t)per_token * (uint64_t)n_tokens < (1ull << 40)
+        ? malloc(sizeof(float) * (size_t)(per_token * n_tokens)) : NULL;
+    if (!mem) {
+        free(s);
+        return kvc_fail(KVC_ENOMEM, "block scratch: out of memory for %lld tokens",
+                        (long long)n_tokens);
+    }
+    *s = (kvc_scratch){.n_tokens = n_tokens, .n_embd = e, .n_q = nq, .n_kv = nkv, .n_ff = ff};
+    s->h = mem;
+    s->q = s->h + n_tokens * e;
+    s->k = s->q + n_tokens * nq;
+    s->v = s->k + n_tokens * nkv;
+    s->a = s->v + n_tokens * nkv;
+    s->o = s->a + n_tokens * nq;
+    s->g = s->o + n_tokens * e;
+    s->u = s->g + n_tokens * ff;
+    *out = s;
+    return KVC_OK;
+}
+
+void block_scratch_free(kvc_scratch *s) {
+    if (s) free(s->h);
+    free(s);
+}
+
+void block_scratch_times(const kvc_scratch *s, double *matmul_s, double *attend_s) {
+    *matmul_s = s->t_matmul;
+    *attend_s = s->t_attend;
+}
+
+static kvc_status check_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
+                            const kvc_scratch *s,
+                            const float *x, int64_t n, const float *cos, const float *sin,
+                            const int32_t *out_rows, int64_t n_out, int n_threads) {
+    kvc_status st = check_block(b);
+    if (st) return st;
+    if (!kv || !ub || !s || !x || !cos || !sin) return kvc_fail(KVC_EINVAL, "block: missing array");
+    if (s->n_embd != b->n_embd || s->n_q != (int64_t)b->n_head * b->head_dim
+        || s->n_kv != (int64_t)b->n_head_kv * b->head_dim || s->n_ff != b->n_ff)
+        return kvc_fail(KVC_EINVAL, "block: the scratch was made for another model");
+    if (n < 1 || n > s->n_tokens)
+        return kvc_fail(KVC_EINVAL, "block: %lld tokens (the scratch holds 1 to %lld)",
+                        (long long)n, (long long)s->n_tokens);
+    if (n_threads < 1) return kvc_fail(KVC_EINVAL, "n_threads must be >= 1, got %d", n_threads);
+    if (ub->n_tokens != n || kv->n_values != s->n_kv)
+        return kvc_fail(KVC_EINVAL, "block: a ubatch of %lld tokens, K/V rows of %lld values; "
+                        "the block has %lld tokens, rows of %lld", (long long)ub->n_tokens,
+                        (long long)kv->n_values, (long long)n, (long long)s->n_kv);
+    if (!ub->slots) return kvc_fail(KVC_EINVAL, "block: no K/V slots");
+    for (int64_t t = 0; t < n; t++)
+        if (ub->slots[t] < 0 || ub->slots[t] >= kv->n_rows)
+            return kvc_fail(KVC_EINVAL, "block: cell %d outside [0, %lld)", ub->slots[t],
+                            (long long)kv->n_rows);
+    if ((st = kv_check_attend(kv->type_k, kv->k, kv->type_v, kv->v, kv->n_rows, b->n_head_kv,
+                              b->head_dim, ub->cells, ub->n_list, (int)n, ub->lo, ub->hi, s->q,
+                              b->n_head, s->a)))
+        return st;
+    if (n_out >= 0) {
+        if (n_out > n || (n_out > 0 && !out_rows))
+            return kvc_fail(KVC_EINVAL, "block: %lld output rows of %lld tokens",
+                            (long long)n_out, (long long)n);
+        for (int64_t i = 0; i < n_out; i++)
+            if (out_rows[i] < 0 || out_rows[i] >= n)
+                return kvc_fail(KVC_EINVAL, "block: output row %d outside [0, %lld)",
+                                out_rows[i], (long long)n);
+    }
+    return KVC_OK;
+}
+
+static kvc_status mm(kvc_scratch *s, const kvc_matrix *m, int64_t n_out, int64_t n_in,
+                     const float *x, int64_t n, float *y, int n_threads) {
+    const double t = now_s();
+    kvc_status st = matmul(m->type, m->w, m->row_stride, n_out, n_in, x, n, y, n_threads);
+    s->t_matmul += now_s() - t;
+    return st;
+}
+
+// y = norm(y) * w when w is not NULL, then x += y; rows of n floats
+static void add_normed(float *x, float *y, const float *w, int64_t rows, int64_t n, float eps) {
+    if (w) ops_rms_norm(y, w, y, rows, n, eps);
+    ops_add(x, y, rows * n);
+}
+
+// rows out_rows of m (rows of n floats) into tmp, then back to m's first rows
+static void keep_rows(float *m, float *tmp, int64_t n, const int32_t *out_rows, int64_t n_out) {
+    for (int64_t i = 0; i < n_out; i++)
+        memcpy(tmp + i * n, m + out_rows[i] * n, sizeof(float) * (size_t)n);
+    memcpy(m, tmp, sizeof(float) * (size_t)(n_out * n));
+}
+
+kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
+                     kvc_scratch *s, float *x, int64_t n, const float *cos, const float *sin,
+                     const int32_t *out_rows, int64_t n_out, int n_threads) {
+    kvc_status st = check_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads);
+    if (st) return st;
+    const int64_t e = b->n_embd, nq = s->n_q, nkv = s->n_kv, ff = b->n_ff, d = b->head_dim;
+    const float eps = b->norm_eps;
+
+    ops_rms_norm(x, b->attn_norm, s->h, n, e, eps);
+    if ((st = mm(s, &b->attn_q, nq, e, s->h, n, s->q, n_threads))
+        || (st = mm(s, &b->attn_k, nkv, e, s->h, n, s->k, n_threads))
+        || (st = mm(s, &b->attn_v, nkv, e, s->h, n, s->v, n_threads)))
+        return st;
+    ops_rope(s->q, n, b->n_head, d, cos, sin, b->rope_neox, b->attn_q_norm, eps);
+    ops_rope(s->k, n, b->n_head_kv, d, cos, sin, b->rope_neox, b->attn_k_norm, eps);
+    if ((st = kv_store(kv->type_k, kv->k, kv->n_rows, nkv, ub->slots, n, s->k))
+        || (st = kv_store(kv->type_v, kv->v, kv->n_rows, nkv, ub->slots, n, s->v)))
+        return st;
+    const double t = now_s();
+    st = kv_attend(kv->type_k, kv->k, kv->type_v, kv->v, kv->n_rows, b->n_head_kv, (int)d,
+                   ub->cells, ub->n_list, (int)n, ub->lo, ub->hi, s->q, b->n_head,
+                   b->attn_scale, s->a, n_threads);
+    s->t_attend += now_s() - t;
+    if (st) return st;
+    if (n_out >= 0) {   // only these rows go on
+        keep_rows(s->a, s->q, nq, out_rows, n_out);
+        keep_rows(x, s->h, e, out_rows, n_out);
+        n = n_out;
+        if (n == 0) return KVC_OK;
+    }
+
+    if ((st = mm(s, &b->attn_output, e, nq, s->a, n, s->o, n_threads))) return st;
+    add_normed(x, s->o, b->post_attention_norm, n, e, eps);
+    ops_rms_norm(x, b->ffn_norm, s->h, n, e, eps);
+    if ((st = mm(s, &b->ffn_gate, ff, e, s->h, n, s->g, n_threads))
+        || (st = mm(s, &b->ffn_up, ff, e, s->h, n, s->u, n_threads)))
+        return st;
+    if (b->act == KVC_ACT_SILU) ops_silu_mul(s->g, s->u, n * ff);
+    else ops_gelu_tanh_mul(s->g, s->u, n, ff);
+    if ((st = mm(s, &b->ffn_down, e, ff, s->g, n, s->o, n_threads))) return st;
+    add_normed(x, s->o, b->post_ffw_norm, n, e, eps);
+    return KVC_OK;
+}
+
+kvc_status block_output(const float *norm_w, float eps, const kvc_matrix *head,
+                        int64_t n_vocab, int64_t n_embd, float softcap, float *x, int64_t n,
+                        float *logits, kvc_scratch *s, int n_threads) {
+    kvc_status st;
+    if (!norm_w || !head || !x || !logits || !s)
+        return kvc_fail(KVC_EINVAL, "block output: missing array");
+    if (n_embd != s->n_embd || n_vocab < 1 || n < 0 || n > s->n_tokens || !(softcap >= 0.0f))
+        return kvc_fail(KVC_EINVAL, "block output: %lld rows of %lld values to %lld logits, "
+                        "soft cap %g", (long long)n, (long long)n_embd, (long long)n_vocab,
+                        (double)softcap);
+    if ((st = check_matrix(head, "head", n_embd))) return st;
+    if (n == 0) return KVC_OK;
+    ops_rms_norm(x, norm_w, x, n, n_embd, eps);
+    if ((st = mm(s, head, n_vocab, n_embd, x, n, logits, n_threads))) return st;
+    if (softcap > 0.0f) ops_softcap(logits, n, n_vocab, softcap);
+    return KVC_OK;
+}

@@ -1,0 +1,169 @@
+"""One transformer layer in one C call (csrc/block.c, native.block_run):
+against the same layer written out in numpy with the dense reference's
+pieces (tests/reference_forward.py), on random F32 weights."""
+import numpy as np
+import pytest
+from reference_forward import attention, causal_mask, gelu_tanh, rms_norm, rotate, silu
+
+from kvcells import KVCache, native
+from kvcells.kv_quant import dequantize
+from kvcells.rope import NEOX, NORM, rope_tables
+
+E, H, HKV, D, FF, EPS = 64, 4, 2, 32, 96, 1e-6
+SHAPES = {"attn_q": (H * D, E), "attn_k": (HKV * D, E), "attn_v": (HKV * D, E),
+          "attn_output": (E, H * D), "ffn_gate": (FF, E), "ffn_up": (FF, E), "ffn_down": (E, FF)}
+
+
+def weights(seed, gemma):
+    rng = np.random.default_rng(seed)
+    w = {name: (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+         for name, shape in SHAPES.items()}
+    norms = ["attn_norm", "ffn_norm"] + (["attn_q_norm", "attn_k_norm", "post_attention_norm",
+                                          "post_ffw_norm"] if gemma else [])
+    for name in norms:
+        n = D if name in ("attn_q_norm", "attn_k_norm") else E
+        w[name] = (1.0 + 0.3 * rng.standard_normal(n)).astype(np.float32)
+    return w
+
+
+def make_block(w, gemma):
+    tensors = {name: native.Matrix("F32", a.view(np.uint8), *a.shape) if a.ndim == 2 else a
+               for name, a in w.items()}
+    return native.Block(E, H, HKV, D, FF, "gelu_tanh" if gemma else "silu", gemma, EPS,
+                        1.0 / np.sqrt(D), tensors)
+
+
+def numpy_layer(w, x, gemma, base):
+    """The layer in numpy, tokens at positions 0..n-1 of one sequence;
+    (x after the layer, the K rows the cache should hold)."""
+    n = len(x)
+    h = rms_norm(x, w["attn_norm"], EPS)
+    q = (h @ w["attn_q"].T).reshape(n, H, D)
+    k = (h @ w["attn_k"].T).reshape(n, HKV, D)
+    v = (h @ w["attn_v"].T).reshape(n, HKV, D)
+    if gemma:
+        q, k = rms_norm(q, w["attn_q_norm"], EPS), rms_norm(k, w["attn_k_norm"], EPS)
+    q, k = rotate(q, base, gemma), rotate(k, base, gemma)
+    a = attention(q, k, v, causal_mask(n), 1.0 / np.sqrt(D)).reshape(n, -1) @ w["attn_output"].T
+    x = x + (rms_norm(a, w["post_attention_norm"], EPS) if gemma else a)
+    h = rms_norm(x, w["ffn_norm"], EPS)
+    g, u = h @ w["ffn_gate"].T, h @ w["ffn_up"].T
+    f = ((gelu_tanh(g) if gemma else silu(g)) * u) @ w["ffn_down"].T
+    x = x + (rms_norm(f, w["post_ffw_norm"], EPS) if gemma else f)
+    return x, k
+
+
+def applied_cache(n, n_cells=16):
+    mem = KVCache(n_cells, 1, 1, HKV, D, "f32", "f32")
+    pos = np.arange(n, dtype=np.int32)
+    (slot,) = mem.prepare([(pos, [[0]] * n)])
+    mem.apply(slot, pos, [[0]] * n)
+    return mem, slot
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "portable"])
+def simd(request):
+    """Each test once with the AVX2 kernels (where the CPU has them), once
+    with the portable C ones."""
+    was = native.simd_enabled()
+    native.set_simd(request.param)
+    yield request.param
+    native.set_simd(was)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_one_block_equals_the_layer_in_numpy(gemma, n_threads, simd):
+    n, base = 6, 10000.0
+    w = weights(1, gemma)
+    x = np.random.default_rng(2).standard_normal((n, E)).astype(np.float32)
+    want, k_want = numpy_layer(w, x, gemma, base)
+    block = make_block(w, gemma)
+    mem, slot = applied_cache(n)
+    got = x.copy()
+    native.block_run(block, *mem.layer_kv(0), native.Scratch(block, 8), got,
+                     *rope_tables(np.arange(n), base, D), None, n_threads)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    k_cached = dequantize(mem.k[0][slot], "f32", HKV * D).reshape(n, HKV, D)
+    np.testing.assert_allclose(k_cached, k_want, rtol=1e-4, atol=1e-4)
+
+
+def test_only_the_output_rows_go_on_after_attention():
+    n = 5
+    w = weights(3, True)
+    x = np.random.default_rng(4).standard_normal((n, E)).astype(np.float32)
+    want, _ = numpy_layer(w, x, True, 10000.0)
+    block = make_block(w, True)
+    mem, _ = applied_cache(n)
+    got = x.copy()
+    native.block_run(block, *mem.layer_kv(0), native.Scratch(block, n), got,
+                     *rope_tables(np.arange(n), 10000.0, D), np.array([3, 0], np.int32), 1)
+    np.testing.assert_allclose(got[:2], want[[3, 0]], rtol=1e-4, atol=1e-4)
+
+
+def test_rope_layouts_differ():
+    """The block's rope_neox flag is what picks the pairs: the NORM block
+    and the NEOX block give different K rows for the same weights."""
+    w = weights(5, False)
+    x = np.random.default_rng(6).standard_normal((3, E)).astype(np.float32)
+    ks = []
+    for neox in (False, True):
+        tensors = {name: native.Matrix("F32", a.view(np.uint8), *a.shape) if a.ndim == 2 else a
+                   for name, a in w.items()}
+        block = native.Block(E, H, HKV, D, FF, "silu", neox, EPS, 1.0 / np.sqrt(D), tensors)
+        mem, slot = applied_cache(3)
+        native.block_run(block, *mem.layer_kv(0), native.Scratch(block, 3), x.copy(),
+                         *rope_tables(np.arange(3), 10000.0, D), None, 1)
+        ks.append(dequantize(mem.k[0][slot], "f32", HKV * D).reshape(3, HKV, D))
+    h = rms_norm(x, w["attn_norm"], EPS)
+    k = (h @ w["attn_k"].T).reshape(3, HKV, D)
+    for got, mode in zip(ks, (NORM, NEOX)):
+        np.testing.assert_allclose(got, rotate(k, 10000.0, mode == NEOX), rtol=1e-4, atol=1e-4)
+    assert np.abs(ks[0] - ks[1]).max() > 0.1
+
+
+def test_output_norms_the_rows_and_soft_caps_the_logits(simd):
+    rng = np.random.default_rng(7)
+    head = rng.standard_normal((50, E)).astype(np.float32)
+    norm = (1.0 + 0.3 * rng.standard_normal(E)).astype(np.float32)
+    head[:10] *= 30   # logits far out, where tanh is +-1
+    x = rng.standard_normal((3, E)).astype(np.float32)
+    plain = rms_norm(x, norm, EPS) @ head.T
+    block = make_block(weights(8, False), False)
+    m = native.Matrix("F32", head.view(np.uint8), 50, E)
+    got = native.block_output(norm, EPS, m, 2.0, x.copy(), native.Scratch(block, 4), 1)
+    np.testing.assert_allclose(got, 2.0 * np.tanh(plain / 2.0), rtol=1e-5, atol=1e-5)
+    assert np.abs(plain).max() > 100 and np.abs(got).max() <= 2.0
+    np.testing.assert_allclose(native.block_output(norm, EPS, m, 0.0, x.copy(),
+                                                   native.Scratch(block, 4), 1),
+                               plain, rtol=1e-4, atol=1e-3)
+
+
+def test_bad_calls_raise_and_write_no_kv_row():
+    n = 3
+    block = make_block(weights(9, True), True)
+    mem, slot = applied_cache(n)
+    scratch = native.Scratch(block, n)
+    cos, sin = rope_tables(np.arange(n), 10000.0, D)
+    x = np.ones((n, E), np.float32)
+    before = mem.k[0].copy()
+    kv, ub = mem.layer_kv(0)
+    with pytest.raises(ValueError, match="scratch holds"):
+        native.block_run(block, kv, ub, native.Scratch(block, 2), x, cos, sin, None, 1)
+    with pytest.raises(ValueError, match="float32"):
+        native.block_run(block, kv, ub, scratch, np.ones((n, E + 1), np.float32), cos, sin,
+                         None, 1)
+    with pytest.raises(ValueError, match="cos and sin"):
+        native.block_run(block, kv, ub, scratch, x, cos[:1], sin[:1], None, 1)
+    with pytest.raises(ValueError, match="output row 3 outside"):
+        native.block_run(block, kv, ub, scratch, x, cos, sin, np.array([3], np.int32), 1)
+    bad = native.UbatchView(np.array([0, 1, 99], np.int32), *ub.keep[1:])
+    with pytest.raises(ValueError, match="cell 99 outside"):
+        native.block_run(block, kv, bad, scratch, x, cos, sin, None, 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        native.block_run(block, kv, ub, scratch, x, cos, sin, None, 0)
+    assert np.array_equal(mem.k[0], before) and np.array_equal(x, np.ones((n, E), np.float32))
+    with pytest.raises(ValueError, match="attn_q must be"):
+        native.Block(E, H, HKV, D, FF, "silu", False, EPS, 1.0, {})
+    with pytest.raises(ValueError, match="activation"):
+        native.Block(E, H, HKV, D, FF, "relu", False, EPS, 1.0, {})
