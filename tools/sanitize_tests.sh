@@ -62,7 +62,7 @@ export PYTHONPATH="$out"
 cd "$root"
 if [ $# -eq 0 ]; then
   set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py \
-    tests/test_native.py tests/test_ops.py \
+    tests/test_native.py tests/test_block.py \
     tests/test_context.py::test_four_threads_on_one_context_lose_no_decode \
     tests/test_context.py::test_two_contexts_on_one_model_decode_concurrently_as_alone
 fi
