@@ -6,14 +6,18 @@ defrag, clear, copies and byte round trips, on tiny tables (full-cache paths,
 wraparound) with every SWA type and n_seq_max from 1 to 256. After every step
 all observables are compared and check() is called.
 
-Weighted to run tables near full: a run starts with the table filled to a
-drawn fraction, `place` puts up to three ubatches per step, `decode_step`
-the next token of every sequence, and the rules that empty whole tables
-(clear, seq_keep, seq_rm of every sequence) run only on a table at least
-three quarters (clear) or half full. Each run reports its mean occupancy,
-its share of steps on an empty table, whether cells were shared and whether
-the search wrapped around the ring (pytest --hypothesis-show-statistics;
-figures in docs/cells.md).
+Weighted to run tables near full: a run starts with the table half to
+wholly full, `place` puts up to three ubatches per step, `decode_step` the
+next token of every sequence, `prompts` one ubatch of several sequences'
+prompts opening with shared tokens. The rules that empty whole tables run
+only on full (clear) or fuller tables: clear only on a full table, which it
+checks empty and fills again; seq_keep on a table three quarters full,
+mostly keeping a sequence it holds; seq_rm of every sequence on a half-full
+one. Hypothesis turns rules off at random in each run (swarm testing), so
+the several placing rules also keep a run that lost one of them filled.
+Each run reports its mean occupancy, its share of steps on an empty table,
+whether cells were shared and whether the search wrapped around the ring
+(pytest --hypothesis-show-statistics; figures in docs/testing.md).
 
 KVCELLS_HYPOTHESIS=long explores far more.
 """
@@ -39,18 +43,23 @@ N_CELLS = st.one_of(st.integers(1, 8), st.integers(9, 40))
 N_SEQ_MAX = st.one_of(st.integers(1, 4), st.sampled_from([63, 64, 65, 130, 256]))
 OFFSET = st.integers(0, 40)
 BASES = st.sampled_from([0, INT32_MAX - 47])  # small positions, or up against int32's end
+FILL = st.integers(50, 100)  # percent of the cells placed when a run starts or after a clear
 
 
 class CellTableMachine(RuleBasedStateMachine):
-    @initialize(n_cells=N_CELLS, n_seq_max=N_SEQ_MAX, swa=SWA, base=BASES,
-                fill=st.integers(0, 100), data=st.data())
-    def create(self, n_cells, n_seq_max, swa, base, fill, data):
+    @initialize(n_cells=N_CELLS, n_seq_max=N_SEQ_MAX, swa=SWA, base=BASES, data=st.data())
+    def create(self, n_cells, n_seq_max, swa, base, data):
         swa_type, n_swa = swa
         self.base = base
         self.t = CellTable(n_cells, n_seq_max, n_swa=n_swa, swa_type=swa_type)
         self.ref = RefCells(n_cells, n_seq_max, n_swa, swa_type)
         self.steps, self.empty_steps, self.occupancy, self.wrapped = 0, 0, 0.0, False
-        while 100 * self.ref.used < fill * n_cells and self.place_one(data, False):
+        self.fill(data)
+
+    def fill(self, data):
+        """Place ubatches until the table is a drawn fraction (half or more) full."""
+        fill = data.draw(FILL)
+        while 100 * self.ref.used < fill * self.ref.n_cells and self.place_one(data, False):
             pass
 
     def pos(self, data):
@@ -98,21 +107,27 @@ class CellTableMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ placement
 
-    def place_one(self, data, cont):
-        """find_slot and apply one ubatch; False when the table is full."""
-        n_tokens = data.draw(st.integers(1, min(self.ref.n_cells, 12) + 1))
+    def find_slot(self, n_tokens, cont):
+        """the C table's find_slot, checked against the reference; None when full."""
         want = self.ref.find_slot(n_tokens, cont)
         if want is None:
             before = self.t.to_bytes()
             with pytest.raises(CacheFullError):
                 self.t.find_slot(n_tokens, cont=cont)
             assert self.t.to_bytes() == before
-            return False
-        idxs = self.t.find_slot(n_tokens, cont=cont)
-        assert idxs.tolist() == want
+            return None
+        assert self.t.find_slot(n_tokens, cont=cont).tolist() == want
         self.wrapped |= want[0] < self.ref.head or want != sorted(want)
+        return want
+
+    def place_one(self, data, cont):
+        """find_slot and apply one ubatch; False when the table is full."""
+        n_tokens = data.draw(st.integers(1, min(self.ref.n_cells, 12) + 1))
+        idxs = self.find_slot(n_tokens, cont)
+        if idxs is None:
+            return False
         pos, seqs = self.ubatch(data, n_tokens)
-        self.apply_both(data, idxs.tolist(), pos, seqs)
+        self.apply_both(data, idxs, pos, seqs)
         return True
 
     @rule(data=st.data(), cont=st.booleans(), n_ubatches=st.integers(1, 3))
@@ -128,14 +143,27 @@ class CellTableMachine(RuleBasedStateMachine):
         nxt = [self.ref.seq_pos_max(s) + 1 for s in active]
         if not active or max(nxt) > INT32_MAX:
             return
-        want = self.ref.find_slot(len(active), False)
-        if want is None:
-            with pytest.raises(CacheFullError):
-                self.t.find_slot(len(active))
+        idxs = self.find_slot(len(active), False)
+        if idxs is not None:
+            self.apply_both(data, idxs, nxt, [[s] for s in active])
+
+    @rule(data=st.data(), cont=st.booleans())
+    def prompts(self, data, cont):
+        """One ubatch of several sequences' prompts, opening with tokens they all share."""
+        group = sorted({self.seq(data) for _ in range(data.draw(st.integers(1, 4)))})
+        start = max(max(self.ref.seq_pos_max(s) + 1, self.base) for s in group)
+        n_shared = data.draw(st.integers(0, 3))
+        pos, seqs = list(range(start, start + n_shared)), [group] * n_shared
+        for s in group:
+            n = data.draw(st.integers(1, 3))
+            pos += range(start + n_shared, start + n_shared + n)
+            seqs += [[s]] * n
+        pos, seqs = pos[:self.ref.n_cells], seqs[:self.ref.n_cells]
+        if max(pos) > INT32_MAX:
             return
-        assert self.t.find_slot(len(active)).tolist() == want
-        self.wrapped |= want[0] < self.ref.head or want != sorted(want)
-        self.apply_both(data, want, nxt, [[s] for s in active])
+        idxs = self.find_slot(len(pos), cont)
+        if idxs is not None:
+            self.apply_both(data, idxs, pos, seqs)
 
     @rule(data=st.data())
     def write_anywhere(self, data):
@@ -164,10 +192,11 @@ class CellTableMachine(RuleBasedStateMachine):
         self.t.seq_cp(src, dst, p0, p1)
         self.ref.seq_cp(src, dst, p0, p1)
 
-    @precondition(lambda self: 2 * self.ref.used >= self.ref.n_cells)
+    @precondition(lambda self: 4 * self.ref.used >= 3 * self.ref.n_cells)
     @rule(data=st.data())
     def seq_keep(self, data):
-        s = self.seq(data)
+        held = sorted(set().union(*self.ref.seq))
+        s = data.draw(st.sampled_from(held)) if data.draw(st.integers(0, 3)) else self.seq(data)
         self.t.seq_keep(s)
         self.ref.seq_keep(s)
 
@@ -200,11 +229,14 @@ class CellTableMachine(RuleBasedStateMachine):
     def defrag(self):
         assert self.t.defrag().tolist() == [list(m) for m in self.ref.defrag()]
 
-    @precondition(lambda self: 4 * self.ref.used >= 3 * self.ref.n_cells)
-    @rule()
-    def clear(self):
+    @precondition(lambda self: self.ref.used == self.ref.n_cells)
+    @rule(data=st.data())
+    def clear(self, data):
+        """Clear a full table, check it empty, and fill it again as a new run would."""
         self.t.clear()
         self.ref.clear()
+        self.compare()
+        self.fill(data)
 
     @rule()
     def round_trip(self):
@@ -260,6 +292,15 @@ class CellTableMachine(RuleBasedStateMachine):
 
     @invariant()
     def same_as_reference(self):
+        self.compare()
+        r = self.ref
+        self.steps += 1
+        self.empty_steps += r.used == 0
+        self.occupancy += r.used / r.n_cells
+        self.shared = getattr(self, "shared", False) or any(len(s) > 1 for s in r.seq)
+
+    def compare(self):
+        """every observable of the C table against the reference, and check()."""
         t, r = self.t, self.ref
         assert t.positions().tolist() == r.pos
         held = np.zeros((r.n_cells, r.n_seq_max), bool)
@@ -282,10 +323,6 @@ class CellTableMachine(RuleBasedStateMachine):
             pos = [min(r.seq_pos_max(s) + k, INT32_MAX) for s in active for k in (0, 1)]
             self.compare_mask(pos, [[s] for s in active for k in (0, 1)], r.n_cells)
         t.check()
-        self.steps += 1
-        self.empty_steps += r.used == 0
-        self.occupancy += r.used / r.n_cells
-        self.shared = getattr(self, "shared", False) or any(len(s) > 1 for s in r.seq)
 
     def teardown(self):
         if not getattr(self, "steps", 0):
