@@ -12,6 +12,9 @@
 #define MIN_PARALLEL_MACS 65536   // smaller products run on the caller alone
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
+#define PANEL_MIN_TOKENS 5  // from here on rows are unpacked once into panels for all tokens
+                            // (at 4 the one-row tiles, with all 4 in one group, are as fast)
+#define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
 #define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
                             // from writing to one line of y
 
@@ -30,6 +33,8 @@ typedef struct {
     int64_t n_groups;
     dot_q8_fn dot_q8;
     dot_f32_fn dot_f32;
+    panel_kernel panel;    // used when panel.pack is set
+    panel_block *packed;   // per slot, room for one chunk of rows
     float *y;
     int64_t chunk, next;   // next: first row not yet handed out (atomic)
 } job;
@@ -52,13 +57,36 @@ static void run_tile(const job *j, int64_t r0, int64_t r1, int64_t g0, int64_t g
     }
 }
 
+// Rows r0..r1 unpacked into panels, then times every token: a token
+// group's x stays in L1 across the panels, the panels in L2 across groups.
+static void run_panels(const job *j, int64_t r0, int64_t r1, panel_block *packed) {
+    const int64_t nb = j->n_in / 32;
+    for (int64_t r = r0; r < r1; r += PANEL)
+        j->panel.pack(j->w + r * j->row_stride, j->row_stride, r1 - r < PANEL ? (int)(r1 - r) : PANEL,
+                      j->n_in, packed + (r - r0) / PANEL * nb);
+    for (int64_t g = 0; g < j->n_groups; g++) {
+        const token_group *tg = &j->groups[g];
+        const int step = tg->x.nt == 1 ? 1 : 4;
+        for (int t0 = 0; t0 < tg->n_valid; t0 += step) {
+            int n_tok = tg->n_valid - t0 < step ? tg->n_valid - t0 : step;
+            for (int64_t r = r0; r < r1; r += PANEL)
+                j->panel.dot(packed + (r - r0) / PANEL * nb, j->n_in, tg->x, t0,
+                             j->y + (tg->t0 + t0) * j->n_out + r, j->n_out,
+                             r1 - r < PANEL ? (int)(r1 - r) : PANEL, n_tok);
+        }
+    }
+}
+
 static void run_job(void *arg, int slot) {
     job *j = arg;
-    (void)slot;
     for (;;) {
         int64_t r0 = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
         if (r0 >= j->n_out) return;
         int64_t r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
+        if (j->panel.pack) {
+            run_panels(j, r0, r1, j->packed + slot * (j->chunk / PANEL) * (j->n_in / 32));
+            continue;
+        }
         for (int64_t g0 = 0; g0 < j->n_groups; g0 += TILE_GROUPS)
             run_tile(j, r0, r1, g0, g0 + TILE_GROUPS < j->n_groups ? g0 + TILE_GROUPS : j->n_groups);
     }
@@ -121,14 +149,22 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     j.n_groups = n_groups;
     if (quantised) j.dot_q8 = quant_dot_q8(type, simd);
     else j.dot_f32 = quant_dot_f32(type, simd);
+    if (quantised && n >= PANEL_MIN_TOKENS) j.panel = quant_panel(type, simd);
     if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
     if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
-    if (chunk > CHUNK_BYTES / row_stride) chunk = CHUNK_BYTES / row_stride;
+    const int64_t panel_bytes = nb * (int64_t)sizeof(panel_block);
+    const int64_t max_rows = j.panel.pack ? PACKED_BYTES / panel_bytes * PANEL : CHUNK_BYTES / row_stride;
+    if (chunk > max_rows) chunk = max_rows;
     if (chunk >= LINE_ROWS) chunk = chunk / LINE_ROWS * LINE_ROWS;
-    j.chunk = chunk > 0 ? chunk : 1;
+    else chunk = j.panel.pack ? PANEL : chunk > 0 ? chunk : 1;
+    j.chunk = chunk;
+    if (j.panel.pack && !(j.packed = malloc((size_t)(n_threads * chunk / PANEL * panel_bytes)))) {
+        free(q); free(ds); free(groups);
+        return kvc_fail(KVC_ENOMEM, "matmul: out of memory");
+    }
     pool_run(run_job, &j, n_threads);
-    free(q); free(ds); free(groups);
+    free(q); free(ds); free(groups); free(j.packed);
     return KVC_OK;
 }
 

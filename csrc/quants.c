@@ -240,18 +240,6 @@ static inline AVX2 float hsum8(__m256 v) {
 
 static inline AVX2 float f16_simd(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
 
-// 8 int32 lanes whose total is the dot product of 32 unsigned u8 with 32 s8;
-// u * s pairs must fit int16 (u <= 128, |s| <= 127 here).
-static inline AVX2 __m256 dot_u8_s8(__m256i u, __m256i s) {
-    __m256i p16 = _mm256_maddubs_epi16(u, s);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-}
-
-// Signed weights: |w| times x with w's sign.
-static inline AVX2 __m256 dot_s8_s8(__m256i w, __m256i x) {
-    return dot_u8_s8(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-}
-
 // The 32 nibbles of 16 bytes: low nibbles in the low half, high in the high.
 static inline AVX2 __m256i nibbles16(const uint8_t *p) {
     __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
@@ -304,53 +292,21 @@ static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
 }
 
 // The quantised kernels below multiply one weight row with a group of nt
-// tokens, nt a compile-time constant after inlining (4, or 1 for a lone
-// token), so each weight block is unpacked once for the group.
+// tokens, nt a compile-time constant after inlining (8, 4, or 1 for a lone
+// token), so each weight block is unpacked once for the group. The panel
+// kernels further down multiply 8 rows at once and must give each token
+// bit for bit what these give it alone, so both follow one order: the
+// products of a block of 32 are summed exactly in int32; that sum, times
+// (the block's scale times the token's), plus the block's offset term, is
+// added to chain g % 8 by FMAs; the 8 chains are added as hsum8 adds lanes.
 #define TILE static inline __attribute__((always_inline)) AVX2
 
-TILE void store_sums(const __m256 *acc, const float *off, int nt, float *out) {
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]) - off[t];
-}
-
-TILE void q8_0_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out) {
-    __m256 acc[ACT_GROUP];
-    float off[ACT_GROUP] = {0};
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n / QK; g++) {
-        const uint8_t *blk = row + 34 * g;
-        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2)), aw = _mm256_abs_epi8(w);
-        float d = f16_simd(blk);
-        for (int t = 0; t < nt; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[g * nt + t]),
-                                     dot_u8_s8(aw, _mm256_sign_epi8(load_x(x, nt, g, t), w)), acc[t]);
-    }
-    store_sums(acc, off, nt, out);
-}
-
-// Q4_0, Q4_1, Q5_0, Q5_1 with unsigned q: d*(q.x) + o*(sum of x) per block,
-// o = -8d, -16d (the 8 or 16 applied once at the end) or the block's min m.
-TILE void q45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out,
-                   int five, int has_min) {
-    __m256 acc[ACT_GROUP];
-    float off[ACT_GROUP] = {0};
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n / QK; g++) {
-        const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * g;
-        float d = f16_simd(blk);
-        float o = has_min ? -f16_simd(blk + 2) : d;   // times the bias below
-        __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
-        if (five) {
-            __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
-            u = _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
-        }
-        for (int t = 0; t < nt; t++) {
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
-            off[t] += o * x.s[g * nt + t];
-        }
-    }
-    if (!has_min)
-        for (int t = 0; t < nt; t++) off[t] *= five ? 16.0f : 8.0f;
-    store_sums(acc, off, nt, out);
+// Q4_0, Q4_1, Q5_0, Q5_1: the unsigned q of a block.
+static inline AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min) {
+    __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
+    if (!five) return u;
+    __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
+    return _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
 }
 
 // Q4_K/Q5_K block header: d*sc and dmin*m of the 8 sub-blocks, the 6-bit
@@ -365,87 +321,141 @@ static inline AVX2 void k_scales_avx2(const uint8_t *blk, float *ds, float *dm) 
     _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk + 2)), m));
 }
 
-// Q4_K and Q5_K: d*sc*(q.x) - dmin*m*(sum of x) per sub-block of 32.
-TILE void k45_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out, int five) {
-    const __m256i low4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-    __m256 acc[ACT_GROUP];
-    float off[ACT_GROUP] = {0};
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t *blk = row + (five ? 176 : 144) * b;
-        const uint8_t *qs = blk + (five ? 48 : 16);
-        float ds[8], dm[8];
-        k_scales_avx2(blk, ds, dm);
-        __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
-        for (int s = 0; s < 8; s++) {
-            int64_t g = 8 * b + s;
-            __m256i u = _mm256_loadu_si256((const __m256i *)(qs + 32 * (s / 2)));
-            if (s % 2) u = _mm256_srli_epi16(u, 4);
-            u = _mm256_and_si256(u, low4);
-            if (five) {
-                u = _mm256_or_si256(u, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
-                qh = _mm256_srli_epi16(qh, 1);
-            }
-            for (int t = 0; t < nt; t++) {
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(ds[s] * x.d[g * nt + t]), dot_u8_s8(u, load_x(x, nt, g, t)), acc[t]);
-                off[t] += dm[s] * x.s[g * nt + t];
-            }
-        }
-    }
-    store_sums(acc, off, nt, out);
+// The unsigned q of sub-block s of a Q4_K or Q5_K block.
+static inline AVX2 __m256i k45_values(const uint8_t *blk, int five, int s) {
+    const __m128i shift = _mm_cvtsi32_si128(4 * (s % 2));
+    __m256i u = _mm256_loadu_si256((const __m256i *)(blk + (five ? 48 : 16) + 32 * (s / 2)));
+    u = _mm256_and_si256(_mm256_srl_epi16(u, shift), _mm256_set1_epi8(0xF));
+    if (!five) return u;
+    __m256i qh = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(blk + 16)), _mm_cvtsi32_si128(s));
+    return _mm256_or_si256(u, _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(1)), 4));
 }
 
-// Q6_K: signed q with one scale per 16 values, applied by the int16 madd.
-TILE void q6_k_tile(const uint8_t *row, act_q8 x, int nt, int64_t n, float *out) {
-    const __m256i low4 = _mm256_set1_epi8(0xF), low2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
-    __m256 acc[ACT_GROUP];
-    float off[ACT_GROUP] = {0};
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / QK_K; b++) {
-        const uint8_t *blk = row + 210 * b;
-        const int8_t *scales = (const int8_t *)(blk + 192);
+// The signed q (-32..31) of chunk c of half h of a Q6_K block (see q6_k_value).
+static inline AVX2 __m256i q6_k_values(const uint8_t *blk, int h, int c) {
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (c % 2)));
+    lo = _mm256_and_si256(_mm256_srl_epi16(lo, _mm_cvtsi32_si128(4 * (c / 2))), _mm256_set1_epi8(0xF));
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+    hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(3));
+    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+}
+
+// Q8_0 and Q6_K: signed values, no offset; the others unsigned with one.
+static inline int signed_values(int type) {
+    return type == KVC_TYPE_Q8_0 || type == KVC_TYPE_Q6_K;
+}
+
+// Blocks g0..g0+n-1 of a row (g0 % 8 == 0; n = 8 but at the end of a row
+// of 32-blocks): block j has values v[j] (signed or unsigned as
+// signed_values says), scale a[j], offset m[j] (value = a*v + m) and, for
+// Q6_K, int16 scales sc[j][0] and sc[j][1] of its two halves (value = a*sc*v).
+TILE void unpack_blocks(int type, const uint8_t *row, int64_t g0, int n, __m256i *v,
+                        float *a, float *m, int16_t sc[][2]) {
+    if (type == KVC_TYPE_Q6_K) {
+        const uint8_t *blk = row + 210 * (g0 / 8);
+        const int8_t *s = (const int8_t *)(blk + 192);
         float d = f16_simd(blk + 208);
-        for (int h = 0; h < 2; h++) {
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-            for (int c = 0; c < 4; c++) {
-                int64_t g = 8 * b + 4 * h + c;
-                __m256i lo = c % 2 ? ql1 : ql0;
-                if (c >= 2) lo = _mm256_srli_epi16(lo, 4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), low2);
-                __m256i q = _mm256_or_si256(_mm256_and_si256(lo, low4), _mm256_slli_epi16(hi, 4));
-                q = _mm256_sub_epi8(q, bias);
-                __m256i aq = _mm256_abs_epi8(q);
-                __m256i sc = _mm256_set_m128i(_mm_set1_epi16(scales[8 * h + 2 * c + 1]),
-                                              _mm_set1_epi16(scales[8 * h + 2 * c]));
-                for (int t = 0; t < nt; t++) {
-                    __m256i p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(load_x(x, nt, g, t), q));
-                    __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, sc));
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[g * nt + t]), p, acc[t]);
-                }
-            }
+        for (int c = 0; c < 8; c++) {
+            v[c] = q6_k_values(blk, c / 4, c % 4);
+            a[c] = d, m[c] = 0.0f, sc[c][0] = s[2 * c], sc[c][1] = s[2 * c + 1];
         }
+        return;
     }
-    store_sums(acc, off, nt, out);
+    if (type == KVC_TYPE_Q4_K || type == KVC_TYPE_Q5_K) {
+        int five = type == KVC_TYPE_Q5_K;
+        const uint8_t *blk = row + (five ? 176 : 144) * (g0 / 8);
+        float dm[8];
+        k_scales_avx2(blk, a, dm);
+        for (int s = 0; s < 8; s++) v[s] = k45_values(blk, five, s), m[s] = -dm[s];
+        return;
+    }
+    for (int j = 0; j < n; j++) {
+        if (type == KVC_TYPE_Q8_0) {
+            const uint8_t *blk = row + 34 * (g0 + j);
+            v[j] = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            a[j] = f16_simd(blk), m[j] = 0.0f;
+            continue;
+        }
+        int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
+        int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
+        const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * (g0 + j);
+        v[j] = q45_values(blk, five, has_min);
+        a[j] = f16_simd(blk), m[j] = has_min ? f16_simd(blk + 2) : (five ? -16.0f : -8.0f) * a[j];
+    }
 }
 
-// Runs tile with the group's nt (8, 4 or 1) as a constant.
-#define TILE_ENTRY(name, call)                                                          \
-    static AVX2 void name(int type, const uint8_t *row, act_q8 x, int64_t n, float *out) { \
-        if (x.nt == 8) { const int k = 8; call; }                                         \
-        else if (x.nt == 4) { const int k = 4; call; }                                    \
-        else { const int k = 1; call; }                                                   \
+// Lane j: the int32 total of the 8 lanes of p[j].
+static inline AVX2 __m256i lane_totals(const __m256i *p) {
+    __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
+// p[j] for blocks j < n of a token's act_q8 values, 0 for the rest.
+static inline AVX2 __m256 strided8(const float *p, int stride, int n) {
+    if (stride == 1 && n == 8) return _mm256_loadu_ps(p);
+    if (stride == 1 && n == 4) return _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(p), 0);
+    float v[8] = {0};
+    for (int j = 0; j < n; j++) v[j] = p[j * stride];
+    return _mm256_loadu_ps(v);
+}
+
+// Blocks g0..g0+nv-1 of a row times the group's tokens, into acc.
+TILE void blocks_chunk(int type, const uint8_t *row, act_q8 x, int nt, int64_t g0, int nv,
+                       __m256 *acc) {
+    const int sgn = signed_values(type);
+    __m256i v[8], av[8], mul[8];
+    float a[8] = {0}, m[8] = {0};
+    int16_t sc[8][2];
+    unpack_blocks(type, row, g0, nv, v, a, m, sc);
+    for (int j = 0; j < nv; j++) {
+        av[j] = sgn ? _mm256_abs_epi8(v[j]) : v[j];
+        mul[j] = type == KVC_TYPE_Q6_K ? _mm256_set_m128i(_mm_set1_epi16(sc[j][1]), _mm_set1_epi16(sc[j][0]))
+                                       : _mm256_set1_epi16(1);
+    }
+    const __m256 va = _mm256_loadu_ps(a), vm = _mm256_loadu_ps(m);
+    for (int t = 0; t < nt; t++) {
+        __m256i p[8];
+        for (int j = 0; j < 8; j++) {
+            if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
+            __m256i xv = load_x(x, nt, g0 + j, t);
+            if (sgn) xv = _mm256_sign_epi8(xv, v[j]);
+            p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(av[j], xv), mul[j]);
+        }
+        __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
+        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(lane_totals(p)), acc[t]);
+        if (!sgn) acc[t] = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), acc[t]);
+    }
+}
+
+TILE void blocks_tile(int type, const uint8_t *row, act_q8 x, int nt, int64_t n, float *out) {
+    const int64_t nb = n / QK;
+    __m256 acc[ACT_GROUP];
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    int64_t g0 = 0;
+    for (; g0 + 8 <= nb; g0 += 8) blocks_chunk(type, row, x, nt, g0, 8, acc);
+    if (nb - g0 == 4) blocks_chunk(type, row, x, nt, g0, 4, acc);   // rows of 256k + 128 values
+    else if (g0 < nb) blocks_chunk(type, row, x, nt, g0, (int)(nb - g0), acc);
+    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
+}
+
+// Runs blocks_tile with the type and the group's nt (8, 4 or 1) as constants.
+#define TILE_ENTRY(name, type)                                                               \
+    static AVX2 void name(int type_, const uint8_t *row, act_q8 x, int64_t n, float *out) {  \
+        (void)type_;                                                                         \
+        if (x.nt == 8) blocks_tile(type, row, x, 8, n, out);                                 \
+        else if (x.nt == 4) blocks_tile(type, row, x, 4, n, out);                            \
+        else blocks_tile(type, row, x, 1, n, out);                                           \
     }
 
-TILE_ENTRY(dot_q8_0_avx2, q8_0_tile(row, x, k, n, out))
-TILE_ENTRY(dot_q4_0_avx2, q45_tile(row, x, k, n, out, 0, 0))
-TILE_ENTRY(dot_q4_1_avx2, q45_tile(row, x, k, n, out, 0, 1))
-TILE_ENTRY(dot_q5_0_avx2, q45_tile(row, x, k, n, out, 1, 0))
-TILE_ENTRY(dot_q5_1_avx2, q45_tile(row, x, k, n, out, 1, 1))
-TILE_ENTRY(dot_q4_k_avx2, k45_tile(row, x, k, n, out, 0))
-TILE_ENTRY(dot_q5_k_avx2, k45_tile(row, x, k, n, out, 1))
-TILE_ENTRY(dot_q6_k_avx2, q6_k_tile(row, x, k, n, out))
+TILE_ENTRY(dot_q8_0_avx2, KVC_TYPE_Q8_0)
+TILE_ENTRY(dot_q4_0_avx2, KVC_TYPE_Q4_0)
+TILE_ENTRY(dot_q4_1_avx2, KVC_TYPE_Q4_1)
+TILE_ENTRY(dot_q5_0_avx2, KVC_TYPE_Q5_0)
+TILE_ENTRY(dot_q5_1_avx2, KVC_TYPE_Q5_1)
+TILE_ENTRY(dot_q4_k_avx2, KVC_TYPE_Q4_K)
+TILE_ENTRY(dot_q5_k_avx2, KVC_TYPE_Q5_K)
+TILE_ENTRY(dot_q6_k_avx2, KVC_TYPE_Q6_K)
 
 static AVX2 float dot_f32_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -487,6 +497,154 @@ static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, in
     return sum + dot_f32_portable(type, row + 2 * i, x + i, n - i);
 }
 
+// ---- the panel kernels (many tokens) ----
+
+// v[r] (the 8 dwords of row r) into v[k] (dword k of rows 0..7).
+static inline AVX2 void transpose_8x8(__m256i *v) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            u[4 * i + 2 * j] = _mm256_unpacklo_epi64(t[4 * i + j], t[4 * i + j + 2]);
+            u[4 * i + 2 * j + 1] = _mm256_unpackhi_epi64(t[4 * i + j], t[4 * i + j + 2]);
+        }
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x20);
+        v[k + 4] = _mm256_permute2x128_si256(u[k], u[k + 4], 0x31);
+    }
+}
+
+// Row by row first (one stream of reads at a time: several interleaved
+// streams defeat the hardware prefetcher), each block's values stored as
+// [row][32 bytes], then each block transposed in place.
+TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
+                    panel_block *out) {
+    const int64_t nb = n / QK;
+    if (n_rows < PANEL) memset(out, 0, sizeof(panel_block) * (size_t)nb);
+    for (int r = 0; r < n_rows; r++) {
+        const uint8_t *row = w + r * row_stride;
+        for (int64_t g0 = 0; g0 < nb; g0 += 8) {
+            __m256i v[8];
+            float a[8], m[8];
+            int16_t sc[8][2] = {{0}};
+            const int nv = nb - g0 < 8 ? (int)(nb - g0) : 8;
+            unpack_blocks(type, row, g0, nv, v, a, m, sc);
+            for (int j = 0; j < nv; j++) {
+                panel_block *b = out + g0 + j;
+                _mm256_storeu_si256((__m256i *)b->v + r, v[j]);
+                b->a[r] = a[j], b->m[r] = m[j];
+                b->sc[0][r][0] = b->sc[0][r][1] = sc[j][0];
+                b->sc[1][r][0] = b->sc[1][r][1] = sc[j][1];
+            }
+        }
+    }
+    for (int64_t g = 0; g < nb; g++) {
+        __m256i v[PANEL];
+        for (int r = 0; r < PANEL; r++) v[r] = _mm256_loadu_si256((const __m256i *)out[g].v + r);
+        transpose_8x8(v);
+        for (int k = 0; k < 8; k++) _mm256_storeu_si256((__m256i *)out[g].v + k, v[k]);
+    }
+}
+
+#define PACK_ENTRY(name, type)                                                          \
+    static AVX2 void name(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n, \
+                          panel_block *out) {                                           \
+        pack_rows(type, w, row_stride, n_rows, n, out);                                 \
+    }
+
+PACK_ENTRY(pack_q8_0, KVC_TYPE_Q8_0)
+PACK_ENTRY(pack_q4_0, KVC_TYPE_Q4_0)
+PACK_ENTRY(pack_q4_1, KVC_TYPE_Q4_1)
+PACK_ENTRY(pack_q5_0, KVC_TYPE_Q5_0)
+PACK_ENTRY(pack_q5_1, KVC_TYPE_Q5_1)
+PACK_ENTRY(pack_q4_k, KVC_TYPE_Q4_K)
+PACK_ENTRY(pack_q5_k, KVC_TYPE_Q5_K)
+PACK_ENTRY(pack_q6_k, KVC_TYPE_Q6_K)
+
+// A panel times nt tokens (4, or 1). Each 4-byte piece of a token's block
+// is broadcast and multiplied with the same piece of the 8 rows, so the
+// lanes are rows and one conversion and one FMA serve 8 rows. The block's
+// int32 total is the one blocks_tile forms, whatever order it is added in.
+
+// sum[t] += the products of pieces k0..k0+3 of block b with token t's (at
+// xq + t * QK), times mul's int16 (Q6_K's scales, else 1). They are added in
+// int16 first where that cannot overflow (|v| <= 32: 4 * 2 * 32 * 127 < 2^15),
+// i.e. for every type but Q8_0.
+TILE void panel_pieces(const panel_block *b, int k0, const int8_t *xq, int nt, __m256i *sum,
+                       __m256i mul, int sgn, int wide) {
+    __m256i s16[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)b->v[k0 + i]);
+        __m256i aw = sgn ? _mm256_abs_epi8(w) : w;
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            __m256i xb = _mm256_set1_epi32((int)load_u32((const uint8_t *)xq + t * QK + 4 * (k0 + i)));
+            __m256i p16 = _mm256_maddubs_epi16(aw, sgn ? _mm256_sign_epi8(xb, w) : xb);
+            if (wide) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(p16, mul));
+            else s16[t] = i ? _mm256_add_epi16(s16[t], p16) : p16;
+        }
+    }
+    if (!wide)
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(s16[t], mul));
+}
+
+TILE void panel_tile(int type, const panel_block *p, int64_t n, act_q8 x, int t0, int nt, float *y,
+                     int64_t y_stride, int n_rows, int n_tok) {
+    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
+    const int wide = type == KVC_TYPE_Q8_0;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4][8];   // token, chain
+    for (int t = 0; t < nt; t++)
+        for (int j = 0; j < 8; j++) acc[t][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n / QK; g++) {
+        const panel_block *b = p + g;
+        const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
+        const int8_t *xq = x.q + k * QK;
+        __m256i sum[4];
+        for (int t = 0; t < nt; t++) sum[t] = _mm256_setzero_si256();
+        panel_pieces(b, 0, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[0]) : ones, sgn, wide);
+        panel_pieces(b, 4, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[1]) : ones, sgn, wide);
+        const __m256 va = _mm256_loadu_ps(b->a), vm = _mm256_loadu_ps(b->m);
+        __m256 *chain = &acc[0][g % 8];
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(va, _mm256_set1_ps(x.d[k + t])),
+                                       _mm256_cvtepi32_ps(sum[t]), chain[8 * t]);
+            if (!sgn) c = _mm256_fmadd_ps(vm, _mm256_set1_ps(x.s[k + t]), c);
+            chain[8 * t] = c;
+        }
+    }
+    for (int t = 0; t < n_tok; t++) {
+        const __m256 *c = acc[t];   // the chains added as hsum8 adds lanes
+        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c[0], c[4]), _mm256_add_ps(c[2], c[6])),
+                                 _mm256_add_ps(_mm256_add_ps(c[1], c[5]), _mm256_add_ps(c[3], c[7])));
+        float out[PANEL];
+        _mm256_storeu_ps(out, s);
+        memcpy(y + t * y_stride, out, sizeof(float) * (size_t)n_rows);
+    }
+}
+
+#define PANEL_ENTRY(name, type)                                                                \
+    static AVX2 void name(const panel_block *p, int64_t n, act_q8 x, int t0, float *y,        \
+                          int64_t y_stride, int n_rows, int n_tok) {                          \
+        if (x.nt == 1) panel_tile(type, p, n, x, t0, 1, y, y_stride, n_rows, n_tok);         \
+        else panel_tile(type, p, n, x, t0, 4, y, y_stride, n_rows, n_tok);                   \
+    }
+
+PANEL_ENTRY(panel_q8_0, KVC_TYPE_Q8_0)
+PANEL_ENTRY(panel_q4_0, KVC_TYPE_Q4_0)
+PANEL_ENTRY(panel_q4_1, KVC_TYPE_Q4_1)
+PANEL_ENTRY(panel_q5_0, KVC_TYPE_Q5_0)
+PANEL_ENTRY(panel_q5_1, KVC_TYPE_Q5_1)
+PANEL_ENTRY(panel_q4_k, KVC_TYPE_Q4_K)
+PANEL_ENTRY(panel_q5_k, KVC_TYPE_Q5_K)
+PANEL_ENTRY(panel_q6_k, KVC_TYPE_Q6_K)
+
 #endif  // HAVE_X86
 
 void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd) {
@@ -517,6 +675,25 @@ dot_q8_fn quant_dot_q8(int type, int simd) {
 #endif
     (void)simd;
     return dot_q8_portable;
+}
+
+panel_kernel quant_panel(int type, int simd) {
+#ifdef HAVE_X86
+    if (simd) {
+        switch (type) {
+        case KVC_TYPE_Q8_0: return (panel_kernel){pack_q8_0, panel_q8_0};
+        case KVC_TYPE_Q4_0: return (panel_kernel){pack_q4_0, panel_q4_0};
+        case KVC_TYPE_Q4_1: return (panel_kernel){pack_q4_1, panel_q4_1};
+        case KVC_TYPE_Q5_0: return (panel_kernel){pack_q5_0, panel_q5_0};
+        case KVC_TYPE_Q5_1: return (panel_kernel){pack_q5_1, panel_q5_1};
+        case KVC_TYPE_Q4_K: return (panel_kernel){pack_q4_k, panel_q4_k};
+        case KVC_TYPE_Q5_K: return (panel_kernel){pack_q5_k, panel_q5_k};
+        case KVC_TYPE_Q6_K: return (panel_kernel){pack_q6_k, panel_q6_k};
+        }
+    }
+#endif
+    (void)type, (void)simd;
+    return (panel_kernel){NULL, NULL};
 }
 
 dot_f32_fn quant_dot_f32(int type, int simd) {

@@ -106,4 +106,34 @@ typedef float (*dot_f32_fn)(int type, const uint8_t *row, const float *x, int64_
 dot_q8_fn quant_dot_q8(int type, int simd);
 dot_f32_fn quant_dot_f32(int type, int simd);
 
+// Many tokens (AVX2 only): PANEL weight rows unpacked once per matmul to
+// int8, interleaved so that one vector holds 4 values of each of the 8 rows
+// and the kernel's lanes are rows. In block g of a panel, value j of row r
+// is a[r] * sc[j / 16][r][0] * v[j / 4][r][j % 4] + m[r], sc being Q6_K's
+// int16 scales (1 for the other types: unused); rows the panel lacks are
+// zeros. Each token's y is bit for bit what quant_dot_q8's kernel gives it.
+#define PANEL 8
+typedef struct {
+    int8_t v[8][PANEL][4];
+    float a[PANEL];
+    float m[PANEL];
+    int16_t sc[2][PANEL][2];
+} panel_block;
+
+// Unpacks rows (n_rows <= PANEL, row_stride bytes apart, n values each)
+// into n/32 panel blocks.
+typedef void (*pack_fn)(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
+                        panel_block *out);
+// The panel's rows times tokens t0.. of group x (4 of them, 1 when x.nt is
+// 1): y[t * y_stride + r] for t < n_tok, r < n_rows.
+typedef void (*panel_dot_fn)(const panel_block *p, int64_t n, act_q8 x, int t0, float *y,
+                             int64_t y_stride, int n_rows, int n_tok);
+typedef struct {
+    pack_fn pack;
+    panel_dot_fn dot;
+} panel_kernel;
+
+// {NULL, NULL} when the SIMD kernels are off.
+panel_kernel quant_panel(int type, int simd);
+
 #endif

@@ -248,6 +248,24 @@ def test_token_group_and_chunk_edges(name, simd):
         np.testing.assert_array_equal(mm.matmul(raw, name, 37, 8192, x, n_threads=n_threads), one)
 
 
+@pytest.mark.parametrize("name", QUANTISED + FLOAT)
+def test_a_tokens_result_does_not_depend_on_its_batch(name, simd):
+    # y of a token alone, bit for bit, whatever the batch size, its place in
+    # the batch and the thread count: the model's next layer re-quantises y,
+    # which would turn last-bit differences into different tokens
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + 1)
+    n_in, n_out, n = N_IN.get(name, 256), 45, 23
+    raw = make_raw(name, n_out, n_in, rng)
+    x = rng.standard_normal((n, n_in)).astype(np.float32)
+    alone = np.concatenate([mm.matmul(raw, name, n_out, n_in, x[t:t + 1], n_threads=1) for t in range(n)])
+    for size in range(1, n + 1):
+        for start in range(n):   # every token at every place
+            ids = (start + np.arange(size)) % n
+            for n_threads in (1, 2, 3):
+                got = mm.matmul(raw, name, n_out, n_in, x[ids], n_threads=n_threads)
+                np.testing.assert_array_equal(got, alone[ids], err_msg=f"{size} tokens from {start}, {n_threads} threads")
+
+
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F32"])
 def test_non_finite_activations_stay_in_their_token(name, simd):
     rng = np.random.default_rng(12)
