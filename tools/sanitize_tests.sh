@@ -10,6 +10,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python}
 out=$(mktemp -d)
+. "$root/tools/sanitizer_setup.sh"
 trap 'rm -rf "$out"' EXIT
 
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
@@ -44,21 +45,10 @@ import canary
 def test_oob():
     canary.lib.oob(5)
 PY
-if (cd "$out/canary" && "$py" -m pytest -p no:cacheprovider --capture=sys test_canary.py) \
-    >"$out/canary_pytest.log" 2>&1; then
-  echo "sanitizer setup FAILED: pytest passed an out-of-bounds write"; exit 1
-fi
-grep -q "AddressSanitizer: heap-buffer-overflow" "$out/canary_pytest.log" \
-  || { cat "$out/canary_pytest.log"; echo "sanitizer setup FAILED: the report does not reach the log from pytest"; exit 1; }
-echo "sanitizer setup: the report reaches the log from inside pytest"
+expect_pytest_report "AddressSanitizer: heap-buffer-overflow" "an out-of-bounds write"
 
 # 2. the package with a sanitized C core
-cp -r "$root/src/kvcells" "$out/kvcells"
-rm -f "$out"/kvcells/_core*.so
-KVCELLS_SANITIZE=1 LD_PRELOAD= "$py" "$root/src/kvcells/_ffi_build.py" "$out" >"$out/build.log" 2>&1 \
-  || { cat "$out/build.log"; exit 1; }
-export PYTHONPATH="$out"
-"$py" -c "import kvcells._core as c, sys; assert c.__file__.startswith('$out'), c.__file__"
+use_sanitized_core 1
 cd "$root"
 if [ $# -eq 0 ]; then
   set -- tests/test_cells*.py tests/test_cache.py tests/test_kv_quant.py tests/test_matmul.py \

@@ -14,6 +14,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python}
 out=$(mktemp -d)
+. "$root/tools/sanitizer_setup.sh"
 trap 'rm -rf "$out"' EXIT
 
 export LD_PRELOAD="$(gcc -print-file-name=libtsan.so)"
@@ -47,21 +48,10 @@ import canary
 def test_race():
     canary.lib.race()
 PY
-if (cd "$out/canary" && "$py" -m pytest -p no:cacheprovider --capture=sys test_canary.py) \
-    >"$out/canary.log" 2>&1; then
-  echo "tsan setup FAILED: pytest passed a data race"; exit 1
-fi
-grep -q "WARNING: ThreadSanitizer: data race" "$out/canary.log" \
-  || { cat "$out/canary.log"; echo "tsan setup FAILED: no report in the log"; exit 1; }
-echo "tsan setup: a deliberate data race was reported from inside pytest"
+expect_pytest_report "WARNING: ThreadSanitizer: data race" "a deliberate data race"
 
 # 2. the package with a ThreadSanitizer-built C core
-cp -r "$root/src/kvcells" "$out/kvcells"
-rm -f "$out"/kvcells/_core*.so
-KVCELLS_SANITIZE=thread LD_PRELOAD= "$py" "$root/src/kvcells/_ffi_build.py" "$out" >"$out/build.log" 2>&1 \
-  || { cat "$out/build.log"; exit 1; }
-export PYTHONPATH="$out"
-"$py" -c "import kvcells._core as c; assert c.__file__.startswith('$out'), c.__file__"
+use_sanitized_core thread
 cd "$root"
 if [ $# -eq 0 ]; then
   set -- tests/test_context.py::test_four_threads_on_one_context_lose_no_decode \
