@@ -157,7 +157,10 @@ def test_bad_calls_raise_and_write_no_kv_row():
         native.block_run(block, kv, ub, scratch, x, cos[:1], sin[:1], None, 1)
     with pytest.raises(ValueError, match="output row 3 outside"):
         native.block_run(block, kv, ub, scratch, x, cos, sin, np.array([3], np.int32), 1)
-    bad = native.UbatchView(np.array([0, 1, 99], np.int32), *ub.keep[1:])
+    slots = ub.keep[0].copy()
+    slots[2] = 99
+    bad = native.UbatchView(slots, *ub.keep[1:])
+    bad.set(ub.c.n_tokens, ub.c.n_list)
     with pytest.raises(ValueError, match="cell 99 outside"):
         native.block_run(block, kv, bad, scratch, x, cos, sin, None, 1)
     with pytest.raises(ValueError, match="n_threads"):

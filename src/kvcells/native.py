@@ -310,21 +310,35 @@ class LayerKV:
 
 
 class UbatchView:
-    """An applied ubatch as C sees it (kvc_ubatch): token t's K/V rows go to
-    cell slots[t] and it attends cells[lo[t]:hi[t]]; int32 vectors."""
+    """An applied ubatch as C sees it (kvc_ubatch), over int32 vectors made
+    once: token t's K/V rows go to cell slots[t] and it attends
+    cells[lo[t]:hi[t]]. set() says how many tokens and list entries are in
+    use; it starts with none (C then refuses it)."""
 
     def __init__(self, slots, cells, lo, hi):
         for name, a in (("slots", slots), ("lo", lo), ("hi", hi), ("cells", cells)):
             if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
                     or not a.flags.c_contiguous:
                 raise ValueError(f"{name} must be a contiguous int32 vector")
-        n = len(slots)
-        if len(lo) != n or len(hi) != n:
-            raise ValueError(f"{n} tokens need {n} ranges")
+        if len(lo) != len(slots) or len(hi) != len(slots):
+            raise ValueError(f"{len(slots)} slots need {len(slots)} ranges")
         self.keep = (slots, cells, lo, hi)
         self.c = ffi.new("kvc_ubatch *", {
-            "n_tokens": n, "slots": int32s(slots), "lo": int32s(lo), "hi": int32s(hi),
-            "cells": int32s(cells) if len(cells) else ffi.NULL, "n_list": len(cells)})
+            "n_tokens": 0, "slots": int32s(slots), "lo": int32s(lo), "hi": int32s(hi),
+            "cells": int32s(cells) if len(cells) else ffi.NULL, "n_list": 0})
+
+    def set(self, n_tokens, n_list, cells=None):
+        """n_tokens tokens and n_list list entries in use; cells: a new list
+        vector in place of the old one."""
+        if cells is not None:
+            if not isinstance(cells, np.ndarray) or cells.dtype != np.int32 \
+                    or cells.ndim != 1 or not cells.flags.c_contiguous or not len(cells):
+                raise ValueError("cells must be a non-empty contiguous int32 vector")
+            self.keep = (self.keep[0], cells, *self.keep[2:])
+            self.c.cells = int32s(cells)
+        if not (0 <= n_tokens <= len(self.keep[0]) and 0 <= n_list <= len(self.keep[1])):
+            raise ValueError(f"{n_tokens} tokens and {n_list} cells do not fit the view")
+        self.c.n_tokens, self.c.n_list = n_tokens, n_list
 
 
 def block_run(block, kv, ubatch, scratch, x, cos, sin, out_rows, n_threads):
