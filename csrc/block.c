@@ -156,11 +156,12 @@ static void keep_rows(float *m, float *tmp, int64_t n, const int32_t *out_rows, 
     memcpy(m, tmp, sizeof(float) * (size_t)(n_out * n));
 }
 
-kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
-                     kvc_scratch *s, float *x, int64_t n, const float *cos, const float *sin,
-                     const int32_t *out_rows, int64_t n_out, int n_threads) {
-    kvc_status st = check_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads);
-    if (st) return st;
+// block_run once its arguments are checked
+static kvc_status layer_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
+                            kvc_scratch *s, float *x, int64_t n, const float *cos,
+                            const float *sin, const int32_t *out_rows, int64_t n_out,
+                            int n_threads) {
+    kvc_status st;
     const int64_t e = b->n_embd, nq = s->n_q, nkv = s->n_kv, ff = b->n_ff, d = b->head_dim;
     const float eps = b->norm_eps;
 
@@ -200,20 +201,74 @@ kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatc
     return KVC_OK;
 }
 
-kvc_status block_output(const float *norm_w, float eps, const kvc_matrix *head,
-                        int64_t n_vocab, int64_t n_embd, float softcap, float *x, int64_t n,
-                        float *logits, kvc_scratch *s, int n_threads) {
-    kvc_status st;
-    if (!norm_w || !head || !x || !logits || !s)
+kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
+                     kvc_scratch *s, float *x, int64_t n, const float *cos, const float *sin,
+                     const int32_t *out_rows, int64_t n_out, int n_threads) {
+    kvc_status st = check_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads);
+    return st ? st : layer_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads);
+}
+
+static kvc_status check_output(const float *norm_w, const kvc_matrix *head, int64_t n_vocab,
+                               int64_t n_embd, float softcap, const float *x, int64_t n,
+                               const float *logits, const kvc_scratch *s) {
+    if (!norm_w || !head || !x || (n > 0 && !logits) || !s)
         return kvc_fail(KVC_EINVAL, "block output: missing array");
     if (n_embd != s->n_embd || n_vocab < 1 || n < 0 || n > s->n_tokens || !(softcap >= 0.0f))
         return kvc_fail(KVC_EINVAL, "block output: %lld rows of %lld values to %lld logits, "
                         "soft cap %g", (long long)n, (long long)n_embd, (long long)n_vocab,
                         (double)softcap);
-    if ((st = check_matrix(head, "head", n_embd))) return st;
+    return check_matrix(head, "head", n_embd);
+}
+
+// block_output once its arguments are checked
+static kvc_status output_run(const float *norm_w, float eps, const kvc_matrix *head,
+                             int64_t n_vocab, int64_t n_embd, float softcap, float *x, int64_t n,
+                             float *logits, kvc_scratch *s, int n_threads) {
     if (n == 0) return KVC_OK;
     ops_rms_norm(x, norm_w, x, n, n_embd, eps);
-    if ((st = mm(s, head, n_vocab, n_embd, x, n, logits, n_threads))) return st;
+    kvc_status st = mm(s, head, n_vocab, n_embd, x, n, logits, n_threads);
+    if (st) return st;
     if (softcap > 0.0f) ops_softcap(logits, n, n_vocab, softcap);
     return KVC_OK;
+}
+
+kvc_status block_output(const float *norm_w, float eps, const kvc_matrix *head,
+                        int64_t n_vocab, int64_t n_embd, float softcap, float *x, int64_t n,
+                        float *logits, kvc_scratch *s, int n_threads) {
+    kvc_status st = check_output(norm_w, head, n_vocab, n_embd, softcap, x, n, logits, s);
+    return st ? st : output_run(norm_w, eps, head, n_vocab, n_embd, softcap, x, n, logits, s,
+                                n_threads);
+}
+
+kvc_status stack_run(const kvc_stack *m, const kvc_layer_kv *const *kv,
+                     const kvc_ubatch *const *ub, kvc_scratch *s, float *x, int64_t n,
+                     const float *cos, const float *sin, const int32_t *out_rows, int64_t n_out,
+                     float *logits, int n_threads) {
+    if (!m || !m->blocks || !m->rope || !kv || !ub || !s || !cos || !sin)
+        return kvc_fail(KVC_EINVAL, "stack: missing array");
+    if (m->n_layer < 1 || m->n_rope < 1 || n_out < 0)
+        return kvc_fail(KVC_EINVAL, "stack: %d layers, %d RoPE tables, %lld output rows",
+                        m->n_layer, m->n_rope, (long long)n_out);
+    const int last = m->n_layer - 1;
+    kvc_status st;
+    for (int il = 0; il < m->n_layer; il++) {
+        if (m->rope[il] < 0 || m->rope[il] >= m->n_rope)
+            return kvc_fail(KVC_EINVAL, "stack: layer %d's RoPE table %d outside [0, %d)", il,
+                            m->rope[il], m->n_rope);
+        const int64_t at = m->rope[il] * n * (m->blocks[il].head_dim / 2);
+        if ((st = check_run(&m->blocks[il], kv[il], ub[il], s, x, n, cos + at, sin + at,
+                            il == last ? out_rows : NULL, il == last ? n_out : -1, n_threads)))
+            return st;
+    }
+    if ((st = check_output(m->output_norm, &m->head, m->n_vocab, s->n_embd, m->softcap, x,
+                           n_out, logits, s)))
+        return st;
+    for (int il = 0; il < m->n_layer; il++) {
+        const int64_t at = m->rope[il] * n * (m->blocks[il].head_dim / 2);
+        if ((st = layer_run(&m->blocks[il], kv[il], ub[il], s, x, n, cos + at, sin + at,
+                            il == last ? out_rows : NULL, il == last ? n_out : -1, n_threads)))
+            return st;
+    }
+    return output_run(m->output_norm, m->output_eps, &m->head, m->n_vocab, s->n_embd,
+                      m->softcap, x, n_out, logits, s, n_threads);
 }

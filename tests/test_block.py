@@ -1,6 +1,7 @@
-"""One transformer layer in one C call (csrc/block.c, native.block_run):
-against the same layer written out in numpy with the dense reference's
-pieces (tests/reference_forward.py), on random F32 weights."""
+"""One transformer layer in one C call (csrc/block.c, native.block_run), and
+a whole stack of layers and the head in one (native.stack_run): against the
+same layers written out in numpy with the dense reference's pieces
+(tests/reference_forward.py), on random F32 weights."""
 import numpy as np
 import pytest
 from reference_forward import attention, causal_mask, gelu_tanh, rms_norm, rotate, silu
@@ -170,3 +171,75 @@ def test_bad_calls_raise_and_write_no_kv_row():
         native.Block(E, H, HKV, D, FF, "silu", False, EPS, 1.0, {})
     with pytest.raises(ValueError, match="activation"):
         native.Block(E, H, HKV, D, FF, "relu", False, EPS, 1.0, {})
+
+
+def two_layer_stack(gemma, softcap):
+    """A stack of two layers, RoPE base 10000 (table 0) then 1e6 (table 1),
+    and a head; (stack, weights, head, norm)."""
+    rng = np.random.default_rng(11)
+    ws = [weights(12, gemma), weights(13, gemma)]
+    head = rng.standard_normal((50, E)).astype(np.float32)
+    norm = (1.0 + 0.3 * rng.standard_normal(E)).astype(np.float32)
+    stack = native.Stack([make_block(w, gemma) for w in ws], [0, 1], 2, norm, EPS,
+                         native.Matrix("F32", head.view(np.uint8), 50, E), softcap)
+    return stack, ws, head, norm
+
+
+def stack_cache(n):
+    mem = KVCache(16, 1, 2, HKV, D, "f32", "f32")
+    pos = np.arange(n, dtype=np.int32)
+    (slot,) = mem.prepare([(pos, [[0]] * n)])
+    mem.apply(slot, pos, [[0]] * n)
+    return mem
+
+
+def rope_pair(n):
+    tables = [rope_tables(np.arange(n), base, D) for base in (10000.0, 1e6)]
+    return (np.stack(t) for t in zip(*tables))
+
+
+@pytest.mark.parametrize("gemma,softcap", [(False, 0.0), (True, 3.0)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_stack_equals_its_layers_and_head_in_numpy(gemma, softcap, n_threads):
+    n, rows = 5, np.array([3, 0], np.int32)
+    stack, ws, head, norm = two_layer_stack(gemma, softcap)
+    x = np.random.default_rng(14).standard_normal((n, E)).astype(np.float32)
+    want = x
+    for w, base in zip(ws, (10000.0, 1e6)):
+        want, _ = numpy_layer(w, want, gemma, base)
+    want = rms_norm(want[rows], norm, EPS) @ head.T
+    if softcap:
+        want = softcap * np.tanh(want / softcap)
+    mem = stack_cache(n)
+    got = native.stack_run(stack, mem.layer_views(2), native.Scratch(stack.blocks[0], n),
+                           x.copy(), *rope_pair(n), rows, n_threads)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    none = native.stack_run(stack, stack_cache(n).layer_views(2),
+                            native.Scratch(stack.blocks[0], n), x.copy(), *rope_pair(n),
+                            np.zeros(0, np.int32), n_threads)
+    assert none.shape == (0, 50)
+
+
+def test_a_bad_stack_call_writes_no_kv_row_of_any_layer():
+    n = 3
+    stack, _, head, norm = two_layer_stack(True, 0.0)
+    mem = stack_cache(n)
+    views, scratch = mem.layer_views(2), native.Scratch(stack.blocks[0], n)
+    x = np.ones((n, E), np.float32)
+    cos, sin = rope_pair(n)
+    before = [mem.k[il].copy() for il in (0, 1)]
+    with pytest.raises(ValueError, match="output row 3 outside"):   # checked at the last layer
+        native.stack_run(stack, views, scratch, x, cos, sin, np.array([3], np.int32), 1)
+    with pytest.raises(ValueError, match="cos and sin"):
+        native.stack_run(stack, views, scratch, x, cos[:1], sin[:1], np.array([0], np.int32), 1)
+    with pytest.raises(ValueError, match="layer views"):
+        native.stack_run(stack, KVCache(16, 1, 1, HKV, D, "f32", "f32").layer_views(1),
+                         scratch, x, cos, sin, np.array([0], np.int32), 1)
+    mem.seq_rm(0)   # no ubatch applied any more
+    with pytest.raises(ValueError, match="a ubatch of 0 tokens"):
+        native.stack_run(stack, views, scratch, x, cos, sin, np.array([0], np.int32), 1)
+    assert all(np.array_equal(mem.k[il], k) for il, k in zip((0, 1), before))
+    assert np.array_equal(x, np.ones((n, E), np.float32))
+    with pytest.raises(ValueError, match="RoPE table"):
+        native.Stack(stack.blocks, [0, 2], 2, norm, EPS,
+                     native.Matrix("F32", head.view(np.uint8), 50, E), 0.0)

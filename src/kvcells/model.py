@@ -69,7 +69,7 @@ class Model:
     def make_scratch(self, n_tokens):
         """The buffers of a forward pass of up to n_tokens tokens (a
         Context makes one, for its n_ubatch)."""
-        return native.Scratch(self.impl.blocks[0], n_tokens)
+        return native.Scratch(self.impl.stack.blocks[0], n_tokens)
 
     def forward(self, tokens, pos, seq_ids, output_rows, mem, scratch):
         """Run one ubatch, already applied to `mem` (mem.apply), through the

@@ -61,33 +61,20 @@ def blocks(file, names, act):
     return out
 
 
-class Output:
-    """The final norm and the head: the output matrix, or the token
-    embeddings when the model ties them; logits soft-capped when the model
-    says so, in C."""
-
-    def __init__(self, file):
-        hp = file.hparams
-        w = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
-        self.head = native.Matrix(w.type, w.raw, *w.shape)
-        self.norm = file.tensors["output_norm.weight"]
-        self.eps, self.softcap = hp.norm_eps, hp.logit_softcap
-
-    def logits(self, x, mem, scratch):
-        return native.block_output(self.norm, self.eps, self.head, self.softcap, x, scratch,
-                                   threads(mem))
+def stack(file, blocks, rope, n_rope):
+    """native.Stack of the blocks (rope: per layer, its RoPE table) and the
+    head: the final norm and the output matrix, or the token embeddings
+    when the model ties them; logits soft-capped when the model says so."""
+    hp = file.hparams
+    w = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
+    head = native.Matrix(w.type, w.raw, *w.shape)
+    return native.Stack(blocks, rope, n_rope, file.tensors["output_norm.weight"], hp.norm_eps,
+                        head, hp.logit_softcap)
 
 
-def threads(mem):
-    """The threads of a forward pass through mem: its own, else the default."""
-    return mem.n_threads or native.get_num_threads()
-
-
-def run_layers(blocks, x, rope, output_rows, mem, scratch):
-    """x through every layer (rope[il]: its (cos, sin)), in place; only the
-    rows output_rows go on after the last layer's attention. Returns them."""
-    nt, last = threads(mem), len(blocks) - 1
-    for il, block in enumerate(blocks):
-        native.block_run(block, *mem.layer_kv(il), scratch, x, *rope[il],
-                         output_rows if il == last else None, nt)
-    return x[:len(output_rows)]
+def run(stack, x, cos, sin, output_rows, mem, scratch):
+    """Logits of the rows output_rows of x through the stack, on mem's
+    applied ubatch, in one C call on the threads of mem (its own, else the
+    default); cos, sin: the RoPE tables stacked (n_rope, n, ...)."""
+    return native.stack_run(stack, mem.layer_views(stack.n_layer), scratch, x, cos, sin,
+                            output_rows, mem.n_threads or native.get_num_threads())

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from ..rope import NEOX, rope_tables
-from . import Output, blocks, run_layers
+from . import blocks, run, stack
 
 ROPE_MODE = NEOX
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm",
@@ -38,20 +38,19 @@ def read_hparams(meta, hp):
 class Gemma3:
     def __init__(self, file):
         self.file = file
-        self.hp = file.hparams
-        self.blocks = blocks(file, WEIGHTS, "gelu_tanh")
-        self.output = Output(file)
+        self.hp = hp = file.hparams
+        # RoPE table 0 for the global layers, 1 for the sliding-window ones
+        self.stack = stack(file, blocks(file, WEIGHTS, "gelu_tanh"),
+                           [int(swa) for swa in hp.swa_layers], 2)
 
     def forward(self, tokens, pos, output_rows, mem, scratch):
         hp = self.hp
         x = self.file.tensors["token_embd.weight"].rows(tokens)
         x *= np.float32(np.sqrt(hp.n_embd))
-        rot = {swa: rope_tables(pos, hp.rope_base_swa if swa else hp.rope_base, hp.head_dim,
-                                hp.rope_freq_scale_swa if swa else hp.rope_freq_scale)
-               for swa in set(hp.swa_layers)}
-        x = run_layers(self.blocks, x, [rot[swa] for swa in hp.swa_layers], output_rows, mem,
-                       scratch)
-        return self.output.logits(x, mem, scratch)
+        rot = [rope_tables(pos, hp.rope_base, hp.head_dim, hp.rope_freq_scale),
+               rope_tables(pos, hp.rope_base_swa, hp.head_dim, hp.rope_freq_scale_swa)]
+        cos, sin = (np.stack(t) for t in zip(*rot))
+        return run(self.stack, x, cos, sin, output_rows, mem, scratch)
 
 
 FORWARD = Gemma3

@@ -2,7 +2,7 @@
 the KV cache, SwiGLU feed-forward, tied or separate output matrix."""
 from ..errors import GGUFError
 from ..rope import NORM, rope_tables
-from . import Output, blocks, run_layers
+from . import blocks, run, stack
 
 ROPE_MODE = NORM
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
@@ -21,15 +21,13 @@ class Llama:
                             "are not supported")
         self.file = file
         self.hp = file.hparams
-        self.blocks = blocks(file, WEIGHTS, "silu")
-        self.output = Output(file)
+        self.stack = stack(file, blocks(file, WEIGHTS, "silu"), [0] * self.hp.n_layer, 1)
 
     def forward(self, tokens, pos, output_rows, mem, scratch):
         hp = self.hp
         x = self.file.tensors["token_embd.weight"].rows(tokens)
-        rot = rope_tables(pos, hp.rope_base, hp.head_dim, hp.rope_freq_scale)
-        x = run_layers(self.blocks, x, [rot] * hp.n_layer, output_rows, mem, scratch)
-        return self.output.logits(x, mem, scratch)
+        cos, sin = rope_tables(pos, hp.rope_base, hp.head_dim, hp.rope_freq_scale)
+        return run(self.stack, x, cos, sin, output_rows, mem, scratch)
 
 
 FORWARD = Llama
