@@ -32,7 +32,8 @@ _WHOLE, _SEQUENCE = 0, 1
 
 def _seq_lists(seq_ids):
     try:
-        return [[as_int(s, "sequence id", 0, None)] if np.ndim(s) == 0 else
+        return [list(s) if type(s) is list and all(type(x) is int for x in s) else
+                [as_int(s, "sequence id", 0, None)] if np.ndim(s) == 0 else
                 [as_int(x, "sequence id", 0, None) for x in s] for s in seq_ids]
     except TypeError:
         raise ValueError(f"seq_ids must be a sequence of ids or of lists of ids, "
@@ -159,12 +160,22 @@ class KVCache(Memory):
     def apply(self, slot, pos, seq_ids):
         """Place a ubatch in the cells prepare() gave it; store() and attend()
         then work on it."""
+        self._apply(slot, pos, self._table_seqs(pos, seq_ids))
+
+    def _table_seqs(self, pos, seq_ids):
+        """seq_ids checked, as the table takes them: an int32 vector when
+        every token has one sequence (the table's quick path), else lists."""
         seq_lists = self._checked_seqs(pos, seq_ids)
+        if all(len(s) == 1 for s in seq_lists):
+            return np.array([s[0] for s in seq_lists], np.int32)
+        return seq_lists
+
+    def _apply(self, slot, pos, seqs):
         self._forget()
-        self.table.apply_ubatch(slot, pos, seq_lists)
+        self.table.apply_ubatch(slot, pos, seqs)
         n = len(pos)
         self._slots[:n] = slot
-        first = [s[0] for s in seq_lists]
+        first = seqs if isinstance(seqs, np.ndarray) else np.array([s[0] for s in seqs], np.int32)
         n_list = self.table.visible(pos, first, native.KV_SEGMENT, self._cells, self._lo,
                                     self._hi)
         if n_list > len(self._cells):
@@ -518,9 +529,10 @@ class ISWACache(Memory):
     def apply(self, slot, pos, seq_ids):
         # check the window half first: a stale slot then fails before
         # either half has changed
-        self.swa.table.check_ubatch(slot[1], pos, self.swa._checked_seqs(pos, seq_ids))
-        self.base.apply(slot[0], pos, seq_ids)
-        self.swa.apply(slot[1], pos, seq_ids)
+        seqs = self.swa._table_seqs(pos, seq_ids)
+        self.swa.table.check_ubatch(slot[1], pos, seqs)
+        self.base._apply(slot[0], pos, seqs)
+        self.swa._apply(slot[1], pos, seqs)
 
     @_locked
     def store(self, layer, k, v):

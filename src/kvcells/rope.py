@@ -30,6 +30,16 @@ def rope_tables(pos, base, head_dim, freq_scale=1.0):
     return np.cos(angle).astype(np.float32)[:, None, :], np.sin(angle).astype(np.float32)[:, None, :]
 
 
+def rope_table_stack(pos, rotations, head_dim):
+    """rope_tables of each (base, freq_scale) of rotations at once, stacked:
+    (cos, sin), float32 (len(rotations), n_tokens, head_dim / 2), the same
+    values rope_tables gives."""
+    scales = np.array([fs for _, fs in rotations], dtype=np.float64)
+    inv = np.stack([_inv_freq(base, head_dim) for base, _ in rotations])
+    angle = (np.asarray(pos, dtype=np.float64) * scales[:, None])[:, :, None] * inv[:, None, :]
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _inv_freq(base, d):
     return base ** (-np.arange(0, d, 2, dtype=np.float64) / d)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..rope import NEOX, rope_tables
+from ..rope import NEOX, rope_table_stack
 from . import blocks, run, stack
 
 ROPE_MODE = NEOX
@@ -40,6 +40,8 @@ class Gemma3:
         self.file = file
         self.hp = hp = file.hparams
         # RoPE table 0 for the global layers, 1 for the sliding-window ones
+        self.rotations = [(hp.rope_base, hp.rope_freq_scale),
+                          (hp.rope_base_swa, hp.rope_freq_scale_swa)]
         self.stack = stack(file, blocks(file, WEIGHTS, "gelu_tanh"),
                            [int(swa) for swa in hp.swa_layers], 2)
 
@@ -47,9 +49,7 @@ class Gemma3:
         hp = self.hp
         x = self.file.tensors["token_embd.weight"].rows(tokens)
         x *= np.float32(np.sqrt(hp.n_embd))
-        rot = [rope_tables(pos, hp.rope_base, hp.head_dim, hp.rope_freq_scale),
-               rope_tables(pos, hp.rope_base_swa, hp.head_dim, hp.rope_freq_scale_swa)]
-        cos, sin = (np.stack(t) for t in zip(*rot))
+        cos, sin = rope_table_stack(pos, self.rotations, hp.head_dim)
         return run(self.stack, x, cos, sin, output_rows, mem, scratch)
 
 
