@@ -382,28 +382,40 @@ def block_output(norm, eps, head, softcap, x, scratch, n_threads):
 
 
 class Stack:
-    """A model's layers and head as stack_run runs them (kvc_stack): the
-    Blocks, per layer the index of its RoPE table among n_rope, and the head
-    (norm: float32 vector, eps, head: Matrix, logits soft-capped when
-    softcap > 0)."""
+    """A model as stack_run runs it (kvc_stack): the token embeddings
+    token_embd (Matrix) scaled by embd_scale, the Blocks, per layer the
+    index of its RoPE table among rotations ((inv_freq, freq_scale) pairs:
+    pair i of a token at p turns by (p * freq_scale) * inv_freq[i], float64),
+    and the head (norm: float32 vector, eps, head: Matrix, logits
+    soft-capped when softcap > 0)."""
 
-    def __init__(self, blocks, rope, n_rope, norm, eps, head, softcap):
-        if not blocks or len(rope) != len(blocks) or not all(0 <= r < n_rope for r in rope):
-            raise ValueError("a stack needs one or more blocks, each with a RoPE table "
-                             f"in [0, {n_rope})")
-        self.n_layer, self.n_rope = len(blocks), n_rope
+    def __init__(self, token_embd, embd_scale, blocks, rope, rotations, norm, eps, head,
+                 softcap):
+        n_rope = len(rotations)
+        if not blocks or len(rope) != len(blocks) or not 1 <= n_rope <= lib.KVC_MAX_ROPE \
+                or not all(0 <= r < n_rope for r in rope):
+            raise ValueError(f"a stack needs one or more blocks, 1 to {lib.KVC_MAX_ROPE} RoPE "
+                             f"tables and a table in [0, {n_rope}) for each block")
+        self.blocks, self.n_layer = blocks, len(blocks)
         self.n_embd, self.n_rot, self.n_vocab = blocks[0].n_embd, blocks[0].n_rot, head.n_out
         if any((b.n_embd, b.n_rot) != (self.n_embd, self.n_rot) for b in blocks) \
-                or head.n_in != self.n_embd:
-            raise ValueError("the blocks and the head of a stack must share their sizes")
+                or head.n_in != self.n_embd \
+                or (token_embd.n_out, token_embd.n_in) != (self.n_vocab, self.n_embd):
+            raise ValueError("the embeddings, blocks and head of a stack must share their sizes")
         c_blocks = ffi.new("kvc_block[]", len(blocks))
         for i, b in enumerate(blocks):
             c_blocks[i] = b.c[0]
         rope = np.array(rope, np.int32)
-        self.blocks = blocks
-        self.keep = (c_blocks, rope, norm, head)
+        scales = np.array([fs for _, fs in rotations], np.float64)
+        inv_freq = np.concatenate([np.asarray(f, np.float64) for f, _ in rotations])
+        if inv_freq.shape != (n_rope * self.n_rot,):
+            raise ValueError(f"each RoPE table needs {self.n_rot} frequencies")
+        self.keep = (c_blocks, rope, scales, inv_freq, norm, head, token_embd)
         self.c = ffi.new("kvc_stack *", {
+            "token_embd": token_embd.c[0], "embd_scale": embd_scale,
             "n_layer": len(blocks), "blocks": c_blocks, "rope": int32s(rope), "n_rope": n_rope,
+            "freq_scale": ffi.from_buffer("double[]", scales),
+            "inv_freq": ffi.from_buffer("double[]", inv_freq),
             "output_norm": _vector(norm, self.n_embd, "norm"), "output_eps": eps,
             "softcap": softcap, "head": head.c[0], "n_vocab": head.n_out})
 
@@ -419,28 +431,27 @@ class LayerViews:
         self.ub = ffi.new("kvc_ubatch *[]", [ub.c for _, ub in pairs])
 
 
-def stack_run(stack, views, scratch, x, cos, sin, out_rows, n_threads):
-    """Logits float32 (len(out_rows), n_vocab): x (float32 (n, n_embd),
-    changed in place) through every layer of stack (Stack) on the memory's
-    views (LayerViews), then the head on the rows out_rows (int32); cos,
-    sin: float32 (n_rope, n, ..., head_dim/2)."""
-    n = x.shape[0] if x.ndim == 2 else 0
-    if x.dtype != _F32 or x.shape != (n, stack.n_embd) or not x.flags.c_contiguous \
-            or not x.flags.writeable:
-        raise ValueError(f"x must be a writable contiguous float32 (n, {stack.n_embd}) array")
-    for a in (cos, sin):
-        if a.dtype != _F32 or a.size != stack.n_rope * n * stack.n_rot \
-                or not a.flags.c_contiguous:
-            raise ValueError(f"cos and sin must be contiguous float32, {stack.n_rope} x {n} "
-                             f"x {stack.n_rot}")
-    if out_rows.dtype != np.int32 or out_rows.ndim != 1 or not out_rows.flags.c_contiguous:
-        raise ValueError("out_rows must be a contiguous int32 vector")
+def _int32_vector(a, name):
+    if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
+            or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous int32 vector")
+    return int32s(a) if len(a) else ffi.NULL
+
+
+def stack_run(stack, views, scratch, tokens, pos, out_rows, n_threads):
+    """Logits float32 (len(out_rows), n_vocab) of the rows out_rows of the
+    ubatch tokens at positions pos (int32 vectors) through the whole model
+    (Stack), on the memory's views (LayerViews), its rows in scratch."""
+    n = len(tokens)
+    c_tokens, c_pos = _int32_vector(tokens, "tokens"), _int32_vector(pos, "pos")
+    c_rows = _int32_vector(out_rows, "out_rows")
+    if len(pos) != n:
+        raise ValueError(f"{n} tokens need {n} positions")
     if views.n_layer != stack.n_layer:
         raise ValueError(f"{views.n_layer} layer views for {stack.n_layer} layers")
     logits = np.empty((len(out_rows), stack.n_vocab), np.float32)
-    status = lib.stack_run(stack.c, views.kv, views.ub, scratch.c, ffi.from_buffer(_FLOATS, x),
-                           n, ffi.from_buffer(_FLOATS, cos), ffi.from_buffer(_FLOATS, sin),
-                           int32s(out_rows) if len(out_rows) else ffi.NULL, len(out_rows),
+    status = lib.stack_run(stack.c, views.kv, views.ub, scratch.c, c_tokens, c_pos, n, c_rows,
+                           len(out_rows),
                            ffi.from_buffer(_FLOATS, logits) if len(out_rows) else ffi.NULL,
                            check_threads(n_threads))
     if status:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import native
 from ..errors import GGUFError
-from ..rope import NEOX
+from ..rope import NEOX, inv_freq
 
 NAMES = ("llama", "gemma3")
 
@@ -61,20 +61,24 @@ def blocks(file, names, act):
     return out
 
 
-def stack(file, blocks, rope, n_rope):
-    """native.Stack of the blocks (rope: per layer, its RoPE table) and the
-    head: the final norm and the output matrix, or the token embeddings
-    when the model ties them; logits soft-capped when the model says so."""
+def stack(file, blocks, embd_scale, rope, rotations):
+    """native.Stack of the model: its token embeddings (times embd_scale),
+    the blocks (rope: per layer, the index of its (base, freq_scale) among
+    rotations) and the head: the final norm and the output matrix, or the
+    token embeddings when the model ties them; logits soft-capped when the
+    model says so."""
     hp = file.hparams
-    w = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
-    head = native.Matrix(w.type, w.raw, *w.shape)
-    return native.Stack(blocks, rope, n_rope, file.tensors["output_norm.weight"], hp.norm_eps,
-                        head, hp.logit_softcap)
+    embd = file.tensors["token_embd.weight"]
+    w = file.tensors.get("output.weight", embd)
+    return native.Stack(native.Matrix(embd.type, embd.raw, *embd.shape), embd_scale, blocks,
+                        rope, [(inv_freq(base, hp.head_dim), fs) for base, fs in rotations],
+                        file.tensors["output_norm.weight"], hp.norm_eps,
+                        native.Matrix(w.type, w.raw, *w.shape), hp.logit_softcap)
 
 
-def run(stack, x, cos, sin, output_rows, mem, scratch):
-    """Logits of the rows output_rows of x through the stack, on mem's
-    applied ubatch, in one C call on the threads of mem (its own, else the
-    default); cos, sin: the RoPE tables stacked (n_rope, n, ...)."""
-    return native.stack_run(stack, mem.layer_views(stack.n_layer), scratch, x, cos, sin,
+def run(stack, tokens, pos, output_rows, mem, scratch):
+    """Logits of the rows output_rows of the ubatch through the stack, on
+    mem's applied ubatch, in one C call on the threads of mem (its own, else
+    the default)."""
+    return native.stack_run(stack, mem.layer_views(stack.n_layer), scratch, tokens, pos,
                             output_rows, mem.n_threads or native.get_num_threads())

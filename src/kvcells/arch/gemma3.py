@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..rope import NEOX, rope_table_stack
+from ..rope import NEOX
 from . import blocks, run, stack
 
 ROPE_MODE = NEOX
@@ -37,20 +37,15 @@ def read_hparams(meta, hp):
 
 class Gemma3:
     def __init__(self, file):
-        self.file = file
-        self.hp = hp = file.hparams
+        hp = file.hparams
         # RoPE table 0 for the global layers, 1 for the sliding-window ones
-        self.rotations = [(hp.rope_base, hp.rope_freq_scale),
-                          (hp.rope_base_swa, hp.rope_freq_scale_swa)]
-        self.stack = stack(file, blocks(file, WEIGHTS, "gelu_tanh"),
-                           [int(swa) for swa in hp.swa_layers], 2)
+        rotations = [(hp.rope_base, hp.rope_freq_scale),
+                     (hp.rope_base_swa, hp.rope_freq_scale_swa)]
+        self.stack = stack(file, blocks(file, WEIGHTS, "gelu_tanh"), np.sqrt(hp.n_embd),
+                           [int(swa) for swa in hp.swa_layers], rotations)
 
     def forward(self, tokens, pos, output_rows, mem, scratch):
-        hp = self.hp
-        x = self.file.tensors["token_embd.weight"].rows(tokens)
-        x *= np.float32(np.sqrt(hp.n_embd))
-        cos, sin = rope_table_stack(pos, self.rotations, hp.head_dim)
-        return run(self.stack, x, cos, sin, output_rows, mem, scratch)
+        return run(self.stack, tokens, pos, output_rows, mem, scratch)
 
 
 FORWARD = Gemma3

@@ -1,7 +1,7 @@
 """llama: RMSNorm, RoPE in the NORM layout, grouped-query attention through
 the KV cache, SwiGLU feed-forward, tied or separate output matrix."""
 from ..errors import GGUFError
-from ..rope import NORM, rope_tables
+from ..rope import NORM
 from . import blocks, run, stack
 
 ROPE_MODE = NORM
@@ -19,15 +19,12 @@ class Llama:
         if "rope_freqs.weight" in file.tensors:
             raise GGUFError(f"{file.path}: per-frequency RoPE factors (rope_freqs.weight) "
                             "are not supported")
-        self.file = file
-        self.hp = file.hparams
-        self.stack = stack(file, blocks(file, WEIGHTS, "silu"), [0] * self.hp.n_layer, 1)
+        hp = file.hparams
+        self.stack = stack(file, blocks(file, WEIGHTS, "silu"), 1.0, [0] * hp.n_layer,
+                           [(hp.rope_base, hp.rope_freq_scale)])
 
     def forward(self, tokens, pos, output_rows, mem, scratch):
-        hp = self.hp
-        x = self.file.tensors["token_embd.weight"].rows(tokens)
-        cos, sin = rope_tables(pos, hp.rope_base, hp.head_dim, hp.rope_freq_scale)
-        return run(self.stack, x, cos, sin, output_rows, mem, scratch)
+        return run(self.stack, tokens, pos, output_rows, mem, scratch)
 
 
 FORWARD = Llama
