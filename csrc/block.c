@@ -18,6 +18,7 @@ struct kvc_scratch {
     // rows of n_embd, n_q, n_kv, n_kv, n_q, n_embd, n_ff, n_ff, n_embd floats
     float *h, *q, *k, *v, *a, *o, *g, *u, *x;
     float *cos, *sin;   // stack_run's RoPE tables: KVC_MAX_ROPE x n_tokens x n_rot each
+    kv_arena attend;    // attention's working memory
     double t_matmul, t_attend;
 };
 
@@ -94,7 +95,10 @@ kvc_status block_scratch_new(const kvc_block *b, int64_t n_tokens, kvc_scratch *
 }
 
 void block_scratch_free(kvc_scratch *s) {
-    if (s) free(s->h);
+    if (s) {
+        free(s->h);
+        kv_arena_free(&s->attend);
+    }
     free(s);
 }
 
@@ -183,9 +187,9 @@ static kvc_status layer_run(const kvc_block *b, const kvc_layer_kv *kv, const kv
         || (st = kv_store(kv->type_v, kv->v, kv->n_rows, nkv, ub->slots, n, s->v)))
         return st;
     const double t = now_s();
-    st = kv_attend(kv->type_k, kv->k, kv->type_v, kv->v, kv->n_rows, b->n_head_kv, (int)d,
-                   ub->cells, ub->n_list, (int)n, ub->lo, ub->hi, s->q, b->n_head,
-                   b->attn_scale, s->a, n_threads);
+    st = kv_attend_in(&s->attend, kv->type_k, kv->k, kv->type_v, kv->v, kv->n_rows,
+                      b->n_head_kv, (int)d, ub->cells, ub->n_list, (int)n, ub->lo, ub->hi, s->q,
+                      b->n_head, b->attn_scale, s->a, n_threads);
     s->t_attend += now_s() - t;
     if (st) return st;
     if (n_out >= 0) {   // only these rows go on
