@@ -533,14 +533,13 @@ static size_t carve(size_t *end, size_t n_bytes) {
 
 #define AT(a, off, type) ((type *)((char *)(a)->p + (off)))
 
-// block: the arena's bytes [0, at_first) hold the blocks already
-static kvc_status attend_tiled(const job *proto, kv_arena *a, int n_blocks, size_t at_first,
+// the arena's first `end` bytes hold the blocks already
+static kvc_status attend_tiled(const job *proto, kv_arena *a, int n_blocks, size_t end,
                                int n_threads) {
     const int g = proto->n_head / proto->n_head_kv, d = proto->head_dim;
     const int64_t rows = (QB * g + 3) / 4 * 4, part_floats = rows * (d + 2);
     const int64_t n_items = (int64_t)n_blocks * proto->n_head_kv;
-    size_t end = at_first;
-    carve(&end, sizeof(int64_t) * (size_t)(n_items + 1));
+    const size_t at_first = carve(&end, sizeof(int64_t) * (size_t)(n_items + 1));
     if (!arena_reserve(a, end)) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
     // the units: each item's segments, in order; first[item] is its first unit
     const int32_t *block = AT(a, 0, int32_t);
@@ -656,14 +655,14 @@ kvc_status kv_attend_in(kv_arena *a, int type_k, const uint8_t *k, int type_v,
     proto.scale = scale, proto.out = out;
 
     // blocks of tokens, smaller ones when there would be fewer items than threads
-    size_t at_first = 0;
-    carve(&at_first, sizeof(int32_t) * ((size_t)n_tokens + 1));
-    if (!arena_reserve(a, at_first)) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
+    size_t end = 0;
+    carve(&end, sizeof(int32_t) * ((size_t)n_tokens + 1));
+    if (!arena_reserve(a, end)) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
     int32_t *block = AT(a, 0, int32_t);
     int max_len = QB, n_blocks = make_blocks(n_tokens, lo, hi, max_len, block);
     while (max_len > 1 && (int64_t)n_blocks * n_head_kv < n_threads)
         n_blocks = make_blocks(n_tokens, lo, hi, max_len /= 2, block);
-    st = attend_tiled(&proto, a, n_blocks, at_first, n_threads);
+    st = attend_tiled(&proto, a, n_blocks, end, n_threads);
     if (st == KVC_OK) nan_where_q_is_not_finite(&proto, n_tokens);
     return st;
 }

@@ -456,21 +456,14 @@ def test_wrong_kinds_of_argument_are_value_errors(call):
 # ---------------------------------------------------------------- what a ubatch attends
 
 
-def window_start(p1, n_swa, swa_type):
-    if swa_type == "standard":
-        return p1 - n_swa + 1
-    if swa_type == "chunked":
-        return (p1 // n_swa) * n_swa
-    if swa_type == "symmetric":
-        return p1 - n_swa // 2
-    return 0
-
-
 def visible_in_numpy(t, pos, first, segment):
-    """The list and ranges of CellTable.visible, from seq_cells: per first
-    sequence in ascending order, cell-0 padding that puts the sequence's
-    lowest position at an index = its position modulo segment, then its
-    cells by position; a token's range: its positions in [window start, p]."""
+    """The list and ranges of CellTable.visible, from seq_cells and kq_mask:
+    per first sequence in ascending order, cell-0 padding that puts the
+    sequence's lowest position at an index = its position modulo segment,
+    then its cells by position; a token's range: the run of its sequence's
+    cells that kq_mask lets it see (which must be one run, ending at its
+    position)."""
+    mask = t.kq_mask(pos, first, t.n_cells) == 0
     lo, hi = np.zeros(len(pos), np.int64), np.zeros(len(pos), np.int64)
     cells = []
     for s in sorted(set(first)):
@@ -478,9 +471,10 @@ def visible_in_numpy(t, pos, first, segment):
         if len(cpos):
             cells += [0] * ((int(cpos[0]) - len(cells)) % segment)
         for i in np.flatnonzero(np.asarray(first) == s):
-            start = window_start(int(pos[i]), t.n_swa, t.swa_type)
-            lo[i] = len(cells) + np.searchsorted(cpos, start, side="left")
-            hi[i] = len(cells) + np.searchsorted(cpos, pos[i], side="right")
+            seen = np.flatnonzero(mask[i, idxs])
+            end = np.searchsorted(cpos, pos[i], side="right")
+            assert np.array_equal(seen, np.arange(end - len(seen), end))
+            lo[i], hi[i] = len(cells) + end - len(seen), len(cells) + end
         cells += list(idxs)
     return np.array(cells, np.int64), lo, hi
 
@@ -545,16 +539,17 @@ def test_check_ubatch_accepts_exactly_what_apply_ubatch_applies(case, data):
     idxs = data.draw(st.lists(st.integers(0, t.n_cells - 1), min_size=len(pos),
                               max_size=len(pos)))
     before = t.to_bytes()
-    try:
-        t.check_ubatch(idxs, pos, first)
-        ok = True
-    except ValueError:
-        ok = False
+    ok = succeeds(t.check_ubatch, idxs, pos, first)
     assert t.to_bytes() == before
-    try:
-        t.apply_ubatch(idxs, pos, first)
-        applied = True
-    except ValueError:
-        applied = False
-        assert t.to_bytes() == before
+    applied = succeeds(t.apply_ubatch, idxs, pos, first)
     assert ok == applied
+    if not applied:
+        assert t.to_bytes() == before
+
+
+def succeeds(call, *args):
+    try:
+        call(*args)
+    except ValueError:
+        return False
+    return True

@@ -5,8 +5,9 @@ Storage: for each layer, K and V are uint8 arrays (n_cells, row_bytes), one
 row per cell holding n_head_kv x head_dim values in the cache's element type
 (kv_quant). A ubatch is placed with the table's find_slot/apply_ubatch, its
 K/V rows are written into its cells, and each token attends the cells of its
-first sequence that it may see (kq_mask semantics), gathered per sequence
-with seq_cells, so a sequence never pays for the length of another.
+first sequence that it may see (kq_mask semantics), listed per sequence by
+the table (CellTable.visible), so a sequence never pays for the length of
+another.
 """
 import functools
 import numbers

@@ -15,6 +15,7 @@ class Memory(ABC):
     ubatch) run with it held around them, as Context.decode does."""
 
     n_threads = None
+    _layer_views = None
     table = None   # the cell table of the full-attention layers
     swa = None     # the KVCache of the sliding-window layers, where they are apart
 
@@ -50,7 +51,7 @@ class Memory(ABC):
         """layer_kv of the layers 0 .. n_layer - 1 at once, as the C forward
         pass takes them (native.LayerViews); made on first use, then kept
         (the views follow the memory's applied ubatch)."""
-        views = self.__dict__.get("_layer_views")
+        views = self._layer_views
         if views is None or views.n_layer != n_layer:
             views = self._layer_views = native.LayerViews(
                 [self.layer_kv(il) for il in range(n_layer)])
