@@ -76,6 +76,35 @@ kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatc
 kvc_status block_output(const float *norm_w, float eps, const kvc_matrix *head,
                         int64_t n_vocab, int64_t n_embd, float softcap, float *x, int64_t n,
                         float *logits, kvc_scratch *s, int n_threads);
+// A model, run by stack_run in one call: token embeddings, layers, head.
+#define KVC_MAX_ROPE 2   // RoPE tables a stack may use (Gemma 3: global and sliding-window)
+typedef struct {
+    kvc_matrix token_embd;     // n_vocab rows of n_embd
+    float embd_scale;          // x = token_embd[token] * embd_scale
+    int n_layer;
+    const kvc_block *blocks;   // n_layer blocks
+    const int32_t *rope;       // per layer: which of the n_rope RoPE tables it uses
+    int n_rope;
+    // table r turns pair i of a token at p by (p * freq_scale[r]) * inv_freq[r * d/2 + i]
+    const double *freq_scale, *inv_freq;
+    // logits = head(norm(x) * output_norm), soft-capped when softcap > 0
+    const float *output_norm;
+    float output_eps, softcap;
+    kvc_matrix head;
+    int64_t n_vocab;
+} kvc_stack;
+
+// One ubatch through the whole model: the n tokens (ids in [0, n_vocab), at
+// positions pos >= 0) embedded, through every layer il (block_run on
+// m->blocks[il], K/V rows kv[il], applied ubatch ub[il], RoPE table
+// m->rope[il]), only the rows out_rows (n_out of them, n_out >= 0) going on
+// after the last layer's attention, then the head's logits of those rows
+// (n_out x n_vocab). Every argument of every layer is checked before the
+// first K/V row is written.
+kvc_status stack_run(const kvc_stack *m, const kvc_layer_kv *const *kv,
+                     const kvc_ubatch *const *ub, kvc_scratch *s, const int32_t *tokens,
+                     const int32_t *pos, int64_t n, const int32_t *out_rows, int64_t n_out,
+                     float *logits, int n_threads);
 // cffi-end
 
 #endif

@@ -567,6 +567,73 @@ kvc_status kvc_apply_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs,
     return KVC_OK;
 }
 
+kvc_status kvc_check_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs, const int32_t *pos,
+                            int32_t n_seq_entries, const int32_t *seq_ids, const int32_t *seq_offsets) {
+    int rc = check_ubatch(t, n_tokens, idxs, pos, n_seq_entries, seq_ids, seq_offsets);
+    // reserving the nodes now leaves kvc_apply_ubatch nothing that can fail
+    return rc ? rc : nodes_reserve(t, n_seq_entries);
+}
+
+// ---------------------------------------------------------------- visible cells
+
+// the number of the n ascending positions p[] below x (searchsorted left)
+static int32_t count_below(const int32_t *p, int32_t n, int64_t x) {
+    int32_t a = 0, b = n;
+    while (a < b) {
+        int32_t m = a + (b - a) / 2;
+        if (p[m] < x) a = m + 1;
+        else b = m;
+    }
+    return a;
+}
+
+kvc_status kvc_visible(kvc_table *t, int32_t n_tokens, const int32_t *pos, const int32_t *seq_ids,
+                       int32_t segment, int32_t *cells_out, int64_t cap, int64_t *n_out,
+                       int32_t *lo_out, int32_t *hi_out) {
+    if (n_tokens < 0 || segment < 1 || cap < 0)
+        return fail(t, KVC_EINVAL, "visible: %d tokens, segment %d, room %lld", n_tokens,
+                    segment, (long long)cap);
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (bad_seq(t, seq_ids[i])) return KVC_EINVAL;
+        if (pos[i] < 0) return fail(t, KVC_EINVAL, "position %d of token %d is negative", pos[i], i);
+    }
+    int32_t *wanted = t->tmp_seq;
+    for (int32_t s = 0; s < t->n_seq_max; s++) wanted[s] = 0;
+    for (int32_t i = 0; i < n_tokens; i++) wanted[seq_ids[i]] = 1;
+    // the length first, so that a list without room writes nothing
+    int64_t n = 0;
+    for (int32_t s = 0; s < t->n_seq_max; s++) {
+        if (!wanted[s] || t->count[s] == 0) continue;
+        n += ((t->pos_min[s] - n) % segment + segment) % segment + t->count[s];
+    }
+    if (n > INT32_MAX) return fail(t, KVC_EINVAL, "visible: a list of %lld cells", (long long)n);
+    if (n > cap) {
+        *n_out = n;
+        return KVC_OK;
+    }
+    n = 0;
+    for (int32_t s = 0; s < t->n_seq_max; s++) {
+        if (!wanted[s]) continue;
+        int32_t k = 0;
+        if (t->count[s] > 0) {
+            // padding (cell 0, in no range) puts position p at an index = p mod segment
+            int64_t pad = ((t->pos_min[s] - n) % segment + segment) % segment;
+            memset(cells_out + n, 0, sizeof(int32_t) * (size_t)pad);
+            n += pad;
+            tree_collect(t->nodes, t->root[s], 0, (int64_t)INT32_MAX + 1, cells_out + n,
+                         t->tmp_pos, &k);
+        }
+        for (int32_t i = 0; i < n_tokens; i++) {
+            if (seq_ids[i] != s) continue;
+            lo_out[i] = (int32_t)(n + count_below(t->tmp_pos, k, swa_lowest(t, pos[i])));
+            hi_out[i] = (int32_t)(n + count_below(t->tmp_pos, k, (int64_t)pos[i] + 1));
+        }
+        n += k;
+    }
+    *n_out = n;
+    return KVC_OK;
+}
+
 // ---------------------------------------------------------------- cell queries
 
 kvc_status kvc_cell_pos(kvc_table *t, int32_t i, int32_t *pos_out) {

@@ -41,6 +41,20 @@ kvc_status kvc_find_slot(kvc_table *t, int32_t n_tokens, int32_t cont, int32_t *
 // seq_ids has n_seq_entries ids; seq_offsets == NULL: one sequence per token
 kvc_status kvc_apply_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs, const int32_t *pos,
                      int32_t n_seq_entries, const int32_t *seq_ids, const int32_t *seq_offsets);
+// the checks of kvc_apply_ubatch alone: KVC_OK means it would succeed (no change)
+kvc_status kvc_check_ubatch(kvc_table *t, int32_t n_tokens, const int32_t *idxs, const int32_t *pos,
+                            int32_t n_seq_entries, const int32_t *seq_ids, const int32_t *seq_offsets);
+// What the tokens of a ubatch attend, for kv_attend (kv.h): for each sequence
+// that is the first of some token, ascending, padding entries (cell 0) that
+// put its cell of position p at an index equal to p modulo `segment` (while
+// positions run without gaps), then its cells by position. Token i (first
+// sequence seq_ids[i], position pos[i]) attends cells_out[lo_out[i] ..
+// hi_out[i]): the cells of its sequence it may see, from its window start to
+// pos[i]. *n_out gets the list's length; when that exceeds cap, the room of
+// cells_out, nothing else is written.
+kvc_status kvc_visible(kvc_table *t, int32_t n_tokens, const int32_t *pos, const int32_t *seq_ids,
+                       int32_t segment, int32_t *cells_out, int64_t cap, int64_t *n_out,
+                       int32_t *lo_out, int32_t *hi_out);
 
 kvc_status kvc_cell_pos(kvc_table *t, int32_t i, int32_t *pos_out);
 // seqs_out: room for n_seq_max ids

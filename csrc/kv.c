@@ -509,14 +509,41 @@ static int make_blocks(int n_tokens, const int32_t *lo, const int32_t *hi, int m
     return n;
 }
 
-static kvc_status attend_tiled(const job *proto, const int32_t *block, int n_blocks,
+void kv_arena_free(kv_arena *a) {
+    free(a->p);
+    a->p = NULL, a->cap = 0;
+}
+
+// makes the arena hold at least n bytes, keeping what it holds
+static int arena_reserve(kv_arena *a, size_t n) {
+    if (n <= a->cap) return 1;
+    void *p = realloc(a->p, n);
+    if (!p) return 0;
+    a->p = p, a->cap = n;
+    return 1;
+}
+
+// the arena's bytes from *end on, n_bytes of them (64-byte aligned), as an
+// offset; *end moves past them
+static size_t carve(size_t *end, size_t n_bytes) {
+    const size_t at = (*end + 63) / 64 * 64;
+    *end = at + n_bytes;
+    return at;
+}
+
+#define AT(a, off, type) ((type *)((char *)(a)->p + (off)))
+
+// the arena's first `end` bytes hold the blocks already
+static kvc_status attend_tiled(const job *proto, kv_arena *a, int n_blocks, size_t end,
                                int n_threads) {
     const int g = proto->n_head / proto->n_head_kv, d = proto->head_dim;
     const int64_t rows = (QB * g + 3) / 4 * 4, part_floats = rows * (d + 2);
     const int64_t n_items = (int64_t)n_blocks * proto->n_head_kv;
+    const size_t at_first = carve(&end, sizeof(int64_t) * (size_t)(n_items + 1));
+    if (!arena_reserve(a, end)) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
     // the units: each item's segments, in order; first[item] is its first unit
-    int64_t *first = malloc(sizeof(int64_t) * (size_t)(n_items + 1)), n_units = 0, next = 0;
-    if (!first) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
+    const int32_t *block = AT(a, 0, int32_t);
+    int64_t *first = AT(a, at_first, int64_t), n_units = 0, next = 0;
     for (int64_t item = 0; item < n_items; item++) {
         int64_t u0, u1;
         block_union(proto, block, (int)(item / proto->n_head_kv), &u0, &u1);
@@ -524,42 +551,43 @@ static kvc_status attend_tiled(const job *proto, const int32_t *block, int n_blo
         n_units += u0 < u1 ? (u1 - 1) / SEG - u0 / SEG + 1 : 1;
     }
     first[n_items] = n_units;
-    int64_t *unit_item = malloc(sizeof(int64_t) * (size_t)n_units);
-    int64_t *unit_seg = malloc(sizeof(int64_t) * (size_t)n_units);
-    float *parts = malloc(sizeof(float) * (size_t)(n_units * part_floats));
-    tile_job *tjs = calloc((size_t)n_threads, sizeof(tile_job));
-    int ok = unit_item && unit_seg && parts && tjs;
-    for (int64_t item = 0; ok && item < n_items; item++) {
+    const size_t at_item = carve(&end, sizeof(int64_t) * (size_t)n_units);
+    const size_t at_seg = carve(&end, sizeof(int64_t) * (size_t)n_units);
+    const size_t at_parts = carve(&end, sizeof(float) * (size_t)(n_units * part_floats));
+    const size_t at_tjs = carve(&end, sizeof(tile_job) * (size_t)n_threads);
+    const size_t per_thread = sizeof(float) * (size_t)(rows * d + rows * KC + 2 * KC * d)
+                              + sizeof(int32_t) * (size_t)(2 * rows) + 6 * 64;
+    const size_t at_threads = carve(&end, per_thread * (size_t)n_threads);
+    if (!arena_reserve(a, end)) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
+    block = AT(a, 0, int32_t), first = AT(a, at_first, int64_t);
+    int64_t *unit_item = AT(a, at_item, int64_t), *unit_seg = AT(a, at_seg, int64_t);
+    float *parts = AT(a, at_parts, float);
+    tile_job *tjs = AT(a, at_tjs, tile_job);
+    for (int64_t item = 0; item < n_items; item++) {
         int64_t u0, u1;
         block_union(proto, block, (int)(item / proto->n_head_kv), &u0, &u1);
         for (int64_t u = first[item]; u < first[item + 1]; u++)
             unit_item[u] = item, unit_seg[u] = (u0 < u1 ? u0 / SEG : 0) + (u - first[item]);
     }
-    for (int i = 0; ok && i < n_threads; i++) {
+    for (int i = 0; i < n_threads; i++) {
         tile_job *tj = &tjs[i];
-        tj->jb = proto, tj->block = block, tj->next = &next;
-        tj->unit_item = unit_item, tj->unit_seg = unit_seg, tj->n_units = n_units;
-        tj->parts = parts, tj->part_floats = part_floats;
-        tj->q = malloc(sizeof(float) * (size_t)(rows * d));
-        tj->s = calloc((size_t)(rows * KC), sizeof(float));  // read to a multiple of 8
-        tj->kc = malloc(sizeof(float) * (size_t)(KC * d));
-        tj->vc = malloc(sizeof(float) * (size_t)(KC * d));
-        tj->lo = malloc(sizeof(int32_t) * (size_t)rows);
-        tj->hi = malloc(sizeof(int32_t) * (size_t)rows);
-        ok = tj->q && tj->s && tj->kc && tj->vc && tj->lo && tj->hi;
+        *tj = (tile_job){.jb = proto, .block = block, .next = &next, .unit_item = unit_item,
+                         .unit_seg = unit_seg, .n_units = n_units, .parts = parts,
+                         .part_floats = part_floats};
+        size_t t = at_threads + per_thread * (size_t)i;
+        tj->q = AT(a, carve(&t, sizeof(float) * (size_t)(rows * d)), float);
+        tj->s = AT(a, carve(&t, sizeof(float) * (size_t)(rows * KC)), float);
+        memset(tj->s, 0, sizeof(float) * (size_t)(rows * KC));  // read to a multiple of 8
+        tj->kc = AT(a, carve(&t, sizeof(float) * (size_t)(KC * d)), float);
+        tj->vc = AT(a, carve(&t, sizeof(float) * (size_t)(KC * d)), float);
+        tj->lo = AT(a, carve(&t, sizeof(int32_t) * (size_t)rows), int32_t);
+        tj->hi = AT(a, carve(&t, sizeof(int32_t) * (size_t)rows), int32_t);
     }
-    if (ok) {
-        pool_run(run_tiles, tjs, n_threads);
-        for (int64_t item = 0; item < n_items; item++)
-            merge_segments(proto, block, item, parts + first[item] * part_floats,
-                           first[item + 1] - first[item], part_floats);
-    }
-    for (int i = 0; tjs && i < n_threads; i++) {
-        tile_job *tj = &tjs[i];
-        free(tj->q), free(tj->s), free(tj->kc), free(tj->vc), free(tj->lo), free(tj->hi);
-    }
-    free(tjs), free(parts), free(unit_item), free(unit_seg), free(first);
-    return ok ? KVC_OK : kvc_fail(KVC_ENOMEM, "attend: out of memory");
+    pool_run(run_tiles, tjs, n_threads);
+    for (int64_t item = 0; item < n_items; item++)
+        merge_segments(proto, block, item, parts + first[item] * part_floats,
+                       first[item + 1] - first[item], part_floats);
+    return KVC_OK;
 }
 
 kvc_status kv_check_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
@@ -601,12 +629,12 @@ static void nan_where_q_is_not_finite(const job *jb, int n_tokens) {
     }
 }
 
-kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
-                     int64_t n_rows, int n_head_kv, int head_dim,
-                     const int32_t *cells, int64_t n_list,
-                     int n_tokens, const int32_t *lo, const int32_t *hi,
-                     const float *q, int n_head, float scale, float *out,
-                     int n_threads) {
+kvc_status kv_attend_in(kv_arena *a, int type_k, const uint8_t *k, int type_v,
+                        const uint8_t *v, int64_t n_rows, int n_head_kv, int head_dim,
+                        const int32_t *cells, int64_t n_list,
+                        int n_tokens, const int32_t *lo, const int32_t *hi,
+                        const float *q, int n_head, float scale, float *out,
+                        int n_threads) {
     kvc_status st = kv_check_attend(type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells,
                                     n_list, n_tokens, lo, hi, q, n_head, out);
     if (st) return st;
@@ -627,14 +655,28 @@ kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
     proto.scale = scale, proto.out = out;
 
     // blocks of tokens, smaller ones when there would be fewer items than threads
-    int32_t *block = malloc(sizeof(int32_t) * ((size_t)n_tokens + 1));
-    if (!block) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
+    size_t end = 0;
+    carve(&end, sizeof(int32_t) * ((size_t)n_tokens + 1));
+    if (!arena_reserve(a, end)) return kvc_fail(KVC_ENOMEM, "attend: out of memory");
+    int32_t *block = AT(a, 0, int32_t);
     int max_len = QB, n_blocks = make_blocks(n_tokens, lo, hi, max_len, block);
     while (max_len > 1 && (int64_t)n_blocks * n_head_kv < n_threads)
         n_blocks = make_blocks(n_tokens, lo, hi, max_len /= 2, block);
-    st = attend_tiled(&proto, block, n_blocks, n_threads);
-    free(block);
+    st = attend_tiled(&proto, a, n_blocks, end, n_threads);
     if (st == KVC_OK) nan_where_q_is_not_finite(&proto, n_tokens);
+    return st;
+}
+
+kvc_status kv_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,
+                     int64_t n_rows, int n_head_kv, int head_dim,
+                     const int32_t *cells, int64_t n_list,
+                     int n_tokens, const int32_t *lo, const int32_t *hi,
+                     const float *q, int n_head, float scale, float *out,
+                     int n_threads) {
+    kv_arena a = {0};
+    kvc_status st = kv_attend_in(&a, type_k, k, type_v, v, n_rows, n_head_kv, head_dim, cells,
+                                 n_list, n_tokens, lo, hi, q, n_head, scale, out, n_threads);
+    kv_arena_free(&a);
     return st;
 }
 

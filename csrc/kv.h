@@ -1,6 +1,7 @@
 #ifndef KVCELLS_KV_H
 #define KVCELLS_KV_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "status.h"
@@ -46,6 +47,22 @@ kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n
 // token decoded alone gets the bits it gets inside a prompt.
 #define KV_SEGMENT 2048
 // cffi-end
+
+// Memory kv_attend_in keeps from one call to the next: it grows to what a
+// call needs and stays; kv_arena_free gives it back. Zero it to start.
+typedef struct {
+    void *p;
+    size_t cap;
+} kv_arena;
+void kv_arena_free(kv_arena *a);
+
+// kv_attend with its working memory in the arena a (kv_attend makes one per call).
+kvc_status kv_attend_in(kv_arena *a, int type_k, const uint8_t *k, int type_v,
+                        const uint8_t *v, int64_t n_rows, int n_head_kv, int head_dim,
+                        const int32_t *cells, int64_t n_list,
+                        int n_tokens, const int32_t *lo, const int32_t *hi,
+                        const float *q, int n_head, float scale, float *out,
+                        int n_threads);
 
 // kv_attend's argument checks alone (block.c checks before it writes K/V).
 kvc_status kv_check_attend(int type_k, const uint8_t *k, int type_v, const uint8_t *v,

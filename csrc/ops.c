@@ -9,10 +9,14 @@
 #define OPS_X86 1
 #endif
 
+// four partial sums: one chain of dependent adds would wait on each add
 static float rms_scale(const float *x, int64_t n, float eps) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    double ss[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int k = 0; k < 4; k++) ss[k] += (double)x[i + k] * x[i + k];
+    for (; i < n; i++) ss[0] += (double)x[i] * x[i];
+    return (float)(1.0 / sqrt((ss[0] + ss[1] + ss[2] + ss[3]) / (double)n + (double)eps));
 }
 
 void ops_rms_norm(const float *x, const float *w, float *y, int64_t n_rows, int64_t n,

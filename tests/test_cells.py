@@ -9,6 +9,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvcells
 from kvcells import CacheFullError, CellTable, KVCellsError, StateError
@@ -371,6 +373,14 @@ BAD_CALLS = {
     "apply 2-D idxs": lambda t: t.apply_ubatch([[4]], [4], [0]),
     "apply pos not int32": lambda t: t.apply_ubatch([4], [2**33], [0]),
     "apply seq not iterable": lambda t: t.apply_ubatch([4, 5], [4, 5], [[0], 1.5]),
+    "visible seq": lambda t: t.visible([1], [3], 8, *buffers(1)),
+    "visible pos": lambda t: t.visible([-1], [0], 8, *buffers(1)),
+    "visible lengths": lambda t: t.visible([1, 2], [0], 8, *buffers(2)),
+    "visible segment": lambda t: t.visible([1], [0], 0, *buffers(1)),
+    "visible short lo": lambda t: t.visible([1, 2], [0, 0], 8, *buffers(1)),
+    "visible float cells": lambda t: t.visible([1], [0], 8, np.zeros(99, np.float32),
+                                               *buffers(1)[1:]),
+    "visible read-only": lambda t: t.visible([1], [0], 8, *read_only(buffers(1))),
     "kq_mask n_kv": lambda t: t.kq_mask([1], [0], 9),
     "kq_mask negative n_kv": lambda t: t.kq_mask([1], [0], -1),
     "kq_mask seq": lambda t: t.kq_mask([1], [3], 8),
@@ -381,9 +391,31 @@ BAD_CALLS = {
 }
 
 
+def buffers(n, room=99):
+    return np.zeros(room, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+
+
+def read_only(arrays):
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
 @pytest.mark.parametrize("name", sorted(BAD_CALLS))
 def test_bad_arguments_raise_value_error_and_change_nothing(name):
     unchanged(BAD_CALLS[name])
+
+
+@pytest.mark.parametrize("name", sorted(k for k in BAD_CALLS if k.startswith("apply")))
+def test_check_ubatch_refuses_what_apply_ubatch_refuses(name):
+    unchanged(lambda t: BAD_CALLS[name](CheckOnly(t)))
+
+
+class CheckOnly:
+    """A table whose apply_ubatch only checks."""
+
+    def __init__(self, t):
+        self.apply_ubatch = t.check_ubatch
 
 
 def test_cache_full_changes_nothing():
@@ -419,3 +451,105 @@ def test_wrong_kinds_of_argument_are_value_errors(call):
     with pytest.raises(ValueError):
         call()
 
+
+
+# ---------------------------------------------------------------- what a ubatch attends
+
+
+def visible_in_numpy(t, pos, first, segment):
+    """The list and ranges of CellTable.visible, from seq_cells and kq_mask:
+    per first sequence in ascending order, cell-0 padding that puts the
+    sequence's lowest position at an index = its position modulo segment,
+    then its cells by position; a token's range: the run of its sequence's
+    cells that kq_mask lets it see (which must be one run, ending at its
+    position)."""
+    mask = t.kq_mask(pos, first, t.n_cells) == 0
+    lo, hi = np.zeros(len(pos), np.int64), np.zeros(len(pos), np.int64)
+    cells = []
+    for s in sorted(set(first)):
+        idxs, cpos = t.seq_cells(s)
+        if len(cpos):
+            cells += [0] * ((int(cpos[0]) - len(cells)) % segment)
+        for i in np.flatnonzero(np.asarray(first) == s):
+            seen = np.flatnonzero(mask[i, idxs])
+            end = np.searchsorted(cpos, pos[i], side="right")
+            assert np.array_equal(seen, np.arange(end - len(seen), end))
+            lo[i], hi[i] = len(cells) + end - len(seen), len(cells) + end
+        cells += list(idxs)
+    return np.array(cells, np.int64), lo, hi
+
+
+@st.composite
+def tables_and_ubatches(draw):
+    """A table after random ubatches (several sequences per token at
+    times), removals and shifts (gapped positions), and a ubatch of tokens
+    to ask about, some at positions their sequence does not hold."""
+    swa_type = draw(st.sampled_from(["none", "standard", "chunked", "symmetric"]))
+    n_swa = draw(st.integers(1, 12)) if swa_type != "none" else 0
+    n_seq = draw(st.integers(1, 4))
+    t = CellTable(draw(st.integers(4, 40)), n_seq, n_swa=n_swa, swa_type=swa_type)
+    for _ in range(draw(st.integers(0, 6))):
+        op = draw(st.sampled_from(["add", "add", "rm", "shift"]))
+        s = draw(st.integers(0, n_seq - 1))
+        if op == "add":
+            n = draw(st.integers(1, 6))
+            seqs = [draw(st.lists(st.integers(0, n_seq - 1), min_size=1, max_size=n_seq,
+                                  unique=True)) for _ in range(n)]
+            start = draw(st.integers(0, 30))
+            try:
+                t.apply_ubatch(t.find_slot(n), np.arange(start, start + n), seqs)
+            except CacheFullError:
+                pass
+        elif op == "rm":
+            p0 = draw(st.integers(0, 30))
+            t.seq_rm(s, p0, p0 + draw(st.integers(1, 5)))
+        else:
+            t.seq_add(s, draw(st.integers(0, 20)), -1, draw(st.integers(-5, 9)))
+    n = draw(st.integers(1, 8))
+    pos = draw(st.lists(st.integers(0, 45), min_size=n, max_size=n))
+    first = draw(st.lists(st.integers(0, n_seq - 1), min_size=n, max_size=n))
+    return t, pos, first, draw(st.sampled_from([1, 3, 8, 2048]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables_and_ubatches())
+def test_visible_equals_a_numpy_recomputation(case):
+    t, pos, first, segment = case
+    before = t.to_bytes()
+    want_cells, want_lo, want_hi = visible_in_numpy(t, pos, first, segment)
+    cells, lo, hi = buffers(len(pos), t.n_seq_max * (t.n_cells + segment - 1))
+    n = t.visible(pos, first, segment, cells, lo, hi)
+    assert n == len(want_cells)
+    assert np.array_equal(cells[:n], want_cells)
+    assert np.array_equal(lo, want_lo) and np.array_equal(hi, want_hi)
+    assert t.to_bytes() == before
+    # exactly the room it needs is enough; with one entry less it writes nothing
+    exact = np.zeros(n, np.int32)
+    assert t.visible(pos, first, segment, exact, lo, hi) == n and np.array_equal(exact, cells[:n])
+    if n:
+        short, lo2, hi2 = buffers(len(pos), n - 1)
+        assert t.visible(pos, first, segment, short, lo2, hi2) == n
+        assert not short.any() and not lo2.any() and not hi2.any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(tables_and_ubatches(), st.data())
+def test_check_ubatch_accepts_exactly_what_apply_ubatch_applies(case, data):
+    t, pos, first, _ = case
+    idxs = data.draw(st.lists(st.integers(0, t.n_cells - 1), min_size=len(pos),
+                              max_size=len(pos)))
+    before = t.to_bytes()
+    ok = succeeds(t.check_ubatch, idxs, pos, first)
+    assert t.to_bytes() == before
+    applied = succeeds(t.apply_ubatch, idxs, pos, first)
+    assert ok == applied
+    if not applied:
+        assert t.to_bytes() == before
+
+
+def succeeds(call, *args):
+    try:
+        call(*args)
+    except ValueError:
+        return False
+    return True

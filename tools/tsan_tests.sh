@@ -58,6 +58,7 @@ if [ $# -eq 0 ]; then
     tests/test_matmul.py::test_concurrent_callers_from_python_threads \
     tests/test_matmul.py::test_thread_counts_give_identical_results \
     tests/test_cache.py::test_many_sequences_decoding_on_two_threads_matches_dense \
-    tests/test_cache.py::test_one_long_sequence_split_over_threads_matches_dense
+    tests/test_cache.py::test_one_long_sequence_split_over_threads_matches_dense \
+    tests/test_block.py::test_a_stack_equals_its_embeddings_layers_and_head_in_numpy
 fi
 "$py" -m pytest -p no:cacheprovider --capture=sys "$@"

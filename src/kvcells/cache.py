@@ -5,8 +5,9 @@ Storage: for each layer, K and V are uint8 arrays (n_cells, row_bytes), one
 row per cell holding n_head_kv x head_dim values in the cache's element type
 (kv_quant). A ubatch is placed with the table's find_slot/apply_ubatch, its
 K/V rows are written into its cells, and each token attends the cells of its
-first sequence that it may see (kq_mask semantics), gathered per sequence
-with seq_cells, so a sequence never pays for the length of another.
+first sequence that it may see (kq_mask semantics), listed per sequence by
+the table (CellTable.visible), so a sequence never pays for the length of
+another.
 """
 import functools
 import numbers
@@ -32,7 +33,8 @@ _WHOLE, _SEQUENCE = 0, 1
 
 def _seq_lists(seq_ids):
     try:
-        return [[as_int(s, "sequence id", 0, None)] if np.ndim(s) == 0 else
+        return [list(s) if type(s) is list and all(type(x) is int for x in s) else
+                [as_int(s, "sequence id", 0, None)] if np.ndim(s) == 0 else
                 [as_int(x, "sequence id", 0, None) for x in s] for s in seq_ids]
     except TypeError:
         raise ValueError(f"seq_ids must be a sequence of ids or of lists of ids, "
@@ -111,7 +113,13 @@ class KVCache(Memory):
         self._layer_kv = {il: native.LayerKV(native.kv_type_id(type_k), self.k[il],
                                              native.kv_type_id(type_v), self.v[il],
                                              n_head_kv * head_dim) for il in self.layers}
-        self._ubatch = None
+        # the applied ubatch, in buffers made once (the list grows when a
+        # ubatch needs more): token t's K/V rows go to cell slots[t], it
+        # attends cells[lo[t]:hi[t]] (CellTable.visible)
+        self._slots, self._lo, self._hi = (np.zeros(n_cells, np.int32) for _ in range(3))
+        self._cells = np.zeros(n_cells + native.KV_SEGMENT, np.int32)
+        self._view = native.UbatchView(self._slots, self._cells, self._lo, self._hi)
+        self._ubatch = None   # (n_tokens, n_list) of the applied ubatch
         self.lock = threading.RLock()
 
     @property
@@ -153,39 +161,35 @@ class KVCache(Memory):
     def apply(self, slot, pos, seq_ids):
         """Place a ubatch in the cells prepare() gave it; store() and attend()
         then work on it."""
-        seq_lists = self._checked_seqs(pos, seq_ids)
-        pos = np.asarray(pos, dtype=np.int32)
-        self._ubatch = None
-        self.table.apply_ubatch(slot, pos, seq_lists)
-        self._ubatch = _Ubatch(np.ascontiguousarray(slot, dtype=np.int32),
-                               *self._visible(pos, seq_lists))
+        self._apply(slot, pos, self._table_seqs(pos, seq_ids))
 
-    def _visible(self, pos, seq_lists):
-        """A list of cells and, per token, the range [lo, hi) of it that the
-        token attends: the cells of its first sequence with positions in
-        [window start, p1]."""
+    def _table_seqs(self, pos, seq_ids):
+        """seq_ids checked, as the table takes them: an int32 vector when
+        every token has one sequence (the table's quick path), else lists."""
+        seq_lists = self._checked_seqs(pos, seq_ids)
+        if all(len(s) == 1 for s in seq_lists):
+            return np.array([s[0] for s in seq_lists], np.int32)
+        return seq_lists
+
+    def _apply(self, slot, pos, seqs):
+        self._forget()
+        self.table.apply_ubatch(slot, pos, seqs)
         n = len(pos)
-        first = np.array([s[0] for s in seq_lists], dtype=np.int32)
-        lo, hi = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        lists, offset = [], 0
-        for s in np.unique(first):
-            toks = np.nonzero(first == s)[0]
-            idxs, cpos = self.table.seq_cells(int(s))
-            # padding (cell 0, never in a range) puts the cell of position p
-            # at an index = p modulo KV_SEGMENT (exactly so while positions
-            # run without gaps): kv_attend's chunks then fall on the same
-            # positions whatever else the ubatch holds or the window dropped,
-            # so a token gets the same bits in any ubatch
-            pad = (int(cpos[0]) - offset) % native.KV_SEGMENT if len(cpos) else 0
-            offset += pad
-            p1 = pos[toks]
-            start = _window_start(p1, self.n_swa, self.swa_type)
-            lo[toks] = offset + np.searchsorted(cpos, start, side="left")
-            hi[toks] = offset + np.searchsorted(cpos, p1, side="right")
-            lists += [np.zeros(pad, np.int32), idxs]
-            offset += len(idxs)
-        cells = np.concatenate(lists).astype(np.int32) if lists else np.zeros(0, np.int32)
-        return cells, lo, hi
+        self._slots[:n] = slot
+        first = seqs if isinstance(seqs, np.ndarray) else np.array([s[0] for s in seqs], np.int32)
+        n_list = self.table.visible(pos, first, native.KV_SEGMENT, self._cells, self._lo,
+                                    self._hi)
+        if n_list > len(self._cells):
+            self._cells = np.zeros(max(n_list, 2 * len(self._cells)), np.int32)
+            self.table.visible(pos, first, native.KV_SEGMENT, self._cells, self._lo, self._hi)
+            self._view.set(0, 0, self._cells)
+        self._ubatch = n, n_list
+        self._view.set(n, n_list)
+
+    def _forget(self):
+        """No ubatch applied (the cells changed since)."""
+        self._ubatch = None
+        self._view.set(0, 0)
 
     def _check(self, layer, arr, n_heads, what):
         """The applied ubatch's cells, after checking layer and arr's shape."""
@@ -193,7 +197,7 @@ class KVCache(Memory):
             raise KVCellsError("no ubatch applied (or the cache changed since apply)")
         if layer not in self.k:
             raise ValueError(f"layer {layer} is not in this cache")
-        idxs = self._ubatch.idxs
+        idxs = self._slots[:self._ubatch[0]]
         shape = (len(idxs), n_heads, self.head_dim)
         if arr.shape != shape:
             raise ValueError(f"{what} must have shape {shape}, got {arr.shape}")
@@ -219,53 +223,50 @@ class KVCache(Memory):
             raise ValueError(f"q must be (n_tokens, n_head, {self.head_dim}) with n_head "
                              f"a multiple of n_head_kv = {self.n_head_kv}")
         self._check(layer, q, n_head, "q")
-        ub = self._ubatch
+        n, n_list = self._ubatch
         out = np.empty_like(q)
         native.kv_attend(native.kv_type_id(self.type_k), self.k[layer],
                          native.kv_type_id(self.type_v), self.v[layer], self.n_cells,
-                         self.n_head_kv, self.head_dim, ub.cells, ub.lo, ub.hi, q, scale, out,
-                         self.n_threads or native.get_num_threads())
+                         self.n_head_kv, self.head_dim, self._cells[:n_list], self._lo[:n],
+                         self._hi[:n], q, scale, out, self.n_threads or native.get_num_threads())
         return out
 
     @_locked
     def layer_kv(self, layer):
         """A layer's K/V rows and the applied ubatch as the C block takes them
-        (native.LayerKV, native.UbatchView): it stores and attends in one call."""
-        if self._ubatch is None:
-            raise KVCellsError("no ubatch applied (or the cache changed since apply)")
+        (native.LayerKV, native.UbatchView): it stores and attends in one call.
+        The view is the cache's own and follows it: it holds no tokens while
+        no ubatch is applied, so a forward pass through it fails in C."""
         if layer not in self.k:
             raise ValueError(f"layer {layer} is not in this cache")
-        ub = self._ubatch
-        if ub.view is None:
-            ub.view = native.UbatchView(ub.idxs, ub.cells, ub.lo, ub.hi)
-        return self._layer_kv[layer], ub.view
+        return self._layer_kv[layer], self._view
 
     # ---- sequence operations (docs/api.md semantics) ----
 
     @_locked
     def seq_rm(self, seq_id, p0=-1, p1=-1):
-        self._ubatch = None
+        self._forget()
         return self.table.seq_rm(seq_id, p0, p1)
 
     @_locked
     def seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1):
-        self._ubatch = None
+        self._forget()
         self.table.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
     @_locked
     def seq_keep(self, seq_id):
-        self._ubatch = None
+        self._forget()
         self.table.seq_keep(seq_id)
 
     @_locked
     def seq_add(self, seq_id, p0, p1, delta):
-        self._ubatch = None
+        self._forget()
         self.table.seq_add(seq_id, p0, p1, delta)
         self._shift_k()
 
     @_locked
     def seq_div(self, seq_id, p0, p1, d):
-        self._ubatch = None
+        self._forget()
         self.table.seq_div(seq_id, p0, p1, d)
         self._shift_k()
 
@@ -279,7 +280,7 @@ class KVCache(Memory):
 
     @_locked
     def clear(self):
-        self._ubatch = None
+        self._forget()
         self.table.clear()
 
     @_locked
@@ -314,7 +315,7 @@ class KVCache(Memory):
     def defrag(self):
         """Compact the used cells to [0, used); K and V rows follow their
         cells. Returns the number of cells moved."""
-        self._ubatch = None
+        self._forget()
         moves = self.table.defrag()
         src, dst = moves[:, 0], moves[:, 1]
         for il in self.layers:
@@ -422,20 +423,12 @@ class KVCache(Memory):
         r.finish()
 
         def commit():
-            self._ubatch = None
+            self._forget()
             self.table = table
             for il, (k, v) in zip(self.layers, data):
                 self.k[il][rows] = k
                 self.v[il][rows] = v
         return commit, table, (None if kind == _WHOLE else dest)
-
-
-class _Ubatch:
-    """The applied ubatch: its cells, and what each token attends (cells[lo:hi])."""
-
-    def __init__(self, idxs, cells, lo, hi):
-        self.idxs, self.cells, self.lo, self.hi = idxs, cells, lo, hi
-        self.view = None   # native.UbatchView, made on first use
 
 
 def _unseal(b):
@@ -535,11 +528,12 @@ class ISWACache(Memory):
 
     @_locked
     def apply(self, slot, pos, seq_ids):
-        # try the (small) window half on a copy first: a stale slot then
-        # fails before either half has changed
-        self.swa.table.copy().apply_ubatch(slot[1], pos, self.swa._checked_seqs(pos, seq_ids))
-        self.base.apply(slot[0], pos, seq_ids)
-        self.swa.apply(slot[1], pos, seq_ids)
+        # check the window half first: a stale slot then fails before
+        # either half has changed
+        seqs = self.swa._table_seqs(pos, seq_ids)
+        self.swa.table.check_ubatch(slot[1], pos, seqs)
+        self.base._apply(slot[0], pos, seqs)
+        self.swa._apply(slot[1], pos, seqs)
 
     @_locked
     def store(self, layer, k, v):

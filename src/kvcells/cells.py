@@ -130,6 +130,13 @@ class CellTable:
     def apply_ubatch(self, idxs, pos, seq_ids):
         """Write a ubatch into cells idxs: positions pos, seq_ids one int per token
         or one iterable of ints per token."""
+        check(lib.kvc_apply_ubatch(self._t, *self._ubatch_args(idxs, pos, seq_ids)))
+
+    def check_ubatch(self, idxs, pos, seq_ids):
+        """The error apply_ubatch would raise, without changing the table."""
+        check(lib.kvc_check_ubatch(self._t, *self._ubatch_args(idxs, pos, seq_ids)))
+
+    def _ubatch_args(self, idxs, pos, seq_ids):
         idxs = _int32_array(idxs, "idxs")
         pos = _int32_array(pos, "pos")
         if len(idxs) != len(pos):
@@ -137,9 +144,31 @@ class CellTable:
         if len(idxs) == 0:
             raise ValueError("a ubatch needs at least one token")
         flat, offsets = _seq_lists(seq_ids, len(idxs))
-        check(lib.kvc_apply_ubatch(
-            self._t, len(idxs), int32s(idxs), int32s(pos), len(flat), int32s(flat),
-            ffi.NULL if offsets is None else int32s(offsets)))
+        return (len(idxs), int32s(idxs), int32s(pos), len(flat), int32s(flat),
+                ffi.NULL if offsets is None else int32s(offsets))
+
+    def visible(self, pos, seq_ids, segment, cells, lo, hi):
+        """What a ubatch's tokens attend (kvc_visible in csrc/cells.h): token
+        i, at position pos[i] of sequence seq_ids[i] (its first one), sees
+        cells[lo[i]:hi[i]], its sequence's cells from its window start to
+        pos[i]; each sequence's part of the list is padded with cell 0 so
+        that position p falls at an index = p modulo segment. cells, lo, hi:
+        writable int32 vectors the results go into; returns the list's
+        length, and writes nothing when that exceeds len(cells)."""
+        pos = _int32_array(pos, "pos")
+        seq_ids = _int32_array(seq_ids, "seq_ids")
+        if len(seq_ids) != len(pos):
+            raise ValueError(f"seq_ids has {len(seq_ids)} entries for {len(pos)} tokens")
+        for name, a, n in (("cells", cells, 0), ("lo", lo, len(pos)), ("hi", hi, len(pos))):
+            if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
+                    or not a.flags.c_contiguous or not a.flags.writeable or len(a) < n:
+                raise ValueError(f"{name} must be a writable contiguous int32 vector "
+                                 f"of at least {n} entries")
+        n = ffi.new("int64_t *")
+        check(lib.kvc_visible(self._t, len(pos), int32s(pos), int32s(seq_ids),
+                              as_int(segment, "segment", 1), int32s(cells), len(cells), n,
+                              int32s(lo), int32s(hi)))
+        return n[0]
 
     # ------------------------------------------------------------ cells
 

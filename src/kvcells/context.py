@@ -59,7 +59,8 @@ class Context:
         logits = []
         for (tokens, pos, seqs, rows), slot in zip(ubatches, slots):
             self.memory.apply(slot, pos, seqs)
-            logits.append(self.model.forward(tokens, pos, seqs, rows, self.memory, self.scratch))
+            # the model's own pass: check_batch and split did Model.forward's checks
+            logits.append(self.model.impl.forward(tokens, pos, rows, self.memory, self.scratch))
         return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
     def check_batch(self, batch):
@@ -67,9 +68,10 @@ class Context:
         positions continue its cached ones without a gap."""
         if len(batch) == 0:
             raise ValueError("empty batch")
-        tokens = np.asarray(batch.tokens)
-        if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= self.n_vocab:
-            raise ValueError(f"token ids must lie in [0, {self.n_vocab})")
+        tokens = batch.tokens
+        if not all(type(t) is int for t in tokens) or min(tokens) < 0 \
+                or max(tokens) >= self.n_vocab:
+            raise ValueError(f"token ids must be ints in [0, {self.n_vocab})")
         if max(batch.pos) > I32_MAX:
             raise ValueError(f"position {max(batch.pos)} beyond the largest, {I32_MAX}")
         positions = {}

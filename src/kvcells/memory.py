@@ -3,6 +3,8 @@ generate and the runner use of a cache. KVCache (one cell table) and
 ISWACache (a full-attention and a sliding-window KVCache) implement it."""
 from abc import ABC, abstractmethod
 
+from . import native
+
 
 class Memory(ABC):
     """K/V rows of a model's layers on cell tables. `n_threads`: the
@@ -13,6 +15,7 @@ class Memory(ABC):
     ubatch) run with it held around them, as Context.decode does."""
 
     n_threads = None
+    _layer_views = None
     table = None   # the cell table of the full-attention layers
     swa = None     # the KVCache of the sliding-window layers, where they are apart
 
@@ -43,6 +46,16 @@ class Memory(ABC):
         """A layer's K/V rows and the applied ubatch for the forward pass's C
         block (native.LayerKV, native.UbatchView), which stores and attends
         in one call."""
+
+    def layer_views(self, n_layer):
+        """layer_kv of the layers 0 .. n_layer - 1 at once, as the C forward
+        pass takes them (native.LayerViews); made on first use, then kept
+        (the views follow the memory's applied ubatch)."""
+        views = self._layer_views
+        if views is None or views.n_layer != n_layer:
+            views = self._layer_views = native.LayerViews(
+                [self.layer_kv(il) for il in range(n_layer)])
+        return views
 
     @abstractmethod
     def seq_rm(self, seq_id, p0=-1, p1=-1):

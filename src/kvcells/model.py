@@ -69,14 +69,14 @@ class Model:
     def make_scratch(self, n_tokens):
         """The buffers of a forward pass of up to n_tokens tokens (a
         Context makes one, for its n_ubatch)."""
-        return native.Scratch(self.impl.blocks[0], n_tokens)
+        return native.Scratch(self.impl.stack.blocks[0], n_tokens)
 
     def forward(self, tokens, pos, seq_ids, output_rows, mem, scratch):
         """Run one ubatch, already applied to `mem` (mem.apply), through the
         model, its intermediate rows in `scratch` (make_scratch); logits
         float32 (len(output_rows), n_vocab) of those rows."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        pos = np.asarray(pos, dtype=np.int32)
+        pos = np.ascontiguousarray(pos, dtype=np.int32)
         output_rows = np.ascontiguousarray(output_rows, dtype=np.int32)
         n = len(tokens)
         if tokens.ndim != 1 or n == 0:
@@ -92,5 +92,5 @@ class Model:
             raise ValueError("forward: output rows must be distinct")
         if n > scratch.n_tokens:
             raise ValueError(f"forward: {n} tokens, the scratch holds {scratch.n_tokens}")
-        return self.impl.forward(tokens, pos, output_rows, mem, scratch)
+        return self.impl.forward(tokens.astype(np.int32), pos, output_rows, mem, scratch)
 

@@ -310,21 +310,35 @@ class LayerKV:
 
 
 class UbatchView:
-    """An applied ubatch as C sees it (kvc_ubatch): token t's K/V rows go to
-    cell slots[t] and it attends cells[lo[t]:hi[t]]; int32 vectors."""
+    """An applied ubatch as C sees it (kvc_ubatch), over int32 vectors made
+    once: token t's K/V rows go to cell slots[t] and it attends
+    cells[lo[t]:hi[t]]. set() says how many tokens and list entries are in
+    use; it starts with none (C then refuses it)."""
 
     def __init__(self, slots, cells, lo, hi):
         for name, a in (("slots", slots), ("lo", lo), ("hi", hi), ("cells", cells)):
             if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
                     or not a.flags.c_contiguous:
                 raise ValueError(f"{name} must be a contiguous int32 vector")
-        n = len(slots)
-        if len(lo) != n or len(hi) != n:
-            raise ValueError(f"{n} tokens need {n} ranges")
+        if len(lo) != len(slots) or len(hi) != len(slots):
+            raise ValueError(f"{len(slots)} slots need {len(slots)} ranges")
         self.keep = (slots, cells, lo, hi)
         self.c = ffi.new("kvc_ubatch *", {
-            "n_tokens": n, "slots": int32s(slots), "lo": int32s(lo), "hi": int32s(hi),
-            "cells": int32s(cells) if len(cells) else ffi.NULL, "n_list": len(cells)})
+            "n_tokens": 0, "slots": int32s(slots), "lo": int32s(lo), "hi": int32s(hi),
+            "cells": int32s(cells) if len(cells) else ffi.NULL, "n_list": 0})
+
+    def set(self, n_tokens, n_list, cells=None):
+        """n_tokens tokens and n_list list entries in use; cells: a new list
+        vector in place of the old one."""
+        if cells is not None:
+            if not isinstance(cells, np.ndarray) or cells.dtype != np.int32 \
+                    or cells.ndim != 1 or not cells.flags.c_contiguous or not len(cells):
+                raise ValueError("cells must be a non-empty contiguous int32 vector")
+            self.keep = (self.keep[0], cells, *self.keep[2:])
+            self.c.cells = int32s(cells)
+        if not (0 <= n_tokens <= len(self.keep[0]) and 0 <= n_list <= len(self.keep[1])):
+            raise ValueError(f"{n_tokens} tokens and {n_list} cells do not fit the view")
+        self.c.n_tokens, self.c.n_list = n_tokens, n_list
 
 
 def block_run(block, kv, ubatch, scratch, x, cos, sin, out_rows, n_threads):
@@ -364,4 +378,82 @@ def block_output(norm, eps, head, softcap, x, scratch, n_threads):
                                head.n_in, softcap, ffi.from_buffer(_FLOATS, x), n,
                                ffi.from_buffer(_FLOATS, logits), scratch.c,
                                check_threads(n_threads)))
+    return logits
+
+
+class Stack:
+    """A model as stack_run runs it (kvc_stack): the token embeddings
+    token_embd (Matrix) scaled by embd_scale, the Blocks, per layer the
+    index of its RoPE table among rotations ((inv_freq, freq_scale) pairs:
+    pair i of a token at p turns by (p * freq_scale) * inv_freq[i], float64),
+    and the head (norm: float32 vector, eps, head: Matrix, logits
+    soft-capped when softcap > 0)."""
+
+    def __init__(self, token_embd, embd_scale, blocks, rope, rotations, norm, eps, head,
+                 softcap):
+        n_rope = len(rotations)
+        if not blocks or len(rope) != len(blocks) or not 1 <= n_rope <= lib.KVC_MAX_ROPE \
+                or not all(0 <= r < n_rope for r in rope):
+            raise ValueError(f"a stack needs one or more blocks, 1 to {lib.KVC_MAX_ROPE} RoPE "
+                             f"tables and a table in [0, {n_rope}) for each block")
+        self.blocks, self.n_layer = blocks, len(blocks)
+        self.n_embd, self.n_rot, self.n_vocab = blocks[0].n_embd, blocks[0].n_rot, head.n_out
+        if any((b.n_embd, b.n_rot) != (self.n_embd, self.n_rot) for b in blocks) \
+                or head.n_in != self.n_embd \
+                or (token_embd.n_out, token_embd.n_in) != (self.n_vocab, self.n_embd):
+            raise ValueError("the embeddings, blocks and head of a stack must share their sizes")
+        c_blocks = ffi.new("kvc_block[]", len(blocks))
+        for i, b in enumerate(blocks):
+            c_blocks[i] = b.c[0]
+        rope = np.array(rope, np.int32)
+        scales = np.array([fs for _, fs in rotations], np.float64)
+        inv_freq = np.concatenate([np.asarray(f, np.float64) for f, _ in rotations])
+        if inv_freq.shape != (n_rope * self.n_rot,):
+            raise ValueError(f"each RoPE table needs {self.n_rot} frequencies")
+        self.keep = (c_blocks, rope, scales, inv_freq, norm, head, token_embd)
+        self.c = ffi.new("kvc_stack *", {
+            "token_embd": token_embd.c[0], "embd_scale": embd_scale,
+            "n_layer": len(blocks), "blocks": c_blocks, "rope": int32s(rope), "n_rope": n_rope,
+            "freq_scale": ffi.from_buffer("double[]", scales),
+            "inv_freq": ffi.from_buffer("double[]", inv_freq),
+            "output_norm": _vector(norm, self.n_embd, "norm"), "output_eps": eps,
+            "softcap": softcap, "head": head.c[0], "n_vocab": head.n_out})
+
+
+class LayerViews:
+    """Each layer's K/V rows and applied ubatch, (LayerKV, UbatchView) pairs,
+    as stack_run takes them."""
+
+    def __init__(self, pairs):
+        self.n_layer = len(pairs)
+        self.keep = pairs
+        self.kv = ffi.new("kvc_layer_kv *[]", [kv.c for kv, _ in pairs])
+        self.ub = ffi.new("kvc_ubatch *[]", [ub.c for _, ub in pairs])
+
+
+def _int32_vector(a, name):
+    if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
+            or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous int32 vector")
+    return int32s(a) if len(a) else ffi.NULL
+
+
+def stack_run(stack, views, scratch, tokens, pos, out_rows, n_threads):
+    """Logits float32 (len(out_rows), n_vocab) of the rows out_rows of the
+    ubatch tokens at positions pos (int32 vectors) through the whole model
+    (Stack), on the memory's views (LayerViews), its rows in scratch."""
+    n = len(tokens)
+    c_tokens, c_pos = _int32_vector(tokens, "tokens"), _int32_vector(pos, "pos")
+    c_rows = _int32_vector(out_rows, "out_rows")
+    if len(pos) != n:
+        raise ValueError(f"{n} tokens need {n} positions")
+    if views.n_layer != stack.n_layer:
+        raise ValueError(f"{views.n_layer} layer views for {stack.n_layer} layers")
+    logits = np.empty((len(out_rows), stack.n_vocab), np.float32)
+    status = lib.stack_run(stack.c, views.kv, views.ub, scratch.c, c_tokens, c_pos, n, c_rows,
+                           len(out_rows),
+                           ffi.from_buffer(_FLOATS, logits) if len(out_rows) else ffi.NULL,
+                           check_threads(n_threads))
+    if status:
+        check(status)
     return logits

@@ -26,12 +26,13 @@ def rope(x, pos, base, mode, freq_scale=1.0):
 def rope_tables(pos, base, head_dim, freq_scale=1.0):
     """(cos, sin), float32 (n_tokens, 1, head_dim / 2), for apply_rope: a
     forward pass computes them once per RoPE base rather than once per layer."""
-    angle = (np.asarray(pos, dtype=np.float64) * freq_scale)[:, None] * _inv_freq(base, head_dim)
+    angle = (np.asarray(pos, dtype=np.float64) * freq_scale)[:, None] * inv_freq(base, head_dim)
     return np.cos(angle).astype(np.float32)[:, None, :], np.sin(angle).astype(np.float32)[:, None, :]
 
 
 @functools.lru_cache(maxsize=None)
-def _inv_freq(base, d):
+def inv_freq(base, d):
+    """Pair i's turn per position, base^(-2i/d), float64 (d / 2,)."""
     return base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import native
 from ..errors import GGUFError
-from ..rope import NEOX
+from ..rope import NEOX, inv_freq
 
 NAMES = ("llama", "gemma3")
 
@@ -61,33 +61,24 @@ def blocks(file, names, act):
     return out
 
 
-class Output:
-    """The final norm and the head: the output matrix, or the token
-    embeddings when the model ties them; logits soft-capped when the model
-    says so, in C."""
-
-    def __init__(self, file):
-        hp = file.hparams
-        w = file.tensors.get("output.weight", file.tensors["token_embd.weight"])
-        self.head = native.Matrix(w.type, w.raw, *w.shape)
-        self.norm = file.tensors["output_norm.weight"]
-        self.eps, self.softcap = hp.norm_eps, hp.logit_softcap
-
-    def logits(self, x, mem, scratch):
-        return native.block_output(self.norm, self.eps, self.head, self.softcap, x, scratch,
-                                   threads(mem))
+def stack(file, blocks, embd_scale, rope, rotations):
+    """native.Stack of the model: its token embeddings (times embd_scale),
+    the blocks (rope: per layer, the index of its (base, freq_scale) among
+    rotations) and the head: the final norm and the output matrix, or the
+    token embeddings when the model ties them; logits soft-capped when the
+    model says so."""
+    hp = file.hparams
+    embd = file.tensors["token_embd.weight"]
+    w = file.tensors.get("output.weight", embd)
+    return native.Stack(native.Matrix(embd.type, embd.raw, *embd.shape), embd_scale, blocks,
+                        rope, [(inv_freq(base, hp.head_dim), fs) for base, fs in rotations],
+                        file.tensors["output_norm.weight"], hp.norm_eps,
+                        native.Matrix(w.type, w.raw, *w.shape), hp.logit_softcap)
 
 
-def threads(mem):
-    """The threads of a forward pass through mem: its own, else the default."""
-    return mem.n_threads or native.get_num_threads()
-
-
-def run_layers(blocks, x, rope, output_rows, mem, scratch):
-    """x through every layer (rope[il]: its (cos, sin)), in place; only the
-    rows output_rows go on after the last layer's attention. Returns them."""
-    nt, last = threads(mem), len(blocks) - 1
-    for il, block in enumerate(blocks):
-        native.block_run(block, *mem.layer_kv(il), scratch, x, *rope[il],
-                         output_rows if il == last else None, nt)
-    return x[:len(output_rows)]
+def run(stack, tokens, pos, output_rows, mem, scratch):
+    """Logits of the rows output_rows of the ubatch through the stack, on
+    mem's applied ubatch, in one C call on the threads of mem (its own, else
+    the default)."""
+    return native.stack_run(stack, mem.layer_views(stack.n_layer), scratch, tokens, pos,
+                            output_rows, mem.n_threads or native.get_num_threads())

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from ..rope import NEOX, rope_tables
-from . import Output, blocks, run_layers
+from ..rope import NEOX
+from . import blocks, run, stack
 
 ROPE_MODE = NEOX
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm",
@@ -37,21 +37,15 @@ def read_hparams(meta, hp):
 
 class Gemma3:
     def __init__(self, file):
-        self.file = file
-        self.hp = file.hparams
-        self.blocks = blocks(file, WEIGHTS, "gelu_tanh")
-        self.output = Output(file)
+        hp = file.hparams
+        # RoPE table 0 for the global layers, 1 for the sliding-window ones
+        rotations = [(hp.rope_base, hp.rope_freq_scale),
+                     (hp.rope_base_swa, hp.rope_freq_scale_swa)]
+        self.stack = stack(file, blocks(file, WEIGHTS, "gelu_tanh"), np.sqrt(hp.n_embd),
+                           [int(swa) for swa in hp.swa_layers], rotations)
 
     def forward(self, tokens, pos, output_rows, mem, scratch):
-        hp = self.hp
-        x = self.file.tensors["token_embd.weight"].rows(tokens)
-        x *= np.float32(np.sqrt(hp.n_embd))
-        rot = {swa: rope_tables(pos, hp.rope_base_swa if swa else hp.rope_base, hp.head_dim,
-                                hp.rope_freq_scale_swa if swa else hp.rope_freq_scale)
-               for swa in set(hp.swa_layers)}
-        x = run_layers(self.blocks, x, [rot[swa] for swa in hp.swa_layers], output_rows, mem,
-                       scratch)
-        return self.output.logits(x, mem, scratch)
+        return run(self.stack, tokens, pos, output_rows, mem, scratch)
 
 
 FORWARD = Gemma3

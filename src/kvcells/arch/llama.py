@@ -1,8 +1,8 @@
 """llama: RMSNorm, RoPE in the NORM layout, grouped-query attention through
 the KV cache, SwiGLU feed-forward, tied or separate output matrix."""
 from ..errors import GGUFError
-from ..rope import NORM, rope_tables
-from . import Output, blocks, run_layers
+from ..rope import NORM
+from . import blocks, run, stack
 
 ROPE_MODE = NORM
 WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
@@ -19,17 +19,12 @@ class Llama:
         if "rope_freqs.weight" in file.tensors:
             raise GGUFError(f"{file.path}: per-frequency RoPE factors (rope_freqs.weight) "
                             "are not supported")
-        self.file = file
-        self.hp = file.hparams
-        self.blocks = blocks(file, WEIGHTS, "silu")
-        self.output = Output(file)
+        hp = file.hparams
+        self.stack = stack(file, blocks(file, WEIGHTS, "silu"), 1.0, [0] * hp.n_layer,
+                           [(hp.rope_base, hp.rope_freq_scale)])
 
     def forward(self, tokens, pos, output_rows, mem, scratch):
-        hp = self.hp
-        x = self.file.tensors["token_embd.weight"].rows(tokens)
-        rot = rope_tables(pos, hp.rope_base, hp.head_dim, hp.rope_freq_scale)
-        x = run_layers(self.blocks, x, [rot] * hp.n_layer, output_rows, mem, scratch)
-        return self.output.logits(x, mem, scratch)
+        return run(self.stack, tokens, pos, output_rows, mem, scratch)
 
 
 FORWARD = Llama
