@@ -105,11 +105,11 @@ class Engine:
         self._inbox, self._cancels = [], []
         self._lock = threading.Lock()
         self._work = threading.Event()
+        self.step_time = StepTimes()               # for the draft budget
         self.counts = dict(prompt_tokens=0, cached_tokens=0, computed_prompt_tokens=0,
                            generated_tokens=0, draft_tokens=0, accepted_draft_tokens=0,
                            evictions=0, preemptions=0)
         self._snapshot = self._count()
-        self.step_time = StepTimes()
 
     @property
     def table(self):
@@ -209,8 +209,9 @@ class Engine:
                 break
             budget -= n
             feeds.append((r, n, []))
-        # drafts take what is left of one ubatch and of the free cells: a
-        # batch of one ubatch overwrites no window cell a sequence still sees
+        # drafts take what is left of one ubatch and of the free cells (a
+        # batch of one ubatch overwrites no window cell a sequence still
+        # sees), and of that only what plan_drafts finds worth its rows
         n_fed = len(decoding) + sum(n for _, n, _ in feeds)
         tables = [self.table] + ([self.swa.table] if self.swa is not None else [])
         spare = min([self.ctx.n_ubatch] + [t.n_cells - t.used for t in tables]) - n_fed
