@@ -55,19 +55,19 @@ def test_the_acceptance_estimate_is_the_decayed_share_of_checked_tokens_accepted
     assert lookup.p == pytest.approx((sum(wi * x for wi, x in zip(w, seen)) + 1) / (sum(w) + 2))
 
 
-def test_step_times_are_recent_medians_interpolated_between_the_sizes_timed():
+def test_step_times_are_recent_medians_and_the_next_larger_size_timed():
     times = StepTimes()
     assert times(1) == times(7) == 1.0           # nothing timed: every size alike
     for t in (0.10, 0.50, 0.12, 0.11, 0.13, 0.14):
         times.record(1, t)                       # the last 5: 0.50 0.12 0.11 0.13 0.14
     assert times(1) == 0.13
-    assert times(4) == 0.13                      # above every size timed: the nearest
+    assert times(4) == 0.13                      # above every size timed: the largest
     times.record(5, 0.33)
-    assert times(3) == pytest.approx(0.13 + (0.33 - 0.13) * 2 / 4)
-    assert times(9) == 0.33
+    assert times(3) == times(5) == times(9) == 0.33
     times.record(9, 0.5)
     times.record(9, 0.6)
-    assert times(9) == pytest.approx(0.55) and times(7) == pytest.approx(0.33 + 0.22 / 2)
+    assert times(9) == times(6) == pytest.approx(0.55) and times(5) == 0.33
+    assert times(16) == pytest.approx(0.55)
 
 
 def expected_rate(n_rows, chances, counts, step_time):

@@ -27,7 +27,7 @@ removes the rest from its cells (seq_rm). Drafts use only the ubatch and the
 cells this step leaves free, so they never cause an eviction or preemption,
 and of those only the tokens worth their row: kvcells.lookup.plan_drafts
 weighs each sequence's acceptance rate against the time the engine's
-recent steps of that many rows took.
+recent generation steps (no prompt tokens) of that many rows took.
 """
 import collections
 import logging
@@ -179,7 +179,7 @@ class Engine:
                     self._finish(r, "error", e)
                 return True
         self._advance(plan, logits)
-        if len(batch) <= self.ctx.n_ubatch:
+        if batch.n_outputs == len(batch) <= self.ctx.n_ubatch:   # generation only
             self.step_time.record(len(batch), time.perf_counter() - t0)
         return True
 

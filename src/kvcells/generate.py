@@ -67,8 +67,8 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
                                   lambda row, d: sampler.sample(row, history, draft=d),
                                   tok.is_eog, history)
         if drafter:
-            if len(pending) + len(draft) <= ctx.n_ubatch:
-                step_time.record(len(pending) + len(draft), time.perf_counter() - t0)
+            if len(pending) == 1:   # a prompt's rows cost less: no logits
+                step_time.record(1 + len(draft), time.perf_counter() - t0)
             drafter.update(candidate, made)
         if n_accepted < len(draft):
             mem.seq_rm(seq_id, pos + len(pending) + n_accepted, -1)

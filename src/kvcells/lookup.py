@@ -70,10 +70,10 @@ class PromptLookup:
 
 class StepTimes:
     """Seconds a step of n rows takes: the median of the last N_TIMED steps
-    of n rows. A row count not timed yet is interpolated between the nearest
-    timed ones, or takes the time of the nearest one on its only side (so a
-    larger batch is tried once before its cost is known); before any step
-    every count costs the same."""
+    of n rows. A row count not timed yet costs what the next larger one
+    timed costs (more rows never take less time), or above all counts
+    timed, what the largest costs, so a larger batch is tried once; before
+    any step every count costs the same."""
 
     def __init__(self):
         self.times = {}   # n -> deque of seconds
@@ -88,15 +88,8 @@ class StepTimes:
     def __call__(self, n):
         if not self.known:
             return 1.0
-        i = bisect.bisect_left(self.known, n)
-        if i < len(self.known) and self.known[i] == n:
-            return statistics.median(self.times[n])
-        lo = self.known[i - 1] if i > 0 else None
-        hi = self.known[i] if i < len(self.known) else None
-        if lo is None or hi is None:
-            return statistics.median(self.times[lo if hi is None else hi])
-        t_lo, t_hi = statistics.median(self.times[lo]), statistics.median(self.times[hi])
-        return t_lo + (t_hi - t_lo) * (n - lo) / (hi - lo)
+        i = min(bisect.bisect_left(self.known, n), len(self.known) - 1)
+        return statistics.median(self.times[self.known[i]])
 
 
 def plan_drafts(n_rows, chances, lengths, step_time, room):
