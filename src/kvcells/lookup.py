@@ -6,13 +6,21 @@ the tokens that followed their latest earlier occurrence are the draft.
 Rewriting or quoting text repeats long runs of the prompt, so such drafts
 are often right; the caller verifies them all in one batch (accept).
 
-The draft length adapts: it doubles after a fully accepted draft and shrinks
-to what was accepted otherwise, and after a draft with nothing accepted
-drafting pauses for 1, 2, 4, ... 64 steps, so text without repetition pays
-for few wrong drafts.
+A drafted token costs a row of the step whether it is accepted or not, so
+how much of each draft goes in a step is a cost decision (plan_drafts):
+each sequence estimates how often its drafted tokens are accepted from its
+recent drafts (PromptLookup.p), the step's time for n rows is what recent
+steps of n rows took (StepTimes), and the step takes the drafted tokens
+that maximise the tokens it is expected to keep per second. Text without
+repetition then sends few drafts, and none where a row costs more than
+its chance of being kept is worth.
 """
+import bisect
+import collections
+import statistics
 
-MAX_PAUSE = 64
+DECAY = 0.9      # weight of an acceptance observation after each newer one
+N_TIMED = 5      # step times kept per row count
 
 
 class PromptLookup:
@@ -23,16 +31,17 @@ class PromptLookup:
         self.ngram_max, self.ngram_min, self.max_draft = ngram_max, ngram_min, max_draft
         self.ends = {}       # n-gram (tuple) -> end index of its latest occurrence with a successor
         self.n_indexed = 0   # n-grams ending before this index are in self.ends
-        self.limit = 4       # current longest draft
-        self.pause = 0       # steps left without drafting
-        self.next_pause = 1
+        self.accepted = self.checked = 0.0   # decayed counts of drafted tokens checked
+
+    @property
+    def p(self):
+        """The chance that a drafted token is accepted when the ones before it
+        were: the recent share accepted, with a prior of one of two."""
+        return (self.accepted + 1) / (self.checked + 2)
 
     def draft(self, room):
-        """Up to min(room, the current limit) tokens that may follow the history."""
-        if self.pause > 0:
-            self.pause -= 1
-            return []
-        k = min(room, self.limit)
+        """Up to min(room, max_draft) tokens that may follow the history."""
+        k = min(room, self.max_draft)
         if k <= 0:
             return []
         h = self.history
@@ -46,19 +55,62 @@ class PromptLookup:
                 return h[end + 1:end + 1 + k]
         return []
 
-    def update(self, n_drafted, n_accepted):
-        """Adapt to how much of the last draft the model agreed with."""
-        if n_drafted == 0:
-            return
-        if n_accepted == n_drafted:
-            self.limit = min(self.max_draft, 2 * self.limit)
-        else:
-            self.limit = max(1, n_accepted)
-        if n_accepted == 0:
-            self.pause = self.next_pause
-            self.next_pause = min(MAX_PAUSE, 2 * self.next_pause)
-        else:
-            self.next_pause = 1
+    def update(self, draft, made):
+        """Check a draft against the tokens the step made after the same
+        history, up to the first difference: the tokens sent for
+        verification and the ones left out alike (a sampled token equals an
+        unsent drafted one with the chance the verification keeps it), so
+        the estimate follows the text while nothing is sent."""
+        for d, t in zip(draft, made):
+            self.accepted = DECAY * self.accepted + (d == t)
+            self.checked = DECAY * self.checked + 1
+            if d != t:
+                break
+
+
+class StepTimes:
+    """Seconds a step of n rows takes: the median of the last N_TIMED steps
+    of n rows. A row count not timed yet costs what the next larger one
+    timed costs (more rows never take less time), or above all counts
+    timed, what the largest costs, so a larger batch is tried once; before
+    any step every count costs the same."""
+
+    def __init__(self):
+        self.times = {}   # n -> deque of seconds
+        self.known = []   # the n timed, sorted
+
+    def record(self, n, seconds):
+        if n not in self.times:
+            self.times[n] = collections.deque(maxlen=N_TIMED)
+            bisect.insort(self.known, n)
+        self.times[n].append(seconds)
+
+    def __call__(self, n):
+        if not self.known:
+            return 1.0
+        i = min(bisect.bisect_left(self.known, n), len(self.known) - 1)
+        return statistics.median(self.times[self.known[i]])
+
+
+def plan_drafts(n_rows, chances, lengths, step_time, room):
+    """How many tokens of each draft a step of n_rows rows adds (at most
+    room in all): the counts that maximise the tokens it is expected to
+    keep per second, (n_rows + expected accepted drafted tokens) /
+    step_time(n_rows + drafted tokens). A draft's i-th token, each accepted
+    with chance p when the ones before were, is kept with chance p**i; the
+    best k tokens are the k most likely kept, so only k is searched."""
+    gains = sorted(((p ** i, s) for s, (p, n) in enumerate(zip(chances, lengths))
+                    for i in range(1, n + 1)), key=lambda g: -g[0])[:max(room, 0)]
+    best_k, best, kept = 0, n_rows / step_time(n_rows), n_rows
+    for k, (g, _) in enumerate(gains, 1):
+        kept += g
+        rate = kept / step_time(n_rows + k)
+        if rate > best:
+            best_k, best = k, rate
+    counts = [0] * len(lengths)
+    for _, s in gains[:best_k]:
+        counts[s] += 1
+    return counts
 
 
 def accept(rows, draft, sample, is_end, history):
