@@ -399,14 +399,16 @@ def test_the_gil_is_released_during_a_call():
     # long switch interval keeps the calling thread from being asked to drop
     # the GIL between reading the counter and entering C.
     import threading
-    w = np.ones((2048, 2048), np.float32).view(np.uint8)
+    # 64 MB of rows, tens of milliseconds: long enough that the counting
+    # thread gets a core even on a machine crowded by other processes
+    w = np.ones((8192, 2048), np.float32).view(np.uint8)
     x = np.ones((1, 2048), np.float32)
     count, seen = [0], []
     done = threading.Event()
 
     def call():
         before = count[0]
-        mm.matmul(w, "F32", 2048, 2048, x, n_threads=1)
+        mm.matmul(w, "F32", 8192, 2048, x, n_threads=1)
         seen.append(count[0] - before)
         done.set()
 
