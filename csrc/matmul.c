@@ -41,19 +41,18 @@ typedef struct {
 
 // Rows r0..r1 times token groups g0..g1.
 static void run_tile(const job *j, int64_t r0, int64_t r1, int64_t g0, int64_t g1) {
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = j->w + r * j->row_stride;
-        for (int64_t g = g0; g < g1; g++) {
-            const token_group *tg = &j->groups[g];
-            float out[ACT_GROUP];
-            if (j->dot_q8) {
-                j->dot_q8(j->type, row, tg->x, j->n_in, out);
-            } else {
-                for (int k = 0; k < tg->n_valid; k++)
-                    out[k] = j->dot_f32(j->type, row, j->x + (tg->t0 + k) * j->n_in, j->n_in);
-            }
-            for (int k = 0; k < tg->n_valid; k++) j->y[(tg->t0 + k) * j->n_out + r] = out[k];
+    for (int64_t g = g0; g < g1; g++) {
+        const token_group *tg = &j->groups[g];
+        float *y = j->y + tg->t0 * j->n_out;
+        if (j->dot_q8) {
+            j->dot_q8(j->type, j->w + r0 * j->row_stride, j->row_stride, r1 - r0, tg->x, j->n_in,
+                      y + r0, j->n_out, tg->n_valid);
+            continue;
         }
+        for (int64_t r = r0; r < r1; r++)
+            for (int k = 0; k < tg->n_valid; k++)
+                y[k * j->n_out + r] = j->dot_f32(j->type, j->w + r * j->row_stride,
+                                                 j->x + (tg->t0 + k) * j->n_in, j->n_in);
     }
 }
 
