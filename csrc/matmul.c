@@ -12,8 +12,9 @@
 #define MIN_PARALLEL_MACS 65536   // smaller products run on the caller alone
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
-#define PANEL_MIN_TOKENS 5  // from here on rows are unpacked once into panels for all tokens
-                            // (at 4 the one-row tiles, with all 4 in one group, are as fast)
+#define PANEL_MIN_TOKENS 2  // from here on rows are unpacked once into panels for all tokens
+                            // (the one-row kernels add each block's int32 total across
+                            // lanes per token: 1.7x the panels' time at 4 tokens)
 #define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
 #define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
                             // from writing to one line of y

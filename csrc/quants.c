@@ -300,9 +300,9 @@ static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
     }
 }
 
-// The quantised kernels below multiply one weight row with a group of nt
-// tokens, nt a compile-time constant after inlining (8, 4, or 1 for a lone
-// token), so each weight block is unpacked once for the group. The panel
+// The quantised one-row kernels below multiply weight rows with one token
+// (the decode case; matmul sends several tokens to the panels), 8 blocks
+// at a time: lanes are blocks. The panel
 // kernels further down multiply 8 rows at once and must give each token
 // bit for bit what these give it alone, so both follow one order: the
 // products of a block of 32 are summed exactly in int32; that sum, times
@@ -430,56 +430,51 @@ static inline AVX2 __m256i q6_k_mul(__m256i sc16, int c) {
     return _mm256_shuffle_epi8(half, _mm256_permute2x128_si256(lo, hi, 0x20));
 }
 
-// Blocks g0..g0+nv-1 of a row times the group's tokens, into acc. For one
-// token each block is unpacked where it is used, for several once for all.
-TILE void blocks_chunk(int type, const uint8_t *row, act_q8 x, int nt, int64_t g0, int nv,
+// Blocks g0..g0+nv-1 of a row times token t of group x (x.nt = nt), into acc.
+TILE void blocks_chunk(int type, const uint8_t *row, act_q8 x, int nt, int t, int64_t g0, int nv,
                        __m256 *acc) {
     const int sgn = signed_values(type);
-    __m256i v[8], sc16 = _mm256_setzero_si256();
+    __m256i sc16 = _mm256_setzero_si256(), p[8];
     __m256 va, vm;
     block_scales(type, row, g0, nv, &va, &vm, &sc16);
-    if (nt > 1)
-        for (int j = 0; j < nv; j++) v[j] = block_values(type, row, g0, j);
-    for (int t = 0; t < nt; t++) {
-        __m256i p[8];
-        for (int j = 0; j < 8; j++) {
-            if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
-            const __m256i w = nt > 1 ? v[j] : block_values(type, row, g0, j);
-            __m256i xv = load_x(x, nt, g0 + j, t);
-            if (sgn) xv = _mm256_sign_epi8(xv, w);
-            const __m256i mul = type == KVC_TYPE_Q6_K ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1);
-            p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(sgn ? _mm256_abs_epi8(w) : w, xv), mul);
-        }
-        __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
-        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(lane_totals(p)), acc[t]);
-        if (!sgn) acc[t] = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), acc[t]);
+    for (int j = 0; j < 8; j++) {
+        if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
+        const __m256i w = block_values(type, row, g0, j);
+        __m256i xv = load_x(x, nt, g0 + j, t);
+        if (sgn) xv = _mm256_sign_epi8(xv, w);
+        const __m256i mul = type == KVC_TYPE_Q6_K ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1);
+        p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(sgn ? _mm256_abs_epi8(w) : w, xv), mul);
     }
+    const __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
+    *acc = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(lane_totals(p)), *acc);
+    if (!sgn) *acc = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), *acc);
 }
 
-// Rows of w times the group's first n_tok tokens, into y.
+// Rows of w times token t of group x (x.nt = nt), into y.
 TILE void blocks_tile(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows, act_q8 x,
-                      int nt, int64_t n, float *y, int64_t y_stride, int n_tok) {
+                      int nt, int t, int64_t n, float *y) {
     const int64_t nb = n / QK;
     for (int64_t r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
-        __m256 acc[ACT_GROUP];
-        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        __m256 acc = _mm256_setzero_ps();
         int64_t g0 = 0;
-        for (; g0 + 8 <= nb; g0 += 8) blocks_chunk(type, row, x, nt, g0, 8, acc);
-        if (nb - g0 == 4) blocks_chunk(type, row, x, nt, g0, 4, acc);   // rows of 256k + 128 values
-        else if (g0 < nb) blocks_chunk(type, row, x, nt, g0, (int)(nb - g0), acc);
-        for (int t = 0; t < nt && t < n_tok; t++) y[t * y_stride + r] = hsum8(acc[t]);
+        for (; g0 + 8 <= nb; g0 += 8) blocks_chunk(type, row, x, nt, t, g0, 8, &acc);
+        if (nb - g0 == 4) blocks_chunk(type, row, x, nt, t, g0, 4, &acc);   // rows of 256k + 128 values
+        else if (g0 < nb) blocks_chunk(type, row, x, nt, t, g0, (int)(nb - g0), &acc);
+        y[r] = hsum8(acc);
     }
 }
 
-// Runs blocks_tile with the type and the group's nt (8, 4 or 1) as constants.
+// One token at a time. With the SIMD kernels on, matmul takes several tokens
+// through the panels, so groups are of one token (nt a constant 1) here.
 #define TILE_ENTRY(name, type)                                                                 \
     static AVX2 void name(int type_, const uint8_t *w, int64_t row_stride, int64_t n_rows,     \
                           act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {        \
         (void)type_;                                                                           \
-        if (x.nt == 8) blocks_tile(type, w, row_stride, n_rows, x, 8, n, y, y_stride, n_tok); \
-        else if (x.nt == 4) blocks_tile(type, w, row_stride, n_rows, x, 4, n, y, y_stride, n_tok); \
-        else blocks_tile(type, w, row_stride, n_rows, x, 1, n, y, y_stride, n_tok);           \
+        for (int t = 0; t < n_tok; t++) {                                                      \
+            if (x.nt == 1) blocks_tile(type, w, row_stride, n_rows, x, 1, 0, n, y);            \
+            else blocks_tile(type, w, row_stride, n_rows, x, x.nt, t, n, y + t * y_stride);    \
+        }                                                                                      \
     }
 
 TILE_ENTRY(dot_q8_0_avx2, KVC_TYPE_Q8_0)
