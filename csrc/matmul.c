@@ -123,7 +123,7 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     job j = {.type = type, .w = w, .row_stride = row_stride, .n_out = n_out, .n_in = n_in, .n = n,
              .x = x, .y = y};
     int quantised = quant_is_integer(type);
-    int64_t nb = n_in / 32, room = n + ACT_GROUP;   // tokens incl. padding
+    int64_t nb = n_in / 32, room = n + 3;   // tokens incl. the padding of a last group of 4
     int8_t *q = quantised ? calloc((size_t)room, (size_t)n_in) : NULL;
     float *ds = quantised ? calloc((size_t)(2 * room * nb), sizeof(float)) : NULL;
     token_group *groups = malloc(sizeof(token_group) * (size_t)n);
