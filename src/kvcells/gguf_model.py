@@ -272,9 +272,10 @@ def _read_data(path, start, size):
     """Bytes start..size of the file (the tensor data), read-only, in private
     anonymous memory on transparent huge pages where the kernel gives them.
     Decode reads every weight once per token: through the file's mapping, in
-    4 KiB pages, that took a third more time (docs/benchmarks.md, "Huge
-    pages"). The copy costs the process the data's size in resident memory,
-    not shared with other processes as the page cache is."""
+    4 KiB pages, the head's matmul took 0-16% more time on a calm machine
+    and a third more on a busy one (docs/benchmarks.md, "One-token decode
+    at memory speed"). The copy costs the process the data's size in
+    resident memory, not shared with other processes as the page cache is."""
     if start >= size:
         return np.zeros(0, np.uint8)
     mem = mmap.mmap(-1, size - start, flags=mmap.MAP_PRIVATE)
