@@ -202,7 +202,7 @@ void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n) {
     }
 }
 
-static void dot_q8_portable(int type, const uint8_t *row, act_q8 x, int64_t n, float *out) {
+static void dot_q8_row_portable(int type, const uint8_t *row, act_q8 x, int64_t n, float *out) {
     float sum[ACT_GROUP] = {0};
     for (int64_t g = 0; g < n / QK; g++) {
         int q[32];
@@ -220,6 +220,15 @@ static void dot_q8_portable(int type, const uint8_t *row, act_q8 x, int64_t n, f
         }
     }
     for (int t = 0; t < x.nt; t++) out[t] = sum[t];
+}
+
+static void dot_q8_portable(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows,
+                            act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {
+    for (int64_t r = 0; r < n_rows; r++) {
+        float out[ACT_GROUP];
+        dot_q8_row_portable(type, w + r * row_stride, x, n, out);
+        for (int t = 0; t < n_tok; t++) y[t * y_stride + r] = out[t];
+    }
 }
 
 static float dot_f32_portable(int type, const uint8_t *row, const float *x, int64_t n) {
@@ -291,10 +300,10 @@ static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
     }
 }
 
-// The quantised kernels below multiply one weight row with a group of nt
-// tokens, nt a compile-time constant after inlining (8, 4, or 1 for a lone
-// token), so each weight block is unpacked once for the group. The panel
-// kernels further down multiply 8 rows at once and must give each token
+// The quantised one-row kernels below multiply weight rows with one token
+// (the decode case; matmul sends several tokens to the panels), 8 blocks at
+// a time, lanes being blocks. The panel kernels further down multiply 8
+// rows at once (lanes being rows) and must give each token
 // bit for bit what these give it alone, so both follow one order: the
 // products of a block of 32 are summed exactly in int32; that sum, times
 // (the block's scale times the token's), plus the block's offset term, is
@@ -311,14 +320,25 @@ static inline AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min)
 
 // Q4_K/Q5_K block header: d*sc and dmin*m of the 8 sub-blocks, the 6-bit
 // fields unpacked four at a time (as k_scale_min does one by one).
-static inline AVX2 void k_scales_avx2(const uint8_t *blk, float *ds, float *dm) {
+static inline AVX2 void k_scales_avx2(const uint8_t *blk, __m256 *ds, __m256 *dm) {
     uint32_t w0 = load_u32(blk + 4), w1 = load_u32(blk + 8), w2 = load_u32(blk + 12);
     uint32_t sc_hi = (w2 & 0x0f0f0f0f) | ((w0 >> 2) & 0x30303030);
     uint32_t m_hi = ((w2 >> 4) & 0x0f0f0f0f) | ((w1 >> 2) & 0x30303030);
     __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)(w0 & 0x3f3f3f3f))));
     __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)(w1 & 0x3f3f3f3f))));
-    _mm256_storeu_ps(ds, _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk)), sc));
-    _mm256_storeu_ps(dm, _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk + 2)), m));
+    *ds = _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk)), sc);
+    *dm = _mm256_mul_ps(_mm256_set1_ps(f16_simd(blk + 2)), m);
+}
+
+// The f16 at p + j * stride as lane j, j < n (lanes n.. are 0): gathered in
+// general registers, then one conversion.
+static inline AVX2 __m256 f16_strided(const uint8_t *p, int64_t stride, int n) {
+    uint64_t lo = 0, hi = 0;
+    for (int j = 0; j < n; j++) {
+        if (j < 4) lo |= (uint64_t)load_u16(p + j * stride) << (16 * j);
+        else hi |= (uint64_t)load_u16(p + j * stride) << (16 * (j - 4));
+    }
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)hi, (long long)lo));
 }
 
 // The unsigned q of sub-block s of a Q4_K or Q5_K block.
@@ -346,42 +366,42 @@ static inline int signed_values(int type) {
 }
 
 // Blocks g0..g0+n-1 of a row (g0 % 8 == 0; n = 8 but at the end of a row
-// of 32-blocks): block j has values v[j] (signed or unsigned as
-// signed_values says), scale a[j], offset m[j] (value = a*v + m) and, for
-// Q6_K, int16 scales sc[j][0] and sc[j][1] of its two halves (value = a*sc*v).
-TILE void unpack_blocks(int type, const uint8_t *row, int64_t g0, int n, __m256i *v,
-                        float *a, float *m, int16_t sc[][2]) {
+// of 32-blocks) are, for block j, value = a*v + m with scale lane j of *a
+// and offset lane j of *m (lanes n.. are 0), and for Q6_K value = a*sc*v
+// with int16 scales lanes 2j and 2j+1 of *sc16 for its two halves.
+TILE void block_scales(int type, const uint8_t *row, int64_t g0, int n, __m256 *a, __m256 *m,
+                       __m256i *sc16) {
     if (type == KVC_TYPE_Q6_K) {
         const uint8_t *blk = row + 210 * (g0 / 8);
-        const int8_t *s = (const int8_t *)(blk + 192);
-        float d = f16_simd(blk + 208);
-        for (int c = 0; c < 8; c++) {
-            v[c] = q6_k_values(blk, c / 4, c % 4);
-            a[c] = d, m[c] = 0.0f, sc[c][0] = s[2 * c], sc[c][1] = s[2 * c + 1];
-        }
-        return;
-    }
-    if (type == KVC_TYPE_Q4_K || type == KVC_TYPE_Q5_K) {
-        int five = type == KVC_TYPE_Q5_K;
-        const uint8_t *blk = row + (five ? 176 : 144) * (g0 / 8);
-        float dm[8];
-        k_scales_avx2(blk, a, dm);
-        for (int s = 0; s < 8; s++) v[s] = k45_values(blk, five, s), m[s] = -dm[s];
-        return;
-    }
-    for (int j = 0; j < n; j++) {
-        if (type == KVC_TYPE_Q8_0) {
-            const uint8_t *blk = row + 34 * (g0 + j);
-            v[j] = _mm256_loadu_si256((const __m256i *)(blk + 2));
-            a[j] = f16_simd(blk), m[j] = 0.0f;
-            continue;
-        }
+        *a = _mm256_set1_ps(f16_simd(blk + 208)), *m = _mm256_setzero_ps();
+        *sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    } else if (type == KVC_TYPE_Q4_K || type == KVC_TYPE_Q5_K) {
+        __m256 dm;
+        k_scales_avx2(row + (type == KVC_TYPE_Q5_K ? 176 : 144) * (g0 / 8), a, &dm);
+        *m = _mm256_xor_ps(dm, _mm256_set1_ps(-0.0f));
+    } else if (type == KVC_TYPE_Q8_0) {
+        *a = f16_strided(row + 34 * g0, 34, n), *m = _mm256_setzero_ps();
+    } else {
         int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
         int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
-        const uint8_t *blk = row + (18 + 2 * has_min + 4 * five) * (g0 + j);
-        v[j] = q45_values(blk, five, has_min);
-        a[j] = f16_simd(blk), m[j] = has_min ? f16_simd(blk + 2) : (five ? -16.0f : -8.0f) * a[j];
+        const int64_t size = 18 + 2 * has_min + 4 * five;
+        *a = f16_strided(row + size * g0, size, n);
+        *m = has_min ? f16_strided(row + size * g0 + 2, size, n)
+                     : _mm256_mul_ps(_mm256_set1_ps(five ? -16.0f : -8.0f), *a);
     }
+}
+
+// The values v of block g0 + j (signed or unsigned as signed_values says).
+TILE __m256i block_values(int type, const uint8_t *row, int64_t g0, int j) {
+    switch (type) {
+    case KVC_TYPE_Q6_K: return q6_k_values(row + 210 * (g0 / 8), j / 4, j % 4);
+    case KVC_TYPE_Q4_K: return k45_values(row + 144 * (g0 / 8), 0, j);
+    case KVC_TYPE_Q5_K: return k45_values(row + 176 * (g0 / 8), 1, j);
+    case KVC_TYPE_Q8_0: return _mm256_loadu_si256((const __m256i *)(row + 34 * (g0 + j) + 2));
+    }
+    int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
+    int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
+    return q45_values(row + (18 + 2 * has_min + 4 * five) * (g0 + j), five, has_min);
 }
 
 // Lane j: the int32 total of the 8 lanes of p[j].
@@ -400,52 +420,61 @@ static inline AVX2 __m256 strided8(const float *p, int stride, int n) {
     return _mm256_loadu_ps(v);
 }
 
-// Blocks g0..g0+nv-1 of a row times the group's tokens, into acc.
-TILE void blocks_chunk(int type, const uint8_t *row, act_q8 x, int nt, int64_t g0, int nv,
+// Q6_K: the int16 multipliers of sub-block c (0..7): its two halves' scales,
+// lanes 2c and 2c+1 of sc16, each over 8 lanes.
+static inline AVX2 __m256i q6_k_mul(__m256i sc16, int c) {
+    const __m256i half = c < 4 ? _mm256_permute4x64_epi64(sc16, 0x44) : _mm256_permute4x64_epi64(sc16, 0xEE);
+    const int8_t b = (int8_t)(4 * (c % 4));
+    const __m256i lo = _mm256_set1_epi16((int16_t)(b | (b + 1) << 8));
+    const __m256i hi = _mm256_set1_epi16((int16_t)((b + 2) | (b + 3) << 8));
+    return _mm256_shuffle_epi8(half, _mm256_permute2x128_si256(lo, hi, 0x20));
+}
+
+// Blocks g0..g0+nv-1 of a row times token t of group x (x.nt = nt), into acc.
+TILE void blocks_chunk(int type, const uint8_t *row, act_q8 x, int nt, int t, int64_t g0, int nv,
                        __m256 *acc) {
     const int sgn = signed_values(type);
-    __m256i v[8], av[8], mul[8];
-    float a[8] = {0}, m[8] = {0};
-    int16_t sc[8][2];
-    unpack_blocks(type, row, g0, nv, v, a, m, sc);
-    for (int j = 0; j < nv; j++) {
-        av[j] = sgn ? _mm256_abs_epi8(v[j]) : v[j];
-        mul[j] = type == KVC_TYPE_Q6_K ? _mm256_set_m128i(_mm_set1_epi16(sc[j][1]), _mm_set1_epi16(sc[j][0]))
-                                       : _mm256_set1_epi16(1);
+    __m256i sc16 = _mm256_setzero_si256(), p[8];
+    __m256 va, vm;
+    block_scales(type, row, g0, nv, &va, &vm, &sc16);
+    for (int j = 0; j < 8; j++) {
+        if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
+        const __m256i w = block_values(type, row, g0, j);
+        __m256i xv = load_x(x, nt, g0 + j, t);
+        if (sgn) xv = _mm256_sign_epi8(xv, w);
+        const __m256i mul = type == KVC_TYPE_Q6_K ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1);
+        p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(sgn ? _mm256_abs_epi8(w) : w, xv), mul);
     }
-    const __m256 va = _mm256_loadu_ps(a), vm = _mm256_loadu_ps(m);
-    for (int t = 0; t < nt; t++) {
-        __m256i p[8];
-        for (int j = 0; j < 8; j++) {
-            if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
-            __m256i xv = load_x(x, nt, g0 + j, t);
-            if (sgn) xv = _mm256_sign_epi8(xv, v[j]);
-            p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(av[j], xv), mul[j]);
-        }
-        __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
-        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(lane_totals(p)), acc[t]);
-        if (!sgn) acc[t] = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), acc[t]);
-    }
+    const __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
+    *acc = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(lane_totals(p)), *acc);
+    if (!sgn) *acc = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), *acc);
 }
 
-TILE void blocks_tile(int type, const uint8_t *row, act_q8 x, int nt, int64_t n, float *out) {
+// Rows of w times token t of group x (x.nt = nt), into y.
+TILE void blocks_tile(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows, act_q8 x,
+                      int nt, int t, int64_t n, float *y) {
     const int64_t nb = n / QK;
-    __m256 acc[ACT_GROUP];
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    int64_t g0 = 0;
-    for (; g0 + 8 <= nb; g0 += 8) blocks_chunk(type, row, x, nt, g0, 8, acc);
-    if (nb - g0 == 4) blocks_chunk(type, row, x, nt, g0, 4, acc);   // rows of 256k + 128 values
-    else if (g0 < nb) blocks_chunk(type, row, x, nt, g0, (int)(nb - g0), acc);
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]);
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t *row = w + r * row_stride;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t g0 = 0;
+        for (; g0 + 8 <= nb; g0 += 8) blocks_chunk(type, row, x, nt, t, g0, 8, &acc);
+        if (nb - g0 == 4) blocks_chunk(type, row, x, nt, t, g0, 4, &acc);   // rows of 256k + 128 values
+        else if (g0 < nb) blocks_chunk(type, row, x, nt, t, g0, (int)(nb - g0), &acc);
+        y[r] = hsum8(acc);
+    }
 }
 
-// Runs blocks_tile with the type and the group's nt (8, 4 or 1) as constants.
-#define TILE_ENTRY(name, type)                                                               \
-    static AVX2 void name(int type_, const uint8_t *row, act_q8 x, int64_t n, float *out) {  \
-        (void)type_;                                                                         \
-        if (x.nt == 8) blocks_tile(type, row, x, 8, n, out);                                 \
-        else if (x.nt == 4) blocks_tile(type, row, x, 4, n, out);                            \
-        else blocks_tile(type, row, x, 1, n, out);                                           \
+// One token at a time. With the SIMD kernels on, matmul takes several tokens
+// through the panels, so groups are of one token (nt a constant 1) here.
+#define TILE_ENTRY(name, type)                                                                 \
+    static AVX2 void name(int type_, const uint8_t *w, int64_t row_stride, int64_t n_rows,     \
+                          act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {        \
+        (void)type_;                                                                           \
+        for (int t = 0; t < n_tok; t++) {                                                      \
+            if (x.nt == 1) blocks_tile(type, w, row_stride, n_rows, x, 1, 0, n, y);            \
+            else blocks_tile(type, w, row_stride, n_rows, x, x.nt, t, n, y + t * y_stride);    \
+        }                                                                                      \
     }
 
 TILE_ENTRY(dot_q8_0_avx2, KVC_TYPE_Q8_0)
@@ -527,17 +556,20 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
     for (int r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
         for (int64_t g0 = 0; g0 < nb; g0 += 8) {
-            __m256i v[8];
+            __m256i sc16 = _mm256_setzero_si256();
+            __m256 va, vm;
             float a[8], m[8];
-            int16_t sc[8][2] = {{0}};
+            int16_t sc[16];
             const int nv = nb - g0 < 8 ? (int)(nb - g0) : 8;
-            unpack_blocks(type, row, g0, nv, v, a, m, sc);
+            block_scales(type, row, g0, nv, &va, &vm, &sc16);
+            _mm256_storeu_ps(a, va), _mm256_storeu_ps(m, vm);
+            _mm256_storeu_si256((__m256i *)sc, sc16);
             for (int j = 0; j < nv; j++) {
                 panel_block *b = out + g0 + j;
-                _mm256_storeu_si256((__m256i *)b->v + r, v[j]);
+                _mm256_storeu_si256((__m256i *)b->v + r, block_values(type, row, g0, j));
                 b->a[r] = a[j], b->m[r] = m[j];
-                b->sc[0][r][0] = b->sc[0][r][1] = sc[j][0];
-                b->sc[1][r][0] = b->sc[1][r][1] = sc[j][1];
+                b->sc[0][r][0] = b->sc[0][r][1] = sc[2 * j];
+                b->sc[1][r][0] = b->sc[1][r][1] = sc[2 * j + 1];
             }
         }
     }

@@ -98,8 +98,10 @@ void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n);
 // n values (whole blocks) into a row of F32, F16, Q8_0 or Q4_0
 void quant_quantize_row(int type, const float *x, int64_t n, uint8_t *out);
 
-// One weight row (n values) times each token of group x: out[t], t < x.nt.
-typedef void (*dot_q8_fn)(int type, const uint8_t *row, act_q8 x, int64_t n, float *out);
+// Weight rows 0..n_rows-1 (row_stride bytes apart, n values each) times
+// the first n_tok tokens of group x: y[t * y_stride + r].
+typedef void (*dot_q8_fn)(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows, act_q8 x,
+                          int64_t n, float *y, int64_t y_stride, int n_tok);
 // One weight row (n values) times one token.
 typedef float (*dot_f32_fn)(int type, const uint8_t *row, const float *x, int64_t n);
 

@@ -188,6 +188,24 @@ def test_vocabulary_size_comes_from_the_token_list(parts, tmp_path):
     assert load_gguf(parts.write(tmp_path / "c.gguf")).hparams.n_vocab == n
 
 
+def test_weights_are_a_read_only_copy_of_the_file(tiny_gguf, tmp_path):
+    """The tensor data is read into memory at load (on huge pages where the
+    kernel gives them), so bytes rewritten on disk later do not reach it."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(open(tiny_gguf("llama", "Q8_0"), "rb").read())
+    model = load_gguf(path)
+    w = model.tensors["blk.0.attn_q.weight"]
+    want = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight").data.tobytes()
+    assert w.raw.tobytes() == want
+    with pytest.raises(ValueError):
+        w.raw[0, 0] = 1
+    at = path.read_bytes().find(want)
+    with open(path, "r+b") as f:   # rewritten in place, same size
+        f.seek(at)
+        f.write(bytes(255 - b for b in want))
+    assert w.raw.tobytes() == want
+
+
 def test_weight_rejects_bad_arguments(tiny_gguf):
     w = load_gguf(tiny_gguf("llama", "Q8_0")).tensors["blk.0.attn_q.weight"]
     for ids in ([w.shape[0]], [-1], [[0, 1]], [0.5]):

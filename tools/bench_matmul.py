@@ -24,6 +24,7 @@ matmul time of a whole decode step / prompt token on this model.
 """
 import argparse
 import itertools
+import mmap
 import os
 import time
 
@@ -147,6 +148,27 @@ def bench_overhead():
             print(f"  {n_out}x{n_in}, {threads} thread{'s' * (threads > 1)}: {ts[0] / 1000:.1f} / {ts[len(ts) // 2] / 1000:.1f} us")
 
 
+def bench_pages(model, budget):
+    """The head at n=1 read from the file's mapping (page cache, mostly 4 KiB
+    pages) and from the loader's copy (transparent huge pages where the
+    kernel gives them), with the read probe on each."""
+    head = model.tensors["token_embd.weight"]
+    with open(model.path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    start = mapped.find(head.raw[0].tobytes())
+    file_rows = np.frombuffer(mapped, np.uint8, head.raw.size, start).reshape(head.raw.shape)
+    assert np.array_equal(file_rows[-1], head.raw[-1])
+    x = np.random.default_rng(3).standard_normal((1, head.shape[1])).astype(np.float32)
+    huge = [line for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")]
+    print(f"\nhead, n=1, 1 thread, by page size ({huge[0].strip() if huge else 'no THP counter'}):")
+    for label, rows in (("file mapping", file_rows), ("loader's copy, huge pages", head.raw)):
+        size = rows.size // 64 * 64
+        flat = rows.reshape(-1)[:size]
+        t_probe = best_time(lambda: native.read_probe(flat, 1), budget=budget)
+        t = best_time(lambda: mm.matmul(rows, head.type, *head.shape, x, n_threads=1), budget=budget)
+        print(f"  {label}: {t * 1e3:6.2f} ms, {rows.nbytes / t / 1e9:5.2f} GB/s; probe {size / t_probe / 1e9:5.2f} GB/s")
+
+
 def bench_model_step(model, budget):
     """Matmul time of one decode step (n=1, with the head) and per prompt token
     (n=512 ubatch, head only for the last token), all layers, 2 threads."""
@@ -193,6 +215,7 @@ def main():
                     budget, bandwidth)
     bench_f32_activations(model.tensors["blk.0.ffn_up.weight"], (1, 64), budget)
     bench_overhead()
+    bench_pages(model, budget)
     bench_model_step(model, budget)
 
 

@@ -1,4 +1,4 @@
-"""GGUF model files: metadata, hyperparameters and memory-mapped weights.
+"""GGUF model files: metadata, hyperparameters and weights.
 
 The header is parsed here with `struct` (gguf-py's GGUFReader builds numpy
 views per array element and takes ~15 s on a 262144-token vocabulary); the
@@ -63,7 +63,7 @@ class Weight:
 
 def _dequantize_rows(raw, type_name, n_in):
     out = np.asarray(dequantize(raw, GGMLQuantizationType[type_name]), dtype=np.float32)
-    if not out.flags.writeable:  # F32 rows are a view of the read-only file
+    if not out.flags.writeable:  # F32 rows are a view of the read-only tensor data
         out = out.copy()
     return out.reshape(raw.shape[0], n_in)
 
@@ -106,7 +106,7 @@ class GGUFModelFile:
 
     def __init__(self, path, arch, hparams, metadata, tensors, mapping=None):
         self.path = path
-        self.mapping = mapping   # the mmap the weights live in
+        self.mapping = mapping   # the file, mapped: its header, and its size for Model.check_file
         self.arch = arch
         self.hparams = hparams
         self.metadata = metadata
@@ -130,7 +130,8 @@ def load_gguf(path):
     if spec is None:
         raise GGUFError(f"{path}: unsupported architecture {arch!r} "
                         f"(supported: {', '.join(archs.NAMES)})")
-    tensors = _load_tensors(path, buf, infos, data_start, alignment)
+    tensors = _load_tensors(path, buf, _read_data(path, data_start, len(buf)), infos,
+                            data_start, alignment)
     hparams = _read_hparams(path, arch, spec, metadata, tensors)
     _check_tensors(path, spec, hparams, tensors)
     return GGUFModelFile(path, arch, hparams, metadata, tensors, mapping)
@@ -267,9 +268,36 @@ class _Header:
         return name, dims, type_id, offset
 
 
-def _load_tensors(path, buf, infos, data_start, alignment):
+def _read_data(path, start, size):
+    """Bytes start..size of the file (the tensor data), read-only, in private
+    anonymous memory on transparent huge pages where the kernel gives them.
+    Decode reads every weight once per token: through the file's mapping, in
+    4 KiB pages, the head's matmul took 0-16% more time on a calm machine
+    and a third more on a busy one (docs/benchmarks.md, "One-token decode
+    at memory speed"). The copy costs the process the data's size in
+    resident memory, not shared with other processes as the page cache is."""
+    if start >= size:
+        return np.zeros(0, np.uint8)
+    mem = mmap.mmap(-1, size - start, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            got = f.readinto(mem)
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot read: {e.strerror or e}") from None
+    if got != size - start:
+        raise GGUFError(f"{path}: the file changed size while it was loaded")
+    data = np.frombuffer(mem, dtype=np.uint8)
+    data.flags.writeable = False
+    return data
+
+
+def _load_tensors(path, buf, data, infos, data_start, alignment):
     """As llama.cpp: each tensor's data starts where the one before it ends,
-    padded to the alignment, so tensors never overlap or leave gaps."""
+    padded to the alignment, so tensors never overlap or leave gaps. buf is
+    the whole file, data its bytes from data_start on."""
     tensors = {}
     expected = 0
     for name, dims, type_id, offset in infos:
@@ -299,7 +327,7 @@ def _load_tensors(path, buf, infos, data_start, alignment):
             raise GGUFError(f"{path}: tensor {name!r}: data offset {offset}, expected {expected} "
                             "(tensors must follow each other, padded to the alignment)")
         expected += -(-n_out * row_bytes // alignment) * alignment
-        raw = buf[start:start + n_out * row_bytes].reshape(n_out, row_bytes)
+        raw = data[offset:offset + n_out * row_bytes].reshape(n_out, row_bytes)
         if len(dims) == 2:
             tensors[name] = Weight(name, type_name, (n_out, n_in), raw)
         else:
