@@ -52,7 +52,6 @@ class Context:
             return self._decode(batch)
 
     def _decode(self, batch):
-        self.model.check_file()
         self.check_batch(batch)
         ubatches = list(batch.split(self.n_ubatch))
         slots = self.memory.prepare([(pos, seqs) for _, pos, seqs, _ in ubatches])

@@ -104,9 +104,8 @@ class HParams:
 class GGUFModelFile:
     """A loaded GGUF model: architecture, hyperparameters, metadata, tensors."""
 
-    def __init__(self, path, arch, hparams, metadata, tensors, mapping=None):
+    def __init__(self, path, arch, hparams, metadata, tensors):
         self.path = path
-        self.mapping = mapping   # the file, mapped: its header, and its size for Model.check_file
         self.arch = arch
         self.hparams = hparams
         self.metadata = metadata
@@ -118,10 +117,11 @@ class GGUFModelFile:
 
 
 def load_gguf(path):
-    """Read a GGUF v2/v3 model file of a supported architecture."""
+    """Read a GGUF v2/v3 model file of a supported architecture. The file is
+    mapped only while its header is read: the tensor data is a copy, so the
+    model does not depend on the file afterwards."""
     path = str(path)
-    mapping = _map_file(path)
-    buf = np.frombuffer(mapping, dtype=np.uint8)
+    buf = np.frombuffer(_map_file(path), dtype=np.uint8)
     metadata, infos, data_start, alignment = _Header(path, buf).read()
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
@@ -134,7 +134,7 @@ def load_gguf(path):
                             data_start, alignment)
     hparams = _read_hparams(path, arch, spec, metadata, tensors)
     _check_tensors(path, spec, hparams, tensors)
-    return GGUFModelFile(path, arch, hparams, metadata, tensors, mapping)
+    return GGUFModelFile(path, arch, hparams, metadata, tensors)
 
 
 def _map_file(path):

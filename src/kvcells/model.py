@@ -23,17 +23,6 @@ class Model:
         self.tensors = file.tensors
         self.tokenizer = Tokenizer.from_metadata(file.metadata)
         self.impl = arch.build(file)
-        self._mapping = file.mapping
-        self._size = file.mapping.size() if file.mapping is not None else None
-
-    def check_file(self):
-        """GGUFError if the model file has shrunk or grown since it was
-        loaded: the weights are memory-mapped, and reading a page that
-        truncation cut off ends the process with SIGBUS. One fstat() of the
-        mapped file; a change made while a decode runs is not seen."""
-        if self._mapping is not None and self._mapping.size() != self._size:
-            raise GGUFError(f"{self.path}: the model file changed size on disk since it was "
-                            "loaded; load it again")
 
     @classmethod
     def load(cls, path):
