@@ -256,14 +256,17 @@ static inline AVX2 __m256i nibbles16(const uint8_t *p) {
     return _mm256_and_si256(v, _mm256_set1_epi8(0xF));
 }
 
-// Byte i is 0xFF when bit i of bits is set.
-static inline AVX2 __m256i bits_to_bytes(uint32_t bits) {
+// Byte i is 16 when bit i of bits is set, else 0: byte i keeps bit i % 8 of
+// its byte of bits, and sign_epi8 turns that into 16 (or 0) in one step,
+// -16 where the bit is the sign bit.
+static inline AVX2 __m256i bits_to_16s(uint32_t bits) {
     const __m256i spread = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i sixteen = _mm256_set1_epi64x((long long)0xF010101010101010ULL);
     __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    return _mm256_sign_epi8(sixteen, _mm256_and_si256(v, bit));
 }
 
 // Block g of token t of a group of nt tokens.
@@ -314,8 +317,7 @@ static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
 static inline AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min) {
     __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
     if (!five) return u;
-    __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
-    return _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
+    return _mm256_or_si256(u, bits_to_16s(load_u32(blk + 2 + 2 * has_min)));
 }
 
 // Q4_K/Q5_K block header: d*sc and dmin*m of the 8 sub-blocks, the 6-bit
