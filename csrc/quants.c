@@ -256,14 +256,17 @@ static inline AVX2 __m256i nibbles16(const uint8_t *p) {
     return _mm256_and_si256(v, _mm256_set1_epi8(0xF));
 }
 
-// Byte i is 0xFF when bit i of bits is set.
-static inline AVX2 __m256i bits_to_bytes(uint32_t bits) {
+// Byte i is 16 when bit i of bits is set, else 0: byte i keeps bit i % 8 of
+// its byte of bits, and sign_epi8 turns that into 16 (or 0) in one step,
+// -16 where the bit is the sign bit.
+static inline AVX2 __m256i bits_to_16s(uint32_t bits) {
     const __m256i spread = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i sixteen = _mm256_set1_epi64x((long long)0xF010101010101010ULL);
     __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), spread);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+    return _mm256_sign_epi8(sixteen, _mm256_and_si256(v, bit));
 }
 
 // Block g of token t of a group of nt tokens.
@@ -314,8 +317,7 @@ static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
 static inline AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min) {
     __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
     if (!five) return u;
-    __m256i hi = bits_to_bytes(load_u32(blk + 2 + 2 * has_min));
-    return _mm256_or_si256(u, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
+    return _mm256_or_si256(u, bits_to_16s(load_u32(blk + 2 + 2 * has_min)));
 }
 
 // Q4_K/Q5_K block header: d*sc and dmin*m of the 8 sub-blocks, the 6-bit
@@ -338,6 +340,7 @@ static inline AVX2 __m256 f16_strided(const uint8_t *p, int64_t stride, int n) {
         if (j < 4) lo |= (uint64_t)load_u16(p + j * stride) << (16 * j);
         else hi |= (uint64_t)load_u16(p + j * stride) << (16 * (j - 4));
     }
+    __asm__("" : "+r"(lo), "+r"(hi));   // keep the gathering in general registers
     return _mm256_cvtph_ps(_mm_set_epi64x((long long)hi, (long long)lo));
 }
 
@@ -411,6 +414,17 @@ static inline AVX2 __m256i lane_totals(const __m256i *p) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
 }
 
+// Lane j: the int32 total of the 16 int16 lanes of p[j], each lane a
+// maddubs pair sum of values 0..31 times int8s (|.| <= 2 * 31 * 128): the
+// two int16 levels add 8 products (<= 31744), exact as the int32 sums are.
+static inline AVX2 __m256i lane_totals16(const __m256i *p) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i h0 = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
+    __m256i h1 = _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7]));
+    h0 = _mm256_madd_epi16(h0, ones), h1 = _mm256_madd_epi16(h1, ones);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
+}
+
 // p[j] for blocks j < n of a token's act_q8 values, 0 for the rest.
 static inline AVX2 __m256 strided8(const float *p, int stride, int n) {
     if (stride == 1 && n == 8) return _mm256_loadu_ps(p);
@@ -442,11 +456,12 @@ TILE void blocks_chunk(int type, const uint8_t *row, act_q8 x, int nt, int t, in
         const __m256i w = block_values(type, row, g0, j);
         __m256i xv = load_x(x, nt, g0 + j, t);
         if (sgn) xv = _mm256_sign_epi8(xv, w);
-        const __m256i mul = type == KVC_TYPE_Q6_K ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1);
-        p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(sgn ? _mm256_abs_epi8(w) : w, xv), mul);
+        p[j] = _mm256_maddubs_epi16(sgn ? _mm256_abs_epi8(w) : w, xv);
+        if (sgn) p[j] = _mm256_madd_epi16(p[j], type == KVC_TYPE_Q6_K ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1));
     }
     const __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
-    *acc = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(lane_totals(p)), *acc);
+    const __m256i sums = sgn ? lane_totals(p) : lane_totals16(p);
+    *acc = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(sums), *acc);
     if (!sgn) *acc = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), *acc);
 }
 

@@ -147,6 +147,17 @@ def test_exactly_quantisable_activations_leave_only_float_rounding(name, simd):
     check_matmul(raw, name, 19, n_in, exact_q8_activations(4, n_in, rng), 2, exact_activations=True)
 
 
+@pytest.mark.parametrize("name", QUANTISED)
+def test_largest_block_sums_are_exact(name, simd):
+    """Every value at its largest, activations all +127 or all -127: the
+    kernels' integer partial sums at their bounds (an int16 sum of too many
+    products would wrap)."""
+    n_in = N_IN.get(name, 256)
+    raw = make_raw(name, 5, n_in, np.random.default_rng(3), "all_max")
+    x = np.stack([np.ones(n_in, np.float32), -np.ones(n_in, np.float32)])
+    check_matmul(raw, name, 5, n_in, x, 1, exact_activations=True)
+
+
 def test_activation_quantisation_rounds_half_to_even(simd):
     """Identity Q8_0 weights expose x^ = d * round(x * 127 / amax) itself."""
     rng = np.random.default_rng(9)
