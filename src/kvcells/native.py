@@ -309,6 +309,13 @@ class LayerKV:
             "n_rows": n_rows, "n_values": n_values})
 
 
+def _int32_vector(a, name):
+    if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
+            or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a contiguous int32 vector")
+    return int32s(a) if len(a) else ffi.NULL
+
+
 class UbatchView:
     """An applied ubatch as C sees it (kvc_ubatch), over int32 vectors made
     once: token t's K/V rows go to cell slots[t] and it attends
@@ -317,9 +324,7 @@ class UbatchView:
 
     def __init__(self, slots, cells, lo, hi):
         for name, a in (("slots", slots), ("lo", lo), ("hi", hi), ("cells", cells)):
-            if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
-                    or not a.flags.c_contiguous:
-                raise ValueError(f"{name} must be a contiguous int32 vector")
+            _int32_vector(a, name)
         if len(lo) != len(slots) or len(hi) != len(slots):
             raise ValueError(f"{len(slots)} slots need {len(slots)} ranges")
         self.keep = (slots, cells, lo, hi)
@@ -331,9 +336,9 @@ class UbatchView:
         """n_tokens tokens and n_list list entries in use; cells: a new list
         vector in place of the old one."""
         if cells is not None:
-            if not isinstance(cells, np.ndarray) or cells.dtype != np.int32 \
-                    or cells.ndim != 1 or not cells.flags.c_contiguous or not len(cells):
-                raise ValueError("cells must be a non-empty contiguous int32 vector")
+            _int32_vector(cells, "cells")
+            if not len(cells):
+                raise ValueError("cells must not be empty")
             self.keep = (self.keep[0], cells, *self.keep[2:])
             self.c.cells = int32s(cells)
         if not (0 <= n_tokens <= len(self.keep[0]) and 0 <= n_list <= len(self.keep[1])):
@@ -355,9 +360,7 @@ def block_run(block, kv, ubatch, scratch, x, cos, sin, out_rows, n_threads):
             raise ValueError(f"cos and sin must be contiguous float32, {n} x {block.n_rot}")
     rows, n_out = ffi.NULL, -1
     if out_rows is not None:
-        if out_rows.dtype != np.int32 or out_rows.ndim != 1 or not out_rows.flags.c_contiguous:
-            raise ValueError("out_rows must be a contiguous int32 vector")
-        rows, n_out = int32s(out_rows) if len(out_rows) else ffi.NULL, len(out_rows)
+        rows, n_out = _int32_vector(out_rows, "out_rows"), len(out_rows)
     status = lib.block_run(block.c, kv.c, ubatch.c, scratch.c, ffi.from_buffer(_FLOATS, x), n,
                            ffi.from_buffer(_FLOATS, cos), ffi.from_buffer(_FLOATS, sin),
                            rows, n_out, check_threads(n_threads))
@@ -429,13 +432,6 @@ class LayerViews:
         self.keep = pairs
         self.kv = ffi.new("kvc_layer_kv *[]", [kv.c for kv, _ in pairs])
         self.ub = ffi.new("kvc_ubatch *[]", [ub.c for _, ub in pairs])
-
-
-def _int32_vector(a, name):
-    if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1 \
-            or not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be a contiguous int32 vector")
-    return int32s(a) if len(a) else ffi.NULL
 
 
 def stack_run(stack, views, scratch, tokens, pos, out_rows, n_threads):
