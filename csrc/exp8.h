@@ -2,13 +2,14 @@
 #ifndef KVCELLS_EXP8_H
 #define KVCELLS_EXP8_H
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include "simd.h"
+
+#ifdef KVC_X86
 
 // e^x for x <= 0 (a softmax's shifted scores): 2^n e^f with n = round(x / ln 2),
 // |f| <= ln 2 / 2, e^f by its Taylor series to f^6 (relative error < 2e-7);
 // x below -87 gives about 1e-38 instead of 0, NaN stays NaN
-__attribute__((target("avx2,fma,f16c"), always_inline))
+TARGET_AVX2 __attribute__((always_inline))
 static inline __m256 exp8(__m256 x) {
     x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),

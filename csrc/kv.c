@@ -14,11 +14,7 @@
 #include "exp8.h"
 #include "pool.h"
 #include "quants.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define KV_X86 1
-#endif
+#include "simd.h"
 
 #define QK 32
 #define CELLS_PER_THREAD 16384
@@ -46,8 +42,8 @@ static void axpy_plain(float a, const float *x, float *y, int n) {
 
 // ---- AVX2 kernels, specialised per element type (head_dim % 16 == 0) ----
 
-#ifdef KV_X86
-#define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+#ifdef KVC_X86
+#define AVX2 TARGET_AVX2 __attribute__((always_inline)) static inline
 
 // a block's f16 scale
 AVX2 float scale_of(const uint8_t *block) {
@@ -106,7 +102,7 @@ AVX2 void widen_body(int type, const uint8_t *row, int d, float *dst) {
     }
 }
 
-__attribute__((target("avx2,fma,f16c")))
+TARGET_AVX2
 static void widen_avx2(int type, const uint8_t *row, int d, float *dst) {
     switch (type) {
     case KVC_TYPE_F32: widen_body(KVC_TYPE_F32, row, d, dst); break;
@@ -117,7 +113,7 @@ static void widen_avx2(int type, const uint8_t *row, int d, float *dst) {
 }
 
 // n floats (n % 8 == 0) to f16, rounding to nearest even as a C cast does
-__attribute__((target("avx2,fma,f16c")))
+TARGET_AVX2
 static void f16_from_f32_avx2(const float *x, int n, uint8_t *dst) {
     for (int i = 0; i < n; i += 8)
         _mm_storeu_si128((__m128i *)(dst + 2 * i),
@@ -126,7 +122,7 @@ static void f16_from_f32_avx2(const float *x, int n, uint8_t *dst) {
 
 // s[r * KC + j] = q_r . k_j for r < nr, j < nc (both even counts: the
 // callers pad), four query rows by two K rows at a time
-__attribute__((target("avx2,fma,f16c")))
+TARGET_AVX2
 static void tile_scores_avx2(const float *q, int nr, const float *k, int nc, int d, float *s) {
     for (int r = 0; r < nr; r += 4)
         for (int j = 0; j < nc; j += 2) {
@@ -160,7 +156,7 @@ static void tile_scores_avx2(const float *q, int nr, const float *k, int nc, int
 // exp(s[j] - m) for jlo <= j < jhi and 0 for the other j < n (n % 8 == 0),
 // after raising the running max m to the chunk's (o, d values, and the
 // total l rescaled); l gains the chunk's sum
-__attribute__((target("avx2,fma,f16c")))
+TARGET_AVX2
 static void softmax_row_avx2(float *s, int n, int64_t jlo, int64_t jhi, float *m, float *l,
                              float *o, int d) {
     const __m256i lo = _mm256_set1_epi32((int)jlo - 1), hi = _mm256_set1_epi32((int)jhi);
@@ -195,7 +191,7 @@ static void softmax_row_avx2(float *s, int n, int64_t jlo, int64_t jhi, float *m
 }
 
 // o_r += sum_j p[r * KC + j] v_j for r < nr (a multiple of 4), j < nc
-__attribute__((target("avx2,fma,f16c")))
+TARGET_AVX2
 static void tile_values_avx2(const float *p, int nr, const float *v, int nc, int d, float *o) {
     for (int r = 0; r < nr; r += 4)
         for (int i = 0; i < d; i += 16) {
@@ -221,7 +217,7 @@ static void tile_values_avx2(const float *p, int nr, const float *v, int nc, int
 }
 #endif
 
-static int have_avx2(int head_dim) { return kvc_simd_enabled() && head_dim % 16 == 0; }
+static int have_avx2(int head_dim) { return kvc_simd_path() != KVC_SIMD_PORTABLE && head_dim % 16 == 0; }
 
 // ---- plain C passes ----
 
@@ -239,7 +235,7 @@ static void tile_values_plain(const float *p, int nr, const float *v, int nc, in
 
 // a row of n values (whole blocks) widened to float, and back into its type
 static void widen_row(int avx2, int type, const uint8_t *row, int n, float *x) {
-#ifdef KV_X86
+#ifdef KVC_X86
     if (avx2) {
         widen_avx2(type, row, n, x);
         return;
@@ -250,7 +246,7 @@ static void widen_row(int avx2, int type, const uint8_t *row, int n, float *x) {
 }
 
 static void narrow(int avx2, int type, const float *x, int n, uint8_t *dst) {
-#ifdef KV_X86
+#ifdef KVC_X86
     if (avx2 && type == KVC_TYPE_F16) {
         f16_from_f32_avx2(x, n, dst);
         return;
@@ -349,7 +345,7 @@ typedef struct {
 } tile_job;
 
 static void widen(const job *jb, int type, const uint8_t *row, float *dst) {
-#ifdef KV_X86
+#ifdef KVC_X86
     if (jb->avx2) {
         widen_avx2(type, row, jb->head_dim, dst);
         return;
@@ -365,7 +361,7 @@ static void softmax_chunk(tile_job *tj, int r, int64_t c0, int nc, int nc2) {
     float *s = tj->s + r * KC, *o = tj->o + r * d;
     const int64_t jlo = tj->lo[r] - c0 > 0 ? tj->lo[r] - c0 : 0;
     const int64_t jhi = tj->hi[r] - c0 < nc ? tj->hi[r] - c0 : nc;
-#ifdef KV_X86
+#ifdef KVC_X86
     if (tj->jb->avx2) {
         softmax_row_avx2(s, (nc2 + 7) / 8 * 8, jlo, jhi, &tj->m[r], &tj->l[r], o, d);
         return;
@@ -439,13 +435,13 @@ static void tile_unit(tile_job *tj, int64_t item, int64_t seg, float *part) {
             widen(jb, jb->type_k, jb->k + cell * jb->row_k + h * jb->hb_k, tj->kc + j * d);
             widen(jb, jb->type_v, jb->v + cell * jb->row_v + h * jb->hb_v, tj->vc + j * d);
         }
-#ifdef KV_X86
+#ifdef KVC_X86
         if (jb->avx2) tile_scores_avx2(tj->q, nr4, tj->kc, nc2, d, tj->s);
         else
 #endif
             tile_scores_plain(tj->q, nr4, tj->kc, nc2, d, tj->s);
         for (int r = 0; r < nr4; r++) softmax_chunk(tj, r, c0, nc, nc2);
-#ifdef KV_X86
+#ifdef KVC_X86
         if (jb->avx2) tile_values_avx2(tj->s, nr4, tj->vc, nc2, d, tj->o);
         else
 #endif
@@ -693,7 +689,7 @@ kvc_status kv_store(int type, uint8_t *rows, int64_t n_rows, int64_t n_values,
         if (cells[i] < 0 || cells[i] >= n_rows)
             return kvc_fail(KVC_EINVAL, "store: cell %d outside [0, %lld)", cells[i],
                             (long long)n_rows);
-    const int avx2 = kvc_simd_enabled() && n_values % 8 == 0;
+    const int avx2 = kvc_simd_path() != KVC_SIMD_PORTABLE && n_values % 8 == 0;
     for (int64_t i = 0; i < n; i++) narrow(avx2, type, x + i * n_values, (int)n_values,
                                            rows + cells[i] * row);
     return KVC_OK;

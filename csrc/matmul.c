@@ -119,7 +119,7 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     if (!x || !y || n <= 0 || n > INT64_MAX / n_in || n > INT64_MAX / n_out)
         return kvc_fail(KVC_EINVAL, "matmul: bad activations (%lld tokens)", (long long)n);
     if (n_threads < 1) return kvc_fail(KVC_EINVAL, "n_threads must be >= 1, got %d", n_threads);
-    int simd = kvc_simd_enabled();
+    const int path = kvc_simd_path();
     job j = {.type = type, .w = w, .row_stride = row_stride, .n_out = n_out, .n_in = n_in, .n = n,
              .x = x, .y = y};
     int quantised = quant_is_integer(type);
@@ -140,16 +140,16 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
         if (quantised) {
             tg->x = (act_q8){q + slot * n_in, ds + 2 * slot * nb, ds + (2 * slot + nt) * nb, nt};
             for (int k = 0; k < tg->n_valid; k++)
-                quant_act_q8(x + (t + k) * n_in, n_in, tg->x, k, simd);
+                quant_act_q8(x + (t + k) * n_in, n_in, tg->x, k, path);
         }
         t += tg->n_valid;
         slot += nt;
     }
     j.groups = groups;
     j.n_groups = n_groups;
-    if (quantised) j.dot_q8 = quant_dot_q8(type, simd);
-    else j.dot_f32 = quant_dot_f32(type, simd);
-    if (quantised && n >= PANEL_MIN_TOKENS) j.panel = quant_panel(type, simd);
+    if (quantised) j.dot_q8 = quant_dot_q8(type, path);
+    else j.dot_f32 = quant_dot_f32(type, path);
+    if (quantised && n >= PANEL_MIN_TOKENS) j.panel = quant_panel(type, path);
     if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
     if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);

@@ -4,10 +4,7 @@
 
 #include "exp8.h"
 #include "quants.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#define OPS_X86 1
-#endif
+#include "simd.h"
 
 // four partial sums: one chain of dependent adds would wait on each add
 static float rms_scale(const float *x, int64_t n, float eps) {
@@ -62,8 +59,8 @@ static float tanh_by_exp(float y) { return 1.0f - 2.0f / (expf(2.0f * y) + 1.0f)
 #define GELU_C 0.7978845608f   // sqrt(2 / pi)
 #define GELU_C3 (0.7978845608f * 0.044715f)
 
-#ifdef OPS_X86
-#define AVX2 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+#ifdef KVC_X86
+#define AVX2 TARGET_AVX2 __attribute__((always_inline)) static inline
 
 AVX2 __m256 tanh8(__m256 y) {
     const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
@@ -73,7 +70,7 @@ AVX2 __m256 tanh8(__m256 y) {
 }
 
 // the first n - n % 8 values of a row; returns how many it did
-__attribute__((target("avx2,fma,f16c")))
+TARGET_AVX2
 static int64_t gelu_mul_avx2(float *g, const float *u, int64_t n) {
     const __m256 c = _mm256_set1_ps(GELU_C), c3 = _mm256_set1_ps(GELU_C3);
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
@@ -87,7 +84,7 @@ static int64_t gelu_mul_avx2(float *g, const float *u, int64_t n) {
     return i;
 }
 
-__attribute__((target("avx2,fma,f16c")))
+TARGET_AVX2
 static int64_t softcap_avx2(float *x, int64_t n, float cap) {
     const __m256 c = _mm256_set1_ps(cap);
     int64_t i = 0;
@@ -98,12 +95,12 @@ static int64_t softcap_avx2(float *x, int64_t n, float cap) {
 #endif
 
 void ops_gelu_tanh_mul(float *g, const float *u, int64_t n_rows, int64_t n) {
-    const int simd = kvc_simd_enabled();
+    const int simd = kvc_simd_path() != KVC_SIMD_PORTABLE;
     for (int64_t r = 0; r < n_rows; r++) {
         float *gr = g + r * n;
         const float *ur = u + r * n;
         int64_t i = 0;
-#ifdef OPS_X86
+#ifdef KVC_X86
         if (simd) i = gelu_mul_avx2(gr, ur, n);
 #endif
         for (; i < n; i++) {
@@ -119,11 +116,11 @@ void ops_add(float *x, const float *y, int64_t n) {
 }
 
 void ops_softcap(float *x, int64_t n_rows, int64_t n, float cap) {
-    const int simd = kvc_simd_enabled();
+    const int simd = kvc_simd_path() != KVC_SIMD_PORTABLE;
     for (int64_t r = 0; r < n_rows; r++) {
         float *xr = x + r * n;
         int64_t i = 0;
-#ifdef OPS_X86
+#ifdef KVC_X86
         if (simd) i = softcap_avx2(xr, n, cap);
 #endif
         for (; i < n; i++) xr[i] = cap * tanh_by_exp(xr[i] / cap);

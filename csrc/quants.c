@@ -21,11 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define HAVE_X86 1
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+#include "simd.h"
 
 #define QK 32
 #define QK_K 256
@@ -238,19 +234,19 @@ static float dot_f32_portable(int type, const uint8_t *row, const float *x, int6
 }
 
 // ---- AVX2 + FMA + F16C ----
-#ifdef HAVE_X86
+#ifdef KVC_X86
 
-static inline AVX2 float hsum8(__m256 v) {
+static inline TARGET_AVX2 float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
-static inline AVX2 float f16_simd(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
+static inline TARGET_AVX2 float f16_simd(const uint8_t *p) { return _cvtsh_ss(load_u16(p)); }
 
 // The 32 nibbles of 16 bytes: low nibbles in the low half, high in the high.
-static inline AVX2 __m256i nibbles16(const uint8_t *p) {
+static inline TARGET_AVX2 __m256i nibbles16(const uint8_t *p) {
     __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
     v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
     return _mm256_and_si256(v, _mm256_set1_epi8(0xF));
@@ -259,7 +255,7 @@ static inline AVX2 __m256i nibbles16(const uint8_t *p) {
 // Byte i is 16 when bit i of bits is set, else 0: byte i keeps bit i % 8 of
 // its byte of bits, and sign_epi8 turns that into 16 (or 0) in one step,
 // -16 where the bit is the sign bit.
-static inline AVX2 __m256i bits_to_16s(uint32_t bits) {
+static inline TARGET_AVX2 __m256i bits_to_16s(uint32_t bits) {
     const __m256i spread = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
@@ -270,11 +266,11 @@ static inline AVX2 __m256i bits_to_16s(uint32_t bits) {
 }
 
 // Block g of token t of a group of nt tokens.
-static inline AVX2 __m256i load_x(act_q8 a, int nt, int64_t g, int t) {
+static inline TARGET_AVX2 __m256i load_x(act_q8 a, int nt, int64_t g, int t) {
     return _mm256_loadu_si256((const __m256i *)(a.q + (g * nt + t) * QK));
 }
 
-static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
+static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < n / QK; b++) {
@@ -311,10 +307,10 @@ static AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
 // products of a block of 32 are summed exactly in int32; that sum, times
 // (the block's scale times the token's), plus the block's offset term, is
 // added to chain g % 8 by FMAs; the 8 chains are added as hsum8 adds lanes.
-#define TILE static inline __attribute__((always_inline)) AVX2
+#define TILE static inline __attribute__((always_inline)) TARGET_AVX2
 
 // Q4_0, Q4_1, Q5_0, Q5_1: the unsigned q of a block.
-static inline AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min) {
+static inline TARGET_AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min) {
     __m256i u = nibbles16(blk + 2 + 2 * has_min + 4 * five);
     if (!five) return u;
     return _mm256_or_si256(u, bits_to_16s(load_u32(blk + 2 + 2 * has_min)));
@@ -322,7 +318,7 @@ static inline AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min)
 
 // Q4_K/Q5_K block header: d*sc and dmin*m of the 8 sub-blocks, the 6-bit
 // fields unpacked four at a time (as k_scale_min does one by one).
-static inline AVX2 void k_scales_avx2(const uint8_t *blk, __m256 *ds, __m256 *dm) {
+static inline TARGET_AVX2 void k_scales_avx2(const uint8_t *blk, __m256 *ds, __m256 *dm) {
     uint32_t w0 = load_u32(blk + 4), w1 = load_u32(blk + 8), w2 = load_u32(blk + 12);
     uint32_t sc_hi = (w2 & 0x0f0f0f0f) | ((w0 >> 2) & 0x30303030);
     uint32_t m_hi = ((w2 >> 4) & 0x0f0f0f0f) | ((w1 >> 2) & 0x30303030);
@@ -334,7 +330,7 @@ static inline AVX2 void k_scales_avx2(const uint8_t *blk, __m256 *ds, __m256 *dm
 
 // The f16 at p + j * stride as lane j, j < n (lanes n.. are 0): gathered in
 // general registers, then one conversion.
-static inline AVX2 __m256 f16_strided(const uint8_t *p, int64_t stride, int n) {
+static inline TARGET_AVX2 __m256 f16_strided(const uint8_t *p, int64_t stride, int n) {
     uint64_t lo = 0, hi = 0;
     for (int j = 0; j < n; j++) {
         if (j < 4) lo |= (uint64_t)load_u16(p + j * stride) << (16 * j);
@@ -345,7 +341,7 @@ static inline AVX2 __m256 f16_strided(const uint8_t *p, int64_t stride, int n) {
 }
 
 // The unsigned q of sub-block s of a Q4_K or Q5_K block.
-static inline AVX2 __m256i k45_values(const uint8_t *blk, int five, int s) {
+static inline TARGET_AVX2 __m256i k45_values(const uint8_t *blk, int five, int s) {
     const __m128i shift = _mm_cvtsi32_si128(4 * (s % 2));
     __m256i u = _mm256_loadu_si256((const __m256i *)(blk + (five ? 48 : 16) + 32 * (s / 2)));
     u = _mm256_and_si256(_mm256_srl_epi16(u, shift), _mm256_set1_epi8(0xF));
@@ -355,7 +351,7 @@ static inline AVX2 __m256i k45_values(const uint8_t *blk, int five, int s) {
 }
 
 // The signed q (-32..31) of chunk c of half h of a Q6_K block (see q6_k_value).
-static inline AVX2 __m256i q6_k_values(const uint8_t *blk, int h, int c) {
+static inline TARGET_AVX2 __m256i q6_k_values(const uint8_t *blk, int h, int c) {
     __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (c % 2)));
     lo = _mm256_and_si256(_mm256_srl_epi16(lo, _mm_cvtsi32_si128(4 * (c / 2))), _mm256_set1_epi8(0xF));
     __m256i hi = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
@@ -408,7 +404,7 @@ TILE __m256i block_values(int type, const uint8_t *row, int64_t g0, int j) {
 }
 
 // Lane j: the int32 total of the 8 lanes of p[j].
-static inline AVX2 __m256i lane_totals(const __m256i *p) {
+static inline TARGET_AVX2 __m256i lane_totals(const __m256i *p) {
     __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
     __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
     return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
@@ -417,7 +413,7 @@ static inline AVX2 __m256i lane_totals(const __m256i *p) {
 // Lane j: the int32 total of the 16 int16 lanes of p[j], each lane a
 // maddubs pair sum of values 0..31 times int8s (|.| <= 2 * 31 * 128): the
 // two int16 levels add 8 products (<= 31744), exact as the int32 sums are.
-static inline AVX2 __m256i lane_totals16(const __m256i *p) {
+static inline TARGET_AVX2 __m256i lane_totals16(const __m256i *p) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i h0 = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
     __m256i h1 = _mm256_hadd_epi16(_mm256_hadd_epi16(p[4], p[5]), _mm256_hadd_epi16(p[6], p[7]));
@@ -426,7 +422,7 @@ static inline AVX2 __m256i lane_totals16(const __m256i *p) {
 }
 
 // p[j] for blocks j < n of a token's act_q8 values, 0 for the rest.
-static inline AVX2 __m256 strided8(const float *p, int stride, int n) {
+static inline TARGET_AVX2 __m256 strided8(const float *p, int stride, int n) {
     if (stride == 1 && n == 8) return _mm256_loadu_ps(p);
     if (stride == 1 && n == 4) return _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(p), 0);
     float v[8] = {0};
@@ -436,7 +432,7 @@ static inline AVX2 __m256 strided8(const float *p, int stride, int n) {
 
 // Q6_K: the int16 multipliers of sub-block c (0..7): its two halves' scales,
 // lanes 2c and 2c+1 of sc16, each over 8 lanes.
-static inline AVX2 __m256i q6_k_mul(__m256i sc16, int c) {
+static inline TARGET_AVX2 __m256i q6_k_mul(__m256i sc16, int c) {
     const __m256i half = c < 4 ? _mm256_permute4x64_epi64(sc16, 0x44) : _mm256_permute4x64_epi64(sc16, 0xEE);
     const int8_t b = (int8_t)(4 * (c % 4));
     const __m256i lo = _mm256_set1_epi16((int16_t)(b | (b + 1) << 8));
@@ -444,64 +440,7 @@ static inline AVX2 __m256i q6_k_mul(__m256i sc16, int c) {
     return _mm256_shuffle_epi8(half, _mm256_permute2x128_si256(lo, hi, 0x20));
 }
 
-// Blocks g0..g0+nv-1 of a row times token t of group x (x.nt = nt), into acc.
-TILE void blocks_chunk(int type, const uint8_t *row, act_q8 x, int nt, int t, int64_t g0, int nv,
-                       __m256 *acc) {
-    const int sgn = signed_values(type);
-    __m256i sc16 = _mm256_setzero_si256(), p[8];
-    __m256 va, vm;
-    block_scales(type, row, g0, nv, &va, &vm, &sc16);
-    for (int j = 0; j < 8; j++) {
-        if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
-        const __m256i w = block_values(type, row, g0, j);
-        __m256i xv = load_x(x, nt, g0 + j, t);
-        if (sgn) xv = _mm256_sign_epi8(xv, w);
-        p[j] = _mm256_maddubs_epi16(sgn ? _mm256_abs_epi8(w) : w, xv);
-        if (sgn) p[j] = _mm256_madd_epi16(p[j], type == KVC_TYPE_Q6_K ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1));
-    }
-    const __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
-    const __m256i sums = sgn ? lane_totals(p) : lane_totals16(p);
-    *acc = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(sums), *acc);
-    if (!sgn) *acc = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), *acc);
-}
-
-// Rows of w times token t of group x (x.nt = nt), into y.
-TILE void blocks_tile(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows, act_q8 x,
-                      int nt, int t, int64_t n, float *y) {
-    const int64_t nb = n / QK;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const uint8_t *row = w + r * row_stride;
-        __m256 acc = _mm256_setzero_ps();
-        int64_t g0 = 0;
-        for (; g0 + 8 <= nb; g0 += 8) blocks_chunk(type, row, x, nt, t, g0, 8, &acc);
-        if (nb - g0 == 4) blocks_chunk(type, row, x, nt, t, g0, 4, &acc);   // rows of 256k + 128 values
-        else if (g0 < nb) blocks_chunk(type, row, x, nt, t, g0, (int)(nb - g0), &acc);
-        y[r] = hsum8(acc);
-    }
-}
-
-// One token at a time. With the SIMD kernels on, matmul takes several tokens
-// through the panels, so groups are of one token (nt a constant 1) here.
-#define TILE_ENTRY(name, type)                                                                 \
-    static AVX2 void name(int type_, const uint8_t *w, int64_t row_stride, int64_t n_rows,     \
-                          act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {        \
-        (void)type_;                                                                           \
-        for (int t = 0; t < n_tok; t++) {                                                      \
-            if (x.nt == 1) blocks_tile(type, w, row_stride, n_rows, x, 1, 0, n, y);            \
-            else blocks_tile(type, w, row_stride, n_rows, x, x.nt, t, n, y + t * y_stride);    \
-        }                                                                                      \
-    }
-
-TILE_ENTRY(dot_q8_0_avx2, KVC_TYPE_Q8_0)
-TILE_ENTRY(dot_q4_0_avx2, KVC_TYPE_Q4_0)
-TILE_ENTRY(dot_q4_1_avx2, KVC_TYPE_Q4_1)
-TILE_ENTRY(dot_q5_0_avx2, KVC_TYPE_Q5_0)
-TILE_ENTRY(dot_q5_1_avx2, KVC_TYPE_Q5_1)
-TILE_ENTRY(dot_q4_k_avx2, KVC_TYPE_Q4_K)
-TILE_ENTRY(dot_q5_k_avx2, KVC_TYPE_Q5_K)
-TILE_ENTRY(dot_q6_k_avx2, KVC_TYPE_Q6_K)
-
-static AVX2 float dot_f32_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
+static TARGET_AVX2 float dot_f32_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -512,7 +451,7 @@ static AVX2 float dot_f32_avx2(int type, const uint8_t *row, const float *x, int
     return sum + dot_f32_portable(type, row + 4 * i, x + i, n - i);
 }
 
-static AVX2 float dot_f16_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
+static TARGET_AVX2 float dot_f16_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -525,12 +464,12 @@ static AVX2 float dot_f16_avx2(int type, const uint8_t *row, const float *x, int
     return sum + dot_f32_portable(type, row + 2 * i, x + i, n - i);
 }
 
-static inline AVX2 __m256 bf16x8(const uint8_t *p) {
+static inline TARGET_AVX2 __m256 bf16x8(const uint8_t *p) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
+static TARGET_AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -544,7 +483,7 @@ static AVX2 float dot_bf16_avx2(int type, const uint8_t *row, const float *x, in
 // ---- the panel kernels (many tokens) ----
 
 // v[r] (the 8 dwords of row r) into v[k] (dword k of rows 0..7).
-static inline AVX2 void transpose_8x8(__m256i *v) {
+static inline TARGET_AVX2 void transpose_8x8(__m256i *v) {
     __m256i t[8], u[8];
     for (int i = 0; i < 4; i++) {
         t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
@@ -597,7 +536,7 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
 }
 
 #define PACK_ENTRY(name, type)                                                          \
-    static AVX2 void name(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n, \
+    static TARGET_AVX2 void name(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n, \
                           panel_block *out) {                                           \
         pack_rows(type, w, row_stride, n_rows, n, out);                                 \
     }
@@ -611,92 +550,114 @@ PACK_ENTRY(pack_q4_k, KVC_TYPE_Q4_K)
 PACK_ENTRY(pack_q5_k, KVC_TYPE_Q5_K)
 PACK_ENTRY(pack_q6_k, KVC_TYPE_Q6_K)
 
-// A panel times nt tokens (4, or 1). Each 4-byte piece of a token's block
-// is broadcast and multiplied with the same piece of the 8 rows, so the
-// lanes are rows and one conversion and one FMA serve 8 rows. The block's
-// int32 total is the one blocks_tile forms, whatever order it is added in.
-
-// sum[t] += the products of pieces k0..k0+3 of block b with token t's (at
-// xq + t * QK), times mul's int16 (Q6_K's scales, else 1). They are added in
-// int16 first where that cannot overflow (|v| <= 32: 4 * 2 * 32 * 127 < 2^15),
-// i.e. for every type but Q8_0.
-TILE void panel_pieces(const panel_block *b, int k0, const int8_t *xq, int nt, __m256i *sum,
-                       __m256i mul, int sgn, int wide) {
-    __m256i s16[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)b->v[k0 + i]);
-        __m256i aw = sgn ? _mm256_abs_epi8(w) : w;
-#pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) {
-            __m256i xb = _mm256_set1_epi32((int)load_u32((const uint8_t *)xq + t * QK + 4 * (k0 + i)));
-            __m256i p16 = _mm256_maddubs_epi16(aw, sgn ? _mm256_sign_epi8(xb, w) : xb);
-            if (wide) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(p16, mul));
-            else s16[t] = i ? _mm256_add_epi16(s16[t], p16) : p16;
-        }
-    }
-    if (!wide)
-#pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(s16[t], mul));
+// The 8 chains of a token's blocks (chain g % 8 has block g), added as
+// hsum8 adds lanes.
+static inline TARGET_AVX2 __m256 add_chains(const __m256 *c) {
+    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c[0], c[4]), _mm256_add_ps(c[2], c[6])),
+                         _mm256_add_ps(_mm256_add_ps(c[1], c[5]), _mm256_add_ps(c[3], c[7])));
 }
 
-TILE void panel_tile(int type, const panel_block *p, int64_t n, act_q8 x, int t0, int nt, float *y,
-                     int64_t y_stride, int n_rows, int n_tok) {
+#define PATH(name) name##_avx2
+#define TARGET TARGET_AVX2
+#include "int8_kernels.h"
+
+#define PATH(name) name##_avxvnni
+#define TARGET TARGET_AVXVNNI
+#define DPBUSD _mm256_dpbusd_avx_epi32
+#include "int8_kernels.h"
+
+// ---- AVX-512: the panels two tokens to a vector ----
+
+// Tokens 2i and 2i+1 of a group of 4 share a 512-bit vector, the low half
+// one token's 8 rows, the high half the other's, so each instruction does
+// what two of panel_tile_avx2's do, lane for lane the same.
+#define WIDE static inline __attribute__((always_inline)) TARGET_AVX512
+
+// The 32 bytes at a in the low half, at b in the high.
+WIDE __m512i halves(const void *a, const void *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+
+WIDE __m512 halves_ps(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+
+// sum[i] += the products of pieces k0..k0+3 of block b with tokens 2i and
+// 2i+1 (xx[i]: their blocks, one to a half) times mul's int16 (Q6_K's).
+WIDE void panel_pieces_512(const panel_block *b, int k0, const __m512i *xx, __m512i *sum,
+                           __m512i mul, int type) {
     const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
-    const int wide = type == KVC_TYPE_Q8_0;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4][8];   // token, chain
-    for (int t = 0; t < nt; t++)
-        for (int j = 0; j < 8; j++) acc[t][j] = _mm256_setzero_ps();
+    const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 8, 8);
+    __m512i s16[2];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)b->v[k0 + i]));
+        const __m512i aw = sgn ? _mm512_abs_epi8(w) : w;
+        const __mmask64 neg = _mm512_movepi8_mask(w);
+        const __m512i piece = _mm512_add_epi32(half, _mm512_set1_epi32(k0 + i));
+        for (int h = 0; h < 2; h++) {
+            __m512i xb = _mm512_permutexvar_epi32(piece, xx[h]);
+            if (sgn) xb = _mm512_mask_sub_epi8(xb, neg, _mm512_setzero_si512(), xb);
+            if (!q6) {
+                sum[h] = _mm512_dpbusd_epi32(sum[h], aw, xb);
+                continue;
+            }
+            const __m512i p16 = _mm512_maddubs_epi16(aw, xb);
+            s16[h] = i ? _mm512_add_epi16(s16[h], p16) : p16;
+        }
+    }
+    if (q6)
+        for (int h = 0; h < 2; h++) sum[h] = _mm512_add_epi32(sum[h], _mm512_madd_epi16(s16[h], mul));
+}
+
+static TARGET_AVX512 void panel_tile_512(int type, const panel_block *p, int64_t n, act_q8 x,
+                                         int t0, float *y, int64_t y_stride, int n_rows,
+                                         int n_tok) {
+    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
+    __m512 acc[2][8];   // token pair, chain
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 8; j++) acc[h][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n / QK; g++) {
         const panel_block *b = p + g;
         const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
         const int8_t *xq = x.q + k * QK;
-        __m256i sum[4];
-        for (int t = 0; t < nt; t++) sum[t] = _mm256_setzero_si256();
-        panel_pieces(b, 0, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[0]) : ones, sgn, wide);
-        panel_pieces(b, 4, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[1]) : ones, sgn, wide);
-        const __m256 va = _mm256_loadu_ps(b->a), vm = _mm256_loadu_ps(b->m);
-        __m256 *chain = &acc[0][g % 8];
-#pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) {
-            __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(va, _mm256_set1_ps(x.d[k + t])),
-                                       _mm256_cvtepi32_ps(sum[t]), chain[8 * t]);
-            if (!sgn) c = _mm256_fmadd_ps(vm, _mm256_set1_ps(x.s[k + t]), c);
-            chain[8 * t] = c;
+        const __m512i xx[2] = {halves(xq, xq + QK), halves(xq + 2 * QK, xq + 3 * QK)};
+        __m512i sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, mul[2] = {sum[0], sum[0]};
+        if (q6)
+            for (int i = 0; i < 2; i++)
+                mul[i] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)b->sc[i]));
+        panel_pieces_512(b, 0, xx, sum, mul[0], type);
+        panel_pieces_512(b, 4, xx, sum, mul[1], type);
+        const __m512 va = _mm512_broadcast_f32x8(_mm256_loadu_ps(b->a));
+        const __m512 vm = _mm512_broadcast_f32x8(_mm256_loadu_ps(b->m));
+        for (int h = 0; h < 2; h++) {
+            __m512 c = _mm512_fmadd_ps(_mm512_mul_ps(va, halves_ps(x.d[k + 2 * h], x.d[k + 2 * h + 1])),
+                                       _mm512_cvtepi32_ps(sum[h]), acc[h][g % 8]);
+            if (!sgn) c = _mm512_fmadd_ps(vm, halves_ps(x.s[k + 2 * h], x.s[k + 2 * h + 1]), c);
+            acc[h][g % 8] = c;
         }
     }
     for (int t = 0; t < n_tok; t++) {
-        const __m256 *c = acc[t];   // the chains added as hsum8 adds lanes
-        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c[0], c[4]), _mm256_add_ps(c[2], c[6])),
-                                 _mm256_add_ps(_mm256_add_ps(c[1], c[5]), _mm256_add_ps(c[3], c[7])));
+        __m256 c[8];
+        for (int j = 0; j < 8; j++)
+            c[j] = t % 2 ? _mm512_extractf32x8_ps(acc[t / 2][j], 1) : _mm512_castps512_ps256(acc[t / 2][j]);
         float out[PANEL];
-        _mm256_storeu_ps(out, s);
+        _mm256_storeu_ps(out, add_chains(c));
         memcpy(y + t * y_stride, out, sizeof(float) * (size_t)n_rows);
     }
 }
 
-#define PANEL_ENTRY(name, type)                                                                \
-    static AVX2 void name(const panel_block *p, int64_t n, act_q8 x, int t0, float *y,        \
-                          int64_t y_stride, int n_rows, int n_tok) {                          \
-        if (x.nt == 1) panel_tile(type, p, n, x, t0, 1, y, y_stride, n_rows, n_tok);         \
-        else panel_tile(type, p, n, x, t0, 4, y, y_stride, n_rows, n_tok);                   \
-    }
+#define PATH(name) name##_avx512
+#define TARGET TARGET_AVX512
+#define DPBUSD _mm256_dpbusd_epi32
+#define PANEL_TILE4(type, p, n, x, t0, ...) panel_tile_512(type, p, n, x, t0, __VA_ARGS__)
+#include "int8_kernels.h"
+#endif  // KVC_X86
 
-PANEL_ENTRY(panel_q8_0, KVC_TYPE_Q8_0)
-PANEL_ENTRY(panel_q4_0, KVC_TYPE_Q4_0)
-PANEL_ENTRY(panel_q4_1, KVC_TYPE_Q4_1)
-PANEL_ENTRY(panel_q5_0, KVC_TYPE_Q5_0)
-PANEL_ENTRY(panel_q5_1, KVC_TYPE_Q5_1)
-PANEL_ENTRY(panel_q4_k, KVC_TYPE_Q4_K)
-PANEL_ENTRY(panel_q5_k, KVC_TYPE_Q5_K)
-PANEL_ENTRY(panel_q6_k, KVC_TYPE_Q6_K)
-
-#endif  // HAVE_X86
-
-void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd) {
-#ifdef HAVE_X86
-    if (simd) {
+void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int path) {
+#ifdef KVC_X86
+    if (path != KVC_SIMD_PORTABLE) {
         act_q8_avx2(x, n, a, t);
         return;
     }
@@ -704,53 +665,56 @@ void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd) {
     act_q8_portable(x, n, a, t);
 }
 
-dot_q8_fn quant_dot_q8(int type, int simd) {
+dot_q8_fn quant_dot_q8(int type, int path) {
     if (!quant_is_integer(type) || type_block(type) == 0) return NULL;
-#ifdef HAVE_X86
-    if (simd) {
-        switch (type) {
-        case KVC_TYPE_Q8_0: return dot_q8_0_avx2;
-        case KVC_TYPE_Q4_0: return dot_q4_0_avx2;
-        case KVC_TYPE_Q4_1: return dot_q4_1_avx2;
-        case KVC_TYPE_Q5_0: return dot_q5_0_avx2;
-        case KVC_TYPE_Q5_1: return dot_q5_1_avx2;
-        case KVC_TYPE_Q4_K: return dot_q4_k_avx2;
-        case KVC_TYPE_Q5_K: return dot_q5_k_avx2;
-        case KVC_TYPE_Q6_K: return dot_q6_k_avx2;
-        }
+#ifdef KVC_X86
+    switch (path) {
+    case KVC_SIMD_AVX2: return dot_q8_avx2(type);
+    case KVC_SIMD_AVXVNNI: return dot_q8_avxvnni(type);
+    case KVC_SIMD_AVX512: return dot_q8_avx512(type);
     }
 #endif
-    (void)simd;
     return dot_q8_portable;
 }
 
-panel_kernel quant_panel(int type, int simd) {
-#ifdef HAVE_X86
-    if (simd) {
-        switch (type) {
-        case KVC_TYPE_Q8_0: return (panel_kernel){pack_q8_0, panel_q8_0};
-        case KVC_TYPE_Q4_0: return (panel_kernel){pack_q4_0, panel_q4_0};
-        case KVC_TYPE_Q4_1: return (panel_kernel){pack_q4_1, panel_q4_1};
-        case KVC_TYPE_Q5_0: return (panel_kernel){pack_q5_0, panel_q5_0};
-        case KVC_TYPE_Q5_1: return (panel_kernel){pack_q5_1, panel_q5_1};
-        case KVC_TYPE_Q4_K: return (panel_kernel){pack_q4_k, panel_q4_k};
-        case KVC_TYPE_Q5_K: return (panel_kernel){pack_q5_k, panel_q5_k};
-        case KVC_TYPE_Q6_K: return (panel_kernel){pack_q6_k, panel_q6_k};
-        }
+#ifdef KVC_X86
+static pack_fn pack_of(int type) {
+    switch (type) {
+    case KVC_TYPE_Q8_0: return pack_q8_0;
+    case KVC_TYPE_Q4_0: return pack_q4_0;
+    case KVC_TYPE_Q4_1: return pack_q4_1;
+    case KVC_TYPE_Q5_0: return pack_q5_0;
+    case KVC_TYPE_Q5_1: return pack_q5_1;
+    case KVC_TYPE_Q4_K: return pack_q4_k;
+    case KVC_TYPE_Q5_K: return pack_q5_k;
+    case KVC_TYPE_Q6_K: return pack_q6_k;
     }
+    return NULL;
+}
 #endif
-    (void)type, (void)simd;
-    return (panel_kernel){NULL, NULL};
+
+panel_kernel quant_panel(int type, int path) {
+    panel_kernel k = {NULL, NULL};
+#ifdef KVC_X86
+    switch (path) {
+    case KVC_SIMD_AVX2: k.dot = panel_dot_avx2(type); break;
+    case KVC_SIMD_AVXVNNI: k.dot = panel_dot_avxvnni(type); break;
+    case KVC_SIMD_AVX512: k.dot = panel_dot_avx512(type); break;
+    }
+    if (k.dot) k.pack = pack_of(type);
+#endif
+    (void)type, (void)path;
+    return k;
 }
 
-dot_f32_fn quant_dot_f32(int type, int simd) {
+dot_f32_fn quant_dot_f32(int type, int path) {
     if (quant_is_integer(type)) return NULL;
-#ifdef HAVE_X86
-    if (simd)
+#ifdef KVC_X86
+    if (path != KVC_SIMD_PORTABLE)
         return type == KVC_TYPE_F32 ? dot_f32_avx2
              : type == KVC_TYPE_F16 ? dot_f16_avx2 : dot_bf16_avx2;
 #endif
-    (void)simd;
+    (void)path;
     return dot_f32_portable;
 }
 
@@ -807,29 +771,41 @@ kvc_status quant_quantize(int type, const float *x, int64_t n_rows, int64_t n, u
 // ---- which kernels run ----
 
 static pthread_once_t simd_once = PTHREAD_ONCE_INIT;
-static int simd_supported, simd_enabled;
+static int simd_paths, simd_path;
 
 static void simd_init(void) {
-#ifdef HAVE_X86
+    simd_paths = 1 << KVC_SIMD_PORTABLE;
+#if defined(KVC_SIMD_EMULATED)
+    simd_paths |= 1 << KVC_SIMD_AVX2 | 1 << KVC_SIMD_AVXVNNI | 1 << KVC_SIMD_AVX512;
+#elif defined(KVC_X86)
     __builtin_cpu_init();
-    simd_supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-        && __builtin_cpu_supports("f16c");
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        simd_paths |= 1 << KVC_SIMD_AVX2;
+        if (__builtin_cpu_supports("avxvnni")) simd_paths |= 1 << KVC_SIMD_AVXVNNI;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512vnni"))
+            simd_paths |= 1 << KVC_SIMD_AVX512;
+    }
 #endif
-    const char *no_simd = getenv("KVCELLS_NO_SIMD");
-    simd_enabled = simd_supported && !(no_simd && strcmp(no_simd, "1") == 0);
+    for (int p = KVC_SIMD_AVX512; p >= 0; p--)
+        if (simd_paths >> p & 1) { simd_path = p; break; }
 }
 
-int kvc_simd_supported(void) {
+int kvc_simd_paths(void) {
     pthread_once(&simd_once, simd_init);
-    return simd_supported;
+    return simd_paths;
 }
 
-void kvc_set_simd(int on) {
+kvc_status kvc_set_simd_path(int path) {
     pthread_once(&simd_once, simd_init);
-    __atomic_store_n(&simd_enabled, on && simd_supported, __ATOMIC_RELAXED);
+    if (path < 0 || path > KVC_SIMD_AVX512 || !(simd_paths >> path & 1))
+        return kvc_fail(KVC_EINVAL, "kernel path %d is not one this CPU runs (paths 0x%x)", path, simd_paths);
+    __atomic_store_n(&simd_path, path, __ATOMIC_RELAXED);
+    return KVC_OK;
 }
 
-int kvc_simd_enabled(void) {
+int kvc_simd_path(void) {
     pthread_once(&simd_once, simd_init);
-    return __atomic_load_n(&simd_enabled, __ATOMIC_RELAXED);
+    return __atomic_load_n(&simd_path, __ATOMIC_RELAXED);
 }

@@ -5,7 +5,8 @@
 // Quantised weights are multiplied with activations quantised per block of 32
 // to int8 (act_q8 below), so the inner loops are integer multiply-adds; F16,
 // BF16 and F32 weights are multiplied with the f32 activations directly.
-// Each kernel exists twice: portable C (the reference) and AVX2+FMA+F16C.
+// Each kernel exists in portable C (the reference) and for x86 vector
+// instructions (the paths below).
 #ifndef KVCELLS_QUANTS_H
 #define KVCELLS_QUANTS_H
 
@@ -36,12 +37,19 @@ kvc_status quant_row_bytes(int type, int64_t n, int64_t *bytes_out);
 // as ggml's reference quantisers do; out holds n_rows row_bytes.
 kvc_status quant_quantize(int type, const float *x, int64_t n_rows, int64_t n, uint8_t *out);
 
-// The AVX2+FMA+F16C kernels (matmul and attention) when the CPU has them
-// and on != 0, else the portable C ones (the reference; tests compare both).
-// Default: on, unless the environment sets KVCELLS_NO_SIMD=1.
-int kvc_simd_supported(void);
-void kvc_set_simd(int on);
-int kvc_simd_enabled(void);
+// The kernel paths of matmul and attention, by the instructions they use:
+// portable C (the reference), AVX2+FMA+F16C, AVX-VNNI (AVX2's vectors with
+// vpdpbusd) and AVX-512 F/BW/VL/DQ with VNNI. The integer matmul kernels of
+// every x86 path give bit for bit the same results.
+#define KVC_SIMD_PORTABLE 0
+#define KVC_SIMD_AVX2 1
+#define KVC_SIMD_AVXVNNI 2
+#define KVC_SIMD_AVX512 3
+// Bit p is set for each path p this CPU runs; the default path is the last.
+int kvc_simd_paths(void);
+// KVC_EINVAL when the CPU cannot run it.
+kvc_status kvc_set_simd_path(int path);
+int kvc_simd_path(void);
 // cffi-end
 
 // quant_row_bytes's value, 0 when invalid
@@ -91,7 +99,7 @@ typedef struct {
 int quant_is_integer(int type);   // 1: dot with act_q8; 0: dot with f32 x
 // Quantises x (n values, n % 32 == 0) as token t of group a. Both paths give
 // identical blocks (round half to even).
-void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int simd);
+void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int path);
 
 // n values of a row of any type as floats
 void quant_dequantize_row(int type, const uint8_t *row, float *out, int64_t n);
@@ -105,10 +113,10 @@ typedef void (*dot_q8_fn)(int type, const uint8_t *w, int64_t row_stride, int64_
 // One weight row (n values) times one token.
 typedef float (*dot_f32_fn)(int type, const uint8_t *row, const float *x, int64_t n);
 
-dot_q8_fn quant_dot_q8(int type, int simd);
-dot_f32_fn quant_dot_f32(int type, int simd);
+dot_q8_fn quant_dot_q8(int type, int path);
+dot_f32_fn quant_dot_f32(int type, int path);
 
-// Many tokens (AVX2 only): PANEL weight rows unpacked once per matmul to
+// Many tokens (the x86 paths): PANEL weight rows unpacked once per matmul to
 // int8, interleaved so that one vector holds 4 values of each of the 8 rows
 // and the kernel's lanes are rows. In block g of a panel, value j of row r
 // is a[r] * sc[j / 16][r][0] * v[j / 4][r][j % 4] + m[r], sc being Q6_K's
@@ -135,7 +143,7 @@ typedef struct {
     panel_dot_fn dot;
 } panel_kernel;
 
-// {NULL, NULL} when the SIMD kernels are off.
-panel_kernel quant_panel(int type, int simd);
+// {NULL, NULL} on the portable path.
+panel_kernel quant_panel(int type, int path);
 
 #endif

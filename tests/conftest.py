@@ -9,6 +9,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from make_tiny_gguf import write_tiny_gguf  # noqa: E402
 
+from kvcells import native  # noqa: E402
+
+
+@pytest.fixture(params=native.simd_paths())
+def simd_path(request):
+    """A test once on each kernel path this CPU runs (every path in a build
+    with KVCELLS_SIMD_EMULATED=1)."""
+    before = native.simd_path()
+    native.set_simd_path(request.param)
+    yield request.param
+    native.set_simd_path(before)
+
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):

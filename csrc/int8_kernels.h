@@ -1,0 +1,183 @@
+// The integer kernels of one x86 path: quantised weight rows times act_q8
+// tokens, one token at a time (the one-row kernels) and 8 rows by 4 tokens
+// (the panel kernels). quants.c includes this file once per path, defining
+//   PATH(name)  the path's name of a function (name ## _avx2, ...),
+//   TARGET      the path's target attribute,
+//   DPBUSD      where the path has VNNI, its vpdpbusd: acc + the sums of 4
+//               u8 x s8 products per int32 lane, in one instruction.
+// Every path gives bit for bit what the AVX2 one gives: a block's products
+// are summed exactly in int32 whichever instructions add them, and the
+// float steps are the same.
+
+#define KERNEL static inline __attribute__((always_inline)) TARGET
+#ifdef DPBUSD
+#define VNNI 1
+#else
+#define VNNI 0
+#define DPBUSD(acc, u, s) (acc)   // never reached: each use is under VNNI
+#endif
+
+// Blocks g0..g0+nv-1 of a row times token t of group x (x.nt = nt), into acc.
+// Q6_K keeps maddubs: its int16 scales multiply pairs of products.
+KERNEL void PATH(blocks_chunk)(int type, const uint8_t *row, act_q8 x, int nt, int t, int64_t g0,
+                               int nv, __m256 *acc) {
+    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
+    __m256i sc16 = _mm256_setzero_si256(), p[8];
+    __m256 va, vm;
+    block_scales(type, row, g0, nv, &va, &vm, &sc16);
+    for (int j = 0; j < 8; j++) {
+        if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
+        const __m256i w = block_values(type, row, g0, j);
+        __m256i xv = load_x(x, nt, g0 + j, t);
+        if (sgn) xv = _mm256_sign_epi8(xv, w);
+        const __m256i u = sgn ? _mm256_abs_epi8(w) : w;
+        if (VNNI && !q6) {
+            p[j] = DPBUSD(_mm256_setzero_si256(), u, xv);
+            continue;
+        }
+        p[j] = _mm256_maddubs_epi16(u, xv);
+        if (sgn) p[j] = _mm256_madd_epi16(p[j], q6 ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1));
+    }
+    const __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
+    const __m256i sums = sgn || VNNI ? lane_totals(p) : lane_totals16(p);
+    *acc = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(sums), *acc);
+    if (!sgn) *acc = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), *acc);
+}
+
+// Rows of w times token t of group x (x.nt = nt), into y.
+KERNEL void PATH(blocks_tile)(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows,
+                              act_q8 x, int nt, int t, int64_t n, float *y) {
+    const int64_t nb = n / QK;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t *row = w + r * row_stride;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t g0 = 0;
+        for (; g0 + 8 <= nb; g0 += 8) PATH(blocks_chunk)(type, row, x, nt, t, g0, 8, &acc);
+        if (nb - g0 == 4) PATH(blocks_chunk)(type, row, x, nt, t, g0, 4, &acc);   // rows of 256k + 128 values
+        else if (g0 < nb) PATH(blocks_chunk)(type, row, x, nt, t, g0, (int)(nb - g0), &acc);
+        y[r] = hsum8(acc);
+    }
+}
+
+// A panel times nt tokens (4, or 1). Each 4-byte piece of a token's block
+// is broadcast and multiplied with the same piece of the 8 rows, so the
+// lanes are rows and one conversion and one FMA serve 8 rows. The block's
+// int32 total is the one blocks_tile forms, whatever order it is added in.
+
+// sum[t] += the products of pieces k0..k0+3 of block b with token t's (at
+// xq + t * QK), times mul's int16 (Q6_K's scales, else 1). Without VNNI they
+// are added in int16 first where that cannot overflow (|v| <= 32: 4 * 2 *
+// 32 * 127 < 2^15), i.e. for every type but Q8_0.
+KERNEL void PATH(panel_pieces)(const panel_block *b, int k0, const int8_t *xq, int nt, __m256i *sum,
+                               __m256i mul, int type) {
+    const int sgn = signed_values(type), dp = VNNI && type != KVC_TYPE_Q6_K;
+    const int wide = type == KVC_TYPE_Q8_0;
+    __m256i s16[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)b->v[k0 + i]);
+        __m256i aw = sgn ? _mm256_abs_epi8(w) : w;
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            __m256i xb = _mm256_set1_epi32((int)load_u32((const uint8_t *)xq + t * QK + 4 * (k0 + i)));
+            if (sgn) xb = _mm256_sign_epi8(xb, w);
+            if (dp) {
+                sum[t] = DPBUSD(sum[t], aw, xb);
+                continue;
+            }
+            __m256i p16 = _mm256_maddubs_epi16(aw, xb);
+            if (wide) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(p16, mul));
+            else s16[t] = i ? _mm256_add_epi16(s16[t], p16) : p16;
+        }
+    }
+    if (!wide && !dp)
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(s16[t], mul));
+}
+
+KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x, int t0, int nt,
+                             float *y, int64_t y_stride, int n_rows, int n_tok) {
+    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4][8];   // token, chain
+    for (int t = 0; t < nt; t++)
+        for (int j = 0; j < 8; j++) acc[t][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n / QK; g++) {
+        const panel_block *b = p + g;
+        const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
+        const int8_t *xq = x.q + k * QK;
+        __m256i sum[4];
+        for (int t = 0; t < nt; t++) sum[t] = _mm256_setzero_si256();
+        PATH(panel_pieces)(b, 0, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[0]) : ones, type);
+        PATH(panel_pieces)(b, 4, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[1]) : ones, type);
+        const __m256 va = _mm256_loadu_ps(b->a), vm = _mm256_loadu_ps(b->m);
+        __m256 *chain = &acc[0][g % 8];
+#pragma GCC unroll 4
+        for (int t = 0; t < nt; t++) {
+            __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(va, _mm256_set1_ps(x.d[k + t])),
+                                       _mm256_cvtepi32_ps(sum[t]), chain[8 * t]);
+            if (!sgn) c = _mm256_fmadd_ps(vm, _mm256_set1_ps(x.s[k + t]), c);
+            chain[8 * t] = c;
+        }
+    }
+    for (int t = 0; t < n_tok; t++) {
+        float out[PANEL];
+        _mm256_storeu_ps(out, add_chains(acc[t]));
+        memcpy(y + t * y_stride, out, sizeof(float) * (size_t)n_rows);
+    }
+}
+
+// One token at a time. With the SIMD kernels on, matmul takes several tokens
+// through the panels, so groups are of one token (nt a constant 1) here.
+#define TILE_ENTRY(name, type)                                                                    \
+    static TARGET void PATH(name)(int type_, const uint8_t *w, int64_t row_stride, int64_t n_rows, \
+                                  act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {   \
+        (void)type_;                                                                              \
+        for (int t = 0; t < n_tok; t++) {                                                         \
+            if (x.nt == 1) PATH(blocks_tile)(type, w, row_stride, n_rows, x, 1, 0, n, y);         \
+            else PATH(blocks_tile)(type, w, row_stride, n_rows, x, x.nt, t, n, y + t * y_stride); \
+        }                                                                                         \
+    }
+
+// A group of 4 tokens goes to PANEL_TILE4 where the path defines one.
+#ifndef PANEL_TILE4
+#define PANEL_TILE4(type, p, n, x, t0, ...) PATH(panel_tile)(type, p, n, x, t0, 4, __VA_ARGS__)
+#endif
+#define PANEL_ENTRY(name, type)                                                          \
+    static TARGET void PATH(name)(const panel_block *p, int64_t n, act_q8 x, int t0,     \
+                                  float *y, int64_t y_stride, int n_rows, int n_tok) {   \
+        if (x.nt == 1) PATH(panel_tile)(type, p, n, x, t0, 1, y, y_stride, n_rows, n_tok); \
+        else PANEL_TILE4(type, p, n, x, t0, y, y_stride, n_rows, n_tok);                 \
+    }
+
+#define EACH_TYPE(M)                                                                     \
+    M(q8_0, KVC_TYPE_Q8_0) M(q4_0, KVC_TYPE_Q4_0) M(q4_1, KVC_TYPE_Q4_1)                 \
+    M(q5_0, KVC_TYPE_Q5_0) M(q5_1, KVC_TYPE_Q5_1) M(q4_k, KVC_TYPE_Q4_K)                 \
+    M(q5_k, KVC_TYPE_Q5_K) M(q6_k, KVC_TYPE_Q6_K)
+#define ENTRIES(t, type) TILE_ENTRY(dot_##t, type) PANEL_ENTRY(panel_##t, type)
+EACH_TYPE(ENTRIES)
+
+#define DOT_CASE(t, type) case type: return PATH(dot_##t);
+#define PANEL_CASE(t, type) case type: return PATH(panel_##t);
+static dot_q8_fn PATH(dot_q8)(int type) {
+    switch (type) { EACH_TYPE(DOT_CASE) }
+    return NULL;
+}
+
+static panel_dot_fn PATH(panel_dot)(int type) {
+    switch (type) { EACH_TYPE(PANEL_CASE) }
+    return NULL;
+}
+
+#undef PATH
+#undef TARGET
+#undef KERNEL
+#undef VNNI
+#undef DPBUSD
+#undef TILE_ENTRY
+#undef PANEL_ENTRY
+#undef EACH_TYPE
+#undef ENTRIES
+#undef DOT_CASE
+#undef PANEL_CASE
+#undef PANEL_TILE4
