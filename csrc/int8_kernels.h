@@ -86,8 +86,14 @@ KERNEL void PATH(panel_pieces)(const panel_block *b, int k0, const int8_t *xq, i
                 continue;
             }
             __m256i p16 = _mm256_maddubs_epi16(aw, xb);
-            if (wide) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(p16, mul));
-            else s16[t] = i ? _mm256_add_epi16(s16[t], p16) : p16;
+            if (wide) {
+                sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(p16, mul));
+                IN_REGISTER(sum[t]);
+            }
+            else {
+                s16[t] = i ? _mm256_add_epi16(s16[t], p16) : p16;
+                IN_REGISTER(s16[t]);
+            }
         }
     }
     if (!wide && !dp)

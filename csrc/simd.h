@@ -17,6 +17,7 @@
 #define TARGET_AVX2
 #define TARGET_AVXVNNI
 #define TARGET_AVX512
+#define IN_REGISTER(v)
 // AVX-VNNI's VEX forms compute what AVX512-VL's EVEX forms do
 #define _mm256_dpbusd_avx_epi32 _mm256_dpbusd_epi32
 #define _mm256_dpwssd_avx_epi32 _mm256_dpwssd_epi32
@@ -40,6 +41,9 @@ static inline __m256i _mm256_sign_epi8(__m256i a, __m256i b) {
 #define _mm512_extractf32x8_ps(a, i) _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), i))
 #else
 #include <immintrin.h>
+// v stays in a register here: GCC otherwise reorders a chain of adds into
+// v so that it stores each product to the stack and adds them later
+#define IN_REGISTER(v) __asm__("" : "+x"(v))
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TARGET_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 #define TARGET_AVX512 \
