@@ -299,11 +299,11 @@ static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) 
     }
 }
 
-// The quantised one-row kernels below multiply weight rows with one token
-// (the decode case; matmul sends several tokens to the panels), 8 blocks at
-// a time, lanes being blocks. The panel kernels further down multiply 8
-// rows at once (lanes being rows) and must give each token
-// bit for bit what these give it alone, so both follow one order: the
+// The quantised one-row kernels (int8_kernels.h) multiply weight rows with
+// one token (the decode case; matmul sends several tokens to the panels), 8
+// blocks at a time, lanes being blocks. The panel kernels multiply 8 rows
+// at once (lanes being rows) and must give each token bit for bit what the
+// one-row kernels give it alone, so both follow one order: the
 // products of a block of 32 are summed exactly in int32; that sum, times
 // (the block's scale times the token's), plus the block's offset term, is
 // added to chain g % 8 by FMAs; the 8 chains are added as hsum8 adds lanes.
