@@ -101,34 +101,37 @@ KERNEL void PATH(panel_pieces)(const panel_block *b, int k0, const int8_t *xq, i
         for (int t = 0; t < nt; t++) sum[t] = _mm256_add_epi32(sum[t], _mm256_madd_epi16(s16[t], mul));
 }
 
+// Chain g % 8 takes blocks g, g + 8, ... in that order, one chain after
+// another, so a chain's 4 accumulators stay in registers.
 KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x, int t0, int nt,
                              float *y, int64_t y_stride, int n_rows, int n_tok) {
     const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4][8];   // token, chain
-    for (int t = 0; t < nt; t++)
-        for (int j = 0; j < 8; j++) acc[t][j] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n / QK; g++) {
-        const panel_block *b = p + g;
-        const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
-        const int8_t *xq = x.q + k * QK;
-        __m256i sum[4];
-        for (int t = 0; t < nt; t++) sum[t] = _mm256_setzero_si256();
-        PATH(panel_pieces)(b, 0, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[0]) : ones, type);
-        PATH(panel_pieces)(b, 4, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[1]) : ones, type);
-        const __m256 va = _mm256_loadu_ps(b->a), vm = _mm256_loadu_ps(b->m);
-        __m256 *chain = &acc[0][g % 8];
+    __m256 chains[4][8];   // token, chain
+    for (int c = 0; c < 8; c++) {
+        __m256 acc[4];
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t g = c; g < n / QK; g += 8) {
+            const panel_block *b = p + g;
+            const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
+            const int8_t *xq = x.q + k * QK;
+            __m256i sum[4];
+            for (int t = 0; t < nt; t++) sum[t] = _mm256_setzero_si256();
+            PATH(panel_pieces)(b, 0, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[0]) : ones, type);
+            PATH(panel_pieces)(b, 4, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[1]) : ones, type);
+            const __m256 va = _mm256_loadu_ps(b->a), vm = _mm256_loadu_ps(b->m);
 #pragma GCC unroll 4
-        for (int t = 0; t < nt; t++) {
-            __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(va, _mm256_set1_ps(x.d[k + t])),
-                                       _mm256_cvtepi32_ps(sum[t]), chain[8 * t]);
-            if (!sgn) c = _mm256_fmadd_ps(vm, _mm256_set1_ps(x.s[k + t]), c);
-            chain[8 * t] = c;
+            for (int t = 0; t < nt; t++) {
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(va, _mm256_set1_ps(x.d[k + t])),
+                                         _mm256_cvtepi32_ps(sum[t]), acc[t]);
+                if (!sgn) acc[t] = _mm256_fmadd_ps(vm, _mm256_set1_ps(x.s[k + t]), acc[t]);
+            }
         }
+        for (int t = 0; t < nt; t++) chains[t][c] = acc[t];
     }
     for (int t = 0; t < n_tok; t++) {
         float out[PANEL];
-        _mm256_storeu_ps(out, add_chains(acc[t]));
+        _mm256_storeu_ps(out, add_chains(chains[t]));
         memcpy(y + t * y_stride, out, sizeof(float) * (size_t)n_rows);
     }
 }
