@@ -3,8 +3,8 @@
 // Blocks of query tokens whose ranges overlap go over chunks of cells, each
 // K/V row widened once for all of a block's query rows, with a streaming
 // softmax; batch-invariant (see kv.h). The work units run on the thread
-// pool. The AVX2/FMA/F16C kernels, specialised per element type, are chosen
-// at run time; the plain C ones are the reference.
+// pool. The AVX2/FMA/F16C and AVX-512 kernels, specialised per element
+// type, are chosen at run time; the plain C ones are the reference.
 #include "kv.h"
 
 #include <math.h>
@@ -120,6 +120,19 @@ static void f16_from_f32_avx2(const float *x, int n, uint8_t *dst) {
                          _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
+// s[x * KC + y] = the sum of a[x][y]'s lanes, the eight sums at once: lane
+// 2x + y of t is the sum of a[x][y]
+AVX2 void store_sums(__m256 a[4][2], float *s) {
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0][0], a[0][1]),
+                                     _mm256_hadd_ps(a[1][0], a[1][1]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[2][0], a[2][1]),
+                                     _mm256_hadd_ps(a[3][0], a[3][1]));
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
+                                      _mm256_permute2f128_ps(h0, h1, 0x31)));
+    for (int x = 0; x < 4; x++) s[x * KC] = t[2 * x], s[x * KC + 1] = t[2 * x + 1];
+}
+
 // s[r * KC + j] = q_r . k_j for r < nr, j < nc (both even counts: the
 // callers pad), four query rows by two K rows at a time
 TARGET_AVX2
@@ -137,18 +150,7 @@ static void tile_scores_avx2(const float *q, int nr, const float *k, int nc, int
                     a[x][1] = _mm256_fmadd_ps(qx, k1, a[x][1]);
                 }
             }
-            // the eight sums at once: lane 2x + y of t is the sum of a[x][y]
-            const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0][0], a[0][1]),
-                                             _mm256_hadd_ps(a[1][0], a[1][1]));
-            const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[2][0], a[2][1]),
-                                             _mm256_hadd_ps(a[3][0], a[3][1]));
-            float t[8];
-            _mm256_storeu_ps(t, _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
-                                              _mm256_permute2f128_ps(h0, h1, 0x31)));
-            for (int x = 0; x < 4; x++) {
-                s[(r + x) * KC + j] = t[2 * x];
-                s[(r + x) * KC + j + 1] = t[2 * x + 1];
-            }
+            store_sums(a, s + r * KC + j);
         }
 }
 
@@ -215,9 +217,106 @@ static void tile_values_avx2(const float *p, int nr, const float *v, int nc, int
             }
         }
 }
+
+// ---- AVX-512 kernels: the same, 16 floats a vector (head_dim % 16 == 0) ----
+
+#define AVX512 TARGET_AVX512 __attribute__((always_inline)) static inline
+
+// elements i .. i+15 of a row (i % 16 == 0), as load16 gives them
+AVX512 __m512 load16_avx512(int type, const uint8_t *row, int i) {
+    switch (type) {
+    case KVC_TYPE_F16:
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 2 * i)));
+    case KVC_TYPE_Q8_0: {
+        const uint8_t *b = row + i / QK * (2 + QK);
+        const __m128i q = _mm_loadu_si128((const __m128i *)(b + 2 + i % QK));
+        return _mm512_mul_ps(_mm512_set1_ps(scale_of(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    }
+    case KVC_TYPE_Q4_0: {
+        const uint8_t *b = row + i / QK * (2 + QK / 2);
+        __m128i q = _mm_loadu_si128((const __m128i *)(b + 2));
+        if (i % QK) q = _mm_srli_epi16(q, 4);
+        q = _mm_sub_epi8(_mm_and_si128(q, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
+        return _mm512_mul_ps(_mm512_set1_ps(scale_of(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+    }
+    default:
+        return _mm512_loadu_ps((const float *)row + i);
+    }
+}
+
+AVX512 void widen_body_avx512(int type, const uint8_t *row, int d, float *dst) {
+    for (int i = 0; i < d; i += 16) _mm512_storeu_ps(dst + i, load16_avx512(type, row, i));
+}
+
+TARGET_AVX512
+static void widen_avx512(int type, const uint8_t *row, int d, float *dst) {
+    switch (type) {
+    case KVC_TYPE_F32: widen_body_avx512(KVC_TYPE_F32, row, d, dst); break;
+    case KVC_TYPE_F16: widen_body_avx512(KVC_TYPE_F16, row, d, dst); break;
+    case KVC_TYPE_Q8_0: widen_body_avx512(KVC_TYPE_Q8_0, row, d, dst); break;
+    case KVC_TYPE_Q4_0: widen_body_avx512(KVC_TYPE_Q4_0, row, d, dst); break;
+    }
+}
+
+// tile_scores_avx2's tile, the eight sums folded to 8 lanes before adding up
+TARGET_AVX512
+static void tile_scores_avx512(const float *q, int nr, const float *k, int nc, int d, float *s) {
+    for (int r = 0; r < nr; r += 4)
+        for (int j = 0; j < nc; j += 2) {
+            __m512 a[4][2];
+            for (int x = 0; x < 4; x++) a[x][0] = a[x][1] = _mm512_setzero_ps();
+            for (int i = 0; i < d; i += 16) {
+                const __m512 k0 = _mm512_loadu_ps(k + j * d + i);
+                const __m512 k1 = _mm512_loadu_ps(k + (j + 1) * d + i);
+                for (int x = 0; x < 4; x++) {
+                    const __m512 qx = _mm512_loadu_ps(q + (r + x) * d + i);
+                    a[x][0] = _mm512_fmadd_ps(qx, k0, a[x][0]);
+                    a[x][1] = _mm512_fmadd_ps(qx, k1, a[x][1]);
+                }
+            }
+            __m256 h[4][2];
+            for (int x = 0; x < 4; x++)
+                for (int y = 0; y < 2; y++)
+                    h[x][y] = _mm256_add_ps(_mm512_castps512_ps256(a[x][y]),
+                                            _mm512_extractf32x8_ps(a[x][y], 1));
+            store_sums(h, s + r * KC + j);
+        }
+}
+
+// tile_values_avx2's sums, 16 values of a row a vector; cells j and j + 1 (nc
+// is even) go to two sums per row, added at the end, so that eight chains
+// of FMAs run at once as in the AVX2 kernel
+TARGET_AVX512
+static void tile_values_avx512(const float *p, int nr, const float *v, int nc, int d, float *o) {
+    for (int r = 0; r < nr; r += 4)
+        for (int i = 0; i < d; i += 16) {
+            __m512 a[4][2];
+            for (int x = 0; x < 4; x++) {
+                a[x][0] = _mm512_loadu_ps(o + (r + x) * d + i);
+                a[x][1] = _mm512_setzero_ps();
+            }
+            for (int j = 0; j < nc; j += 2) {
+                const __m512 v0 = _mm512_loadu_ps(v + j * d + i);
+                const __m512 v1 = _mm512_loadu_ps(v + (j + 1) * d + i);
+                for (int x = 0; x < 4; x++) {
+                    a[x][0] = _mm512_fmadd_ps(_mm512_set1_ps(p[(r + x) * KC + j]), v0, a[x][0]);
+                    a[x][1] = _mm512_fmadd_ps(_mm512_set1_ps(p[(r + x) * KC + j + 1]), v1, a[x][1]);
+                }
+            }
+            for (int x = 0; x < 4; x++)
+                _mm512_storeu_ps(o + (r + x) * d + i, _mm512_add_ps(a[x][0], a[x][1]));
+        }
+}
 #endif
 
-static int have_avx2(int head_dim) { return kvc_simd_path() != KVC_SIMD_PORTABLE && head_dim % 16 == 0; }
+// The kernels attention and the K-shift run on: AVX-512 or AVX2 (on the
+// AVX-VNNI path too) for head_dim % 16 == 0, plain C otherwise. The softmax
+// is AVX2's on the AVX-512 path: it is a small share of the work.
+static int attention_path(int head_dim) {
+    const int path = kvc_simd_path();
+    if (path == KVC_SIMD_PORTABLE || head_dim % 16) return KVC_SIMD_PORTABLE;
+    return path == KVC_SIMD_AVX512 ? KVC_SIMD_AVX512 : KVC_SIMD_AVX2;
+}
 
 // ---- plain C passes ----
 
@@ -233,15 +332,20 @@ static void tile_values_plain(const float *p, int nr, const float *v, int nc, in
 
 // ---- re-rotating K rows after a shift ----
 
-// a row of n values (whole blocks) widened to float, and back into its type
-static void widen_row(int avx2, int type, const uint8_t *row, int n, float *x) {
+// a row of n values (whole blocks) widened to float on a path of
+// attention_path, and back into its type
+static void widen_row(int path, int type, const uint8_t *row, int n, float *x) {
 #ifdef KVC_X86
-    if (avx2) {
+    if (path == KVC_SIMD_AVX512) {
+        widen_avx512(type, row, n, x);
+        return;
+    }
+    if (path == KVC_SIMD_AVX2) {
         widen_avx2(type, row, n, x);
         return;
     }
 #endif
-    (void)avx2;
+    (void)path;
     quant_dequantize_row(type, row, x, n);
 }
 
@@ -272,7 +376,7 @@ kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n
         if (cells[i] < 0 || cells[i] >= n_rows)
             return kvc_fail(KVC_EINVAL, "rope_shift: cell %d outside [0, %lld)", cells[i],
                             (long long)n_rows);
-    const int half = head_dim / 2, width = n_head * head_dim, avx2 = have_avx2(head_dim);
+    const int half = head_dim / 2, width = n_head * head_dim, path = attention_path(head_dim);
     const int64_t row_bytes = head_bytes(type, head_dim) * n_head;
     double *inv_freq = malloc(sizeof(double) * (size_t)half);
     float *cs = malloc(sizeof(float) * (size_t)head_dim), *x = malloc(sizeof(float) * (size_t)width);
@@ -294,7 +398,7 @@ kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n
         }
         for (int l = 0; l < n_layers; l++) {
             uint8_t *row = rows[l] + cells[i] * row_bytes;
-            widen_row(avx2, type, row, width, x);
+            widen_row(path, type, row, width, x);
             for (int h = 0; h < n_head; h++) {
                 float *xh = x + h * head_dim;
                 for (int p = 0; p < half; p++) {
@@ -304,7 +408,7 @@ kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n
                     *a = ra;
                 }
             }
-            narrow(avx2, type, x, width, row);
+            narrow(path != KVC_SIMD_PORTABLE, type, x, width, row);
         }
     }
     free(inv_freq);
@@ -316,7 +420,7 @@ kvc_status kv_rope_shift(int type, uint8_t *const *rows, int n_layers, int64_t n
 // ---- attention ----
 
 typedef struct {
-    int type_k, type_v, n_head_kv, head_dim, n_head, avx2;
+    int type_k, type_v, n_head_kv, head_dim, n_head, path;  // path: attention_path's
     const uint8_t *k, *v;
     int64_t row_k, row_v, hb_k, hb_v;
     const int32_t *cells;
@@ -344,16 +448,6 @@ typedef struct {
     int32_t *lo, *hi;
 } tile_job;
 
-static void widen(const job *jb, int type, const uint8_t *row, float *dst) {
-#ifdef KVC_X86
-    if (jb->avx2) {
-        widen_avx2(type, row, jb->head_dim, dst);
-        return;
-    }
-#endif
-    quant_dequantize_row(type, row, dst, jb->head_dim);
-}
-
 // the chunk's scores of row r (cells c0 + j, j < nc) turned into
 // exp(s - m) in place, zero where the row may not look; rescales o, l
 static void softmax_chunk(tile_job *tj, int r, int64_t c0, int nc, int nc2) {
@@ -362,7 +456,7 @@ static void softmax_chunk(tile_job *tj, int r, int64_t c0, int nc, int nc2) {
     const int64_t jlo = tj->lo[r] - c0 > 0 ? tj->lo[r] - c0 : 0;
     const int64_t jhi = tj->hi[r] - c0 < nc ? tj->hi[r] - c0 : nc;
 #ifdef KVC_X86
-    if (tj->jb->avx2) {
+    if (tj->jb->path != KVC_SIMD_PORTABLE) {
         softmax_row_avx2(s, (nc2 + 7) / 8 * 8, jlo, jhi, &tj->m[r], &tj->l[r], o, d);
         return;
     }
@@ -432,17 +526,21 @@ static void tile_unit(tile_job *tj, int64_t item, int64_t seg, float *part) {
                 continue;
             }
             const int64_t cell = jb->cells[c0 + j];
-            widen(jb, jb->type_k, jb->k + cell * jb->row_k + h * jb->hb_k, tj->kc + j * d);
-            widen(jb, jb->type_v, jb->v + cell * jb->row_v + h * jb->hb_v, tj->vc + j * d);
+            widen_row(jb->path, jb->type_k, jb->k + cell * jb->row_k + h * jb->hb_k, d,
+                      tj->kc + j * d);
+            widen_row(jb->path, jb->type_v, jb->v + cell * jb->row_v + h * jb->hb_v, d,
+                      tj->vc + j * d);
         }
 #ifdef KVC_X86
-        if (jb->avx2) tile_scores_avx2(tj->q, nr4, tj->kc, nc2, d, tj->s);
+        if (jb->path == KVC_SIMD_AVX512) tile_scores_avx512(tj->q, nr4, tj->kc, nc2, d, tj->s);
+        else if (jb->path == KVC_SIMD_AVX2) tile_scores_avx2(tj->q, nr4, tj->kc, nc2, d, tj->s);
         else
 #endif
             tile_scores_plain(tj->q, nr4, tj->kc, nc2, d, tj->s);
         for (int r = 0; r < nr4; r++) softmax_chunk(tj, r, c0, nc, nc2);
 #ifdef KVC_X86
-        if (jb->avx2) tile_values_avx2(tj->s, nr4, tj->vc, nc2, d, tj->o);
+        if (jb->path == KVC_SIMD_AVX512) tile_values_avx512(tj->s, nr4, tj->vc, nc2, d, tj->o);
+        else if (jb->path == KVC_SIMD_AVX2) tile_values_avx2(tj->s, nr4, tj->vc, nc2, d, tj->o);
         else
 #endif
             tile_values_plain(tj->s, nr4, tj->vc, nc2, d, tj->o);
@@ -644,7 +742,7 @@ kvc_status kv_attend_in(kv_arena *a, int type_k, const uint8_t *k, int type_v,
 
     job proto = {0};
     proto.type_k = type_k, proto.type_v = type_v, proto.n_head_kv = n_head_kv;
-    proto.head_dim = head_dim, proto.n_head = n_head, proto.avx2 = have_avx2(head_dim);
+    proto.head_dim = head_dim, proto.n_head = n_head, proto.path = attention_path(head_dim);
     proto.k = k, proto.v = v, proto.cells = cells, proto.lo = lo, proto.hi = hi, proto.q = q;
     proto.hb_k = head_bytes(type_k, head_dim), proto.hb_v = head_bytes(type_v, head_dim);
     proto.row_k = proto.hb_k * n_head_kv, proto.row_v = proto.hb_v * n_head_kv;
