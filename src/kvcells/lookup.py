@@ -75,9 +75,9 @@ class StepTimes:
     timed costs (more rows never take less time), or up to twice the
     largest count timed, what the largest costs, so a larger batch is
     tried once; beyond that, infinitely much: the batches tried grow by
-    doubling, and one of 2m rows costs at most what two steps of m do, so a
-    try never costs more than one more step of a timed size. Before any
-    step every count costs the same."""
+    doubling, so a try costs at most about one more step of a timed size
+    (2m rows take about what two steps of m rows take, or less). Before
+    any step every count costs the same."""
 
     def __init__(self):
         self.times = {}   # n -> deque of seconds
