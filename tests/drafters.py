@@ -1,7 +1,7 @@
 """Stand-ins for kvcells.lookup.PromptLookup that draft known tokens, so
 that tests choose where drafts are accepted and rejected, and for
 kvcells.lookup.StepTimes with step costs the test chooses."""
-from kvcells.lookup import PromptLookup
+from kvcells.lookup import PromptLookup, StepTimes
 
 
 class TruthDrafter:
@@ -45,6 +45,29 @@ class ScriptedDrafter(PromptLookup):
         if d and not self.right(tuple(self.history[:self.n_prompt]), done):
             d[0] = (d[0] + 1) % 7 + 3
         return d
+
+
+class LateDrafter(ScriptedDrafter):
+    """ScriptedDrafter's right drafts, none until `start` tokens are made."""
+
+    def __init__(self, truths, start, history):
+        super().__init__(truths, lambda prompt, done: True, history)
+        self.start = start
+
+    def draft(self, room):
+        return super().draft(room) if len(self.history) - self.n_prompt >= self.start else []
+
+
+class ScriptedSteps(StepTimes):
+    """StepTimes whose steps of n rows take cost(n) seconds, whatever the
+    steps take: its estimate of sizes not timed yet is StepTimes's own."""
+
+    def __init__(self, cost):
+        super().__init__()
+        self.cost = cost
+
+    def record(self, n, seconds):
+        super().record(n, self.cost(n))
 
 
 class FixedSteps:

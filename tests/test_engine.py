@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from drafters import FixedSteps, ScriptedDrafter, TruthDrafter
+from drafters import FixedSteps, LateDrafter, ScriptedDrafter, ScriptedSteps, TruthDrafter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -532,6 +532,35 @@ def test_the_budget_gives_rows_to_the_drafts_that_are_accepted(monkeypatch):
         assert sum(map(bool, wrong)) <= 3 and not any(wrong[3:]), (s, steps)
         if first < n_gen:
             assert sum(right) >= (n_gen - first) // 2, (s, steps)
+
+
+def test_the_batches_tried_grow_by_doubling_the_largest_step_timed(monkeypatch):
+    """Two requests whose right drafts turn up only once steps of their two
+    rows were timed, a row costing a tenth of a one-row step (scripted step
+    times): no generating step has more than twice the rows of the largest
+    one timed before it (the first with drafts two tokens, not 2 x 16 at
+    the prior's chance of 1/2), and as each size is timed the next doubles."""
+    model = tiny("llama")
+    n_gen = 60
+    prompts = [tuple(random_tokens(model, 6, 70 + i)) for i in range(2)]
+    truths = {p: solo(model, p, n_gen, 256, True)[0] for p in prompts}
+    monkeypatch.setattr(engine_module, "PromptLookup", functools.partial(LateDrafter, truths, 5))
+    monkeypatch.setattr(engine_module, "StepTimes",
+                        lambda: ScriptedSteps(lambda n: 1 + 0.1 * (n - 1)))
+    engine = Engine(Context(model, n_ctx=256, n_seq_max=2, n_ubatch=64, **F32), 2)
+    rows = []                                  # the rows of each generating step
+    real = engine.ctx.decode
+
+    def decode(batch):
+        if batch.n_outputs == len(batch):
+            rows.append(len(batch))
+        return real(batch)
+    engine.ctx.decode = decode
+    requests = [engine.submit(p, n_gen, ignore_eos=True) for p in prompts]
+    run(engine)
+    assert [r.tokens for r in requests] == [truths[p] for p in prompts]
+    assert rows[:8] == [2, 2, 2, 2, 4, 8, 16, 32]
+    assert all(n <= 2 * max(rows[:i]) for i, n in enumerate(rows) if i)
 
 
 class FixedDrafter:

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from drafters import FixedSteps, ScriptedDrafter, TruthDrafter
+from drafters import FixedSteps, LateDrafter, ScriptedDrafter, ScriptedSteps, TruthDrafter
 from reference_forward import ReferenceModel
 
 from kvcells import Batch, CacheFullError, Context, Model, Sampler, generate, generate_parallel, serve
@@ -241,6 +241,30 @@ def test_the_budget_sends_drafts_only_while_they_are_accepted(right_from, llama,
     if right_from < n_gen:
         assert sum(right) >= (n_gen - right_from) // 2
         assert len(right) < (n_gen - right_from) // 2
+
+
+def test_the_drafts_sent_grow_by_doubling_the_largest_step_timed(llama, monkeypatch):
+    """Right drafts that turn up only once one-row steps were timed, a row
+    costing a tenth of a one-row step (scripted step times): a step of more
+    rows than any timed is tried at no more than twice the largest, so the
+    first draft is one token, not the 16 a step of unknown cost would take
+    at the prior's chance of 1/2; as each size is timed the next doubles,
+    up to full drafts (17 rows). The tokens stay plain decoding's."""
+    model, _ = llama
+    p = prompt(model, 6, 5)
+    n_gen = 60
+    plain = list(generate(Context(model, n_ctx=128), p, n_gen, lookup=False))
+    module = sys.modules["kvcells.generate"]
+    monkeypatch.setattr(module, "PromptLookup",
+                        functools.partial(LateDrafter, {tuple(p): plain}, 5))
+    monkeypatch.setattr(module, "StepTimes", lambda: ScriptedSteps(lambda n: 1 + 0.1 * (n - 1)))
+    ctx = Context(model, n_ctx=128)
+    fed = fed_steps(ctx)
+    assert list(generate(ctx, p, n_gen)) == plain
+    rows = [n for _, n in fed[1:]]
+    # the prompt made one token, so drafts come from the 5th step on
+    assert rows[:9] == [1, 1, 1, 1, 2, 4, 8, 16, 17]
+    assert all(n <= 2 * max(rows[:i]) for i, n in enumerate(rows) if i)
 
 
 def test_zero_tokens_asked_gives_none_in_every_loop(llama):

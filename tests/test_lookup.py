@@ -2,6 +2,7 @@
 history, the acceptance estimate against its formula, step times against
 hand-computed medians, and the draft plan against a search of every plan."""
 import itertools
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -61,13 +62,14 @@ def test_step_times_are_recent_medians_and_the_next_larger_size_timed():
     for t in (0.10, 0.50, 0.12, 0.11, 0.13, 0.14):
         times.record(1, t)                       # the last 5: 0.50 0.12 0.11 0.13 0.14
     assert times(1) == 0.13
-    assert times(4) == 0.13                      # above every size timed: the largest
+    assert times(2) == 0.13                      # above every size timed: the largest,
+    assert times(3) == times(16) == math.inf     # up to twice it, so sizes grow by doubling
     times.record(5, 0.33)
-    assert times(3) == times(5) == times(9) == 0.33
+    assert times(3) == times(5) == times(9) == times(10) == 0.33 and times(11) == math.inf
     times.record(9, 0.5)
     times.record(9, 0.6)
     assert times(9) == times(6) == pytest.approx(0.55) and times(5) == 0.33
-    assert times(16) == pytest.approx(0.55)
+    assert times(18) == pytest.approx(0.55) and times(19) == math.inf
 
 
 def expected_rate(n_rows, chances, counts, step_time):

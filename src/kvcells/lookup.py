@@ -17,6 +17,7 @@ its chance of being kept is worth.
 """
 import bisect
 import collections
+import math
 import statistics
 
 DECAY = 0.9      # weight of an acceptance observation after each newer one
@@ -71,8 +72,11 @@ class PromptLookup:
 class StepTimes:
     """Seconds a step of n rows takes: the median of the last N_TIMED steps
     of n rows. A row count not timed yet costs what the next larger one
-    timed costs (more rows never take less time), or above all counts
-    timed, what the largest costs, so a larger batch is tried once; before
+    timed costs (more rows never take less time), or up to twice the
+    largest count timed, what the largest costs, so a larger batch is
+    tried once; beyond that, infinitely much: the batches tried grow by
+    doubling, so a try costs at most about one more step of a timed size
+    (2m rows take about what two steps of m rows take, or less). Before
     any step every count costs the same."""
 
     def __init__(self):
@@ -88,6 +92,8 @@ class StepTimes:
     def __call__(self, n):
         if not self.known:
             return 1.0
+        if n > 2 * self.known[-1]:
+            return math.inf
         i = min(bisect.bisect_left(self.known, n), len(self.known) - 1)
         return statistics.median(self.times[self.known[i]])
 
