@@ -59,7 +59,7 @@ KERNEL void PATH(blocks_tile)(int type, const uint8_t *w, int64_t row_stride, in
     }
 }
 
-// A panel times nt tokens (4, or 1). Each 4-byte piece of a token's block
+// A panel times nt tokens (4, 2 or 1). Each 4-byte piece of a token's block
 // is broadcast and multiplied with the same piece of the 8 rows, so the
 // lanes are rows and one conversion and one FMA serve 8 rows. The block's
 // int32 total is the one blocks_tile forms, whatever order it is added in.
@@ -156,6 +156,7 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
     static TARGET void PATH(name)(const panel_block *p, int64_t n, act_q8 x, int t0,     \
                                   float *y, int64_t y_stride, int n_rows, int n_tok) {   \
         if (x.nt == 1) PATH(panel_tile)(type, p, n, x, t0, 1, y, y_stride, n_rows, n_tok); \
+        else if (x.nt == 2) PATH(panel_tile)(type, p, n, x, t0, 2, y, y_stride, n_rows, n_tok); \
         else PANEL_TILE4(type, p, n, x, t0, y, y_stride, n_rows, n_tok);                 \
     }
 

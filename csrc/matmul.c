@@ -66,7 +66,7 @@ static void run_panels(const job *j, int64_t r0, int64_t r1, panel_block *packed
                       j->n_in, packed + (r - r0) / PANEL * nb);
     for (int64_t g = 0; g < j->n_groups; g++) {
         const token_group *tg = &j->groups[g];
-        const int step = tg->x.nt == 1 ? 1 : 4;
+        const int step = tg->x.nt < 4 ? tg->x.nt : 4;
         for (int t0 = 0; t0 < tg->n_valid; t0 += step) {
             int n_tok = tg->n_valid - t0 < step ? tg->n_valid - t0 : step;
             for (int64_t r = r0; r < r1; r += PANEL)
@@ -93,9 +93,10 @@ static void run_job(void *arg, int slot) {
 }
 
 // Tokens per group, for `left` tokens still to place: 8s, then a 4 (padded
-// if need be) unless a single token is left.
+// if need be), or the last 1 or 2 alone.
 static int group_size(int64_t left, int quantised) {
-    if (!quantised || left == 1) return 1;
+    if (!quantised) return 1;
+    if (left <= 2) return (int)left;
     return left >= ACT_GROUP ? ACT_GROUP : 4;
 }
 

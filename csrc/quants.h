@@ -84,7 +84,7 @@ static inline void store_f16(float x, uint8_t *p) {
     memcpy(p, &h, 2);
 }
 
-// Activations of a group of nt (1, 4 or ACT_GROUP = 8) tokens quantised per block of
+// Activations of a group of nt (1, 2, 4 or ACT_GROUP = 8) tokens quantised per block of
 // 32 and interleaved by block, so a kernel reads the group's block g from
 // one place: token t has x[32g + i] ~ d[g*nt + t] * q[32(g*nt + t) + i] and
 // s[g*nt + t] = d * (sum of those q), for the weight types with an offset.
@@ -134,8 +134,8 @@ typedef struct {
 // into n/32 panel blocks.
 typedef void (*pack_fn)(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
                         panel_block *out);
-// The panel's rows times tokens t0.. of group x (4 of them, 1 when x.nt is
-// 1): y[t * y_stride + r] for t < n_tok, r < n_rows.
+// The panel's rows times tokens t0.. of group x (4 of them, x.nt when that
+// is 1 or 2): y[t * y_stride + r] for t < n_tok, r < n_rows.
 typedef void (*panel_dot_fn)(const panel_block *p, int64_t n, act_q8 x, int t0, float *y,
                              int64_t y_stride, int n_rows, int n_tok);
 typedef struct {
