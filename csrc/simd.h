@@ -18,9 +18,8 @@
 #define TARGET_AVXVNNI
 #define TARGET_AVX512
 #define IN_REGISTER(v)
-// AVX-VNNI's VEX forms compute what AVX512-VL's EVEX forms do
+// AVX-VNNI's VEX form computes what AVX512-VL's EVEX form does
 #define _mm256_dpbusd_avx_epi32 _mm256_dpbusd_epi32
-#define _mm256_dpwssd_avx_epi32 _mm256_dpwssd_epi32
 // what SIMDe 0.7.4 lacks or names wrongly
 #define _cvtsh_ss(h) _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))
 #define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
