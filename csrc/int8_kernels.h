@@ -5,6 +5,7 @@
 //   TARGET      the path's target attribute,
 //   DPBUSD      where the path has VNNI, its vpdpbusd: acc + the sums of 4
 //               u8 x s8 products per int32 lane, in one instruction.
+// and using quants.c's EACH_TYPE (the quantised weight types).
 // Every path gives bit for bit what the AVX2 one gives: a block's products
 // are summed exactly in int32 whichever instructions add them, and the
 // float steps are the same.
@@ -160,10 +161,6 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
         else PANEL_TILE4(type, p, n, x, t0, y, y_stride, n_rows, n_tok);                 \
     }
 
-#define EACH_TYPE(M)                                                                     \
-    M(q8_0, KVC_TYPE_Q8_0) M(q4_0, KVC_TYPE_Q4_0) M(q4_1, KVC_TYPE_Q4_1)                 \
-    M(q5_0, KVC_TYPE_Q5_0) M(q5_1, KVC_TYPE_Q5_1) M(q4_k, KVC_TYPE_Q4_K)                 \
-    M(q5_k, KVC_TYPE_Q5_K) M(q6_k, KVC_TYPE_Q6_K)
 #define ENTRIES(t, type) TILE_ENTRY(dot_##t, type) PANEL_ENTRY(panel_##t, type)
 EACH_TYPE(ENTRIES)
 
@@ -186,7 +183,6 @@ static panel_dot_fn PATH(panel_dot)(int type) {
 #undef DPBUSD
 #undef TILE_ENTRY
 #undef PANEL_ENTRY
-#undef EACH_TYPE
 #undef ENTRIES
 #undef DOT_CASE
 #undef PANEL_CASE

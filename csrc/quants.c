@@ -535,20 +535,24 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
     }
 }
 
-#define PACK_ENTRY(name, type)                                                          \
-    static TARGET_AVX2 void name(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n, \
-                          panel_block *out) {                                           \
-        pack_rows(type, w, row_stride, n_rows, n, out);                                 \
-    }
+// The quantised weight types, each as M(name suffix, type id).
+#define EACH_TYPE(M)                                                                     \
+    M(q8_0, KVC_TYPE_Q8_0) M(q4_0, KVC_TYPE_Q4_0) M(q4_1, KVC_TYPE_Q4_1)                 \
+    M(q5_0, KVC_TYPE_Q5_0) M(q5_1, KVC_TYPE_Q5_1) M(q4_k, KVC_TYPE_Q4_K)                 \
+    M(q5_k, KVC_TYPE_Q5_K) M(q6_k, KVC_TYPE_Q6_K)
 
-PACK_ENTRY(pack_q8_0, KVC_TYPE_Q8_0)
-PACK_ENTRY(pack_q4_0, KVC_TYPE_Q4_0)
-PACK_ENTRY(pack_q4_1, KVC_TYPE_Q4_1)
-PACK_ENTRY(pack_q5_0, KVC_TYPE_Q5_0)
-PACK_ENTRY(pack_q5_1, KVC_TYPE_Q5_1)
-PACK_ENTRY(pack_q4_k, KVC_TYPE_Q4_K)
-PACK_ENTRY(pack_q5_k, KVC_TYPE_Q5_K)
-PACK_ENTRY(pack_q6_k, KVC_TYPE_Q6_K)
+#define PACK_ENTRY(t, type)                                                                 \
+    static TARGET_AVX2 void pack_##t(const uint8_t *w, int64_t row_stride, int n_rows,      \
+                                     int64_t n, panel_block *out) {                         \
+        pack_rows(type, w, row_stride, n_rows, n, out);                                     \
+    }
+EACH_TYPE(PACK_ENTRY)
+
+#define PACK_CASE(t, type) case type: return pack_##t;
+static pack_fn pack_of(int type) {
+    switch (type) { EACH_TYPE(PACK_CASE) }
+    return NULL;
+}
 
 // The 8 chains of a token's blocks (chain g % 8 has block g), added as
 // hsum8 adds lanes.
@@ -677,21 +681,6 @@ dot_q8_fn quant_dot_q8(int type, int path) {
     return dot_q8_portable;
 }
 
-#ifdef KVC_X86
-static pack_fn pack_of(int type) {
-    switch (type) {
-    case KVC_TYPE_Q8_0: return pack_q8_0;
-    case KVC_TYPE_Q4_0: return pack_q4_0;
-    case KVC_TYPE_Q4_1: return pack_q4_1;
-    case KVC_TYPE_Q5_0: return pack_q5_0;
-    case KVC_TYPE_Q5_1: return pack_q5_1;
-    case KVC_TYPE_Q4_K: return pack_q4_k;
-    case KVC_TYPE_Q5_K: return pack_q5_k;
-    case KVC_TYPE_Q6_K: return pack_q6_k;
-    }
-    return NULL;
-}
-#endif
 
 panel_kernel quant_panel(int type, int path) {
     panel_kernel k = {NULL, NULL};
