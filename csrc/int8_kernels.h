@@ -1,6 +1,6 @@
 // The integer kernels of one x86 path: quantised weight rows times act_q8
-// tokens, one token at a time (the one-row kernels) and 8 rows by 4 tokens
-// (the panel kernels). quants.c includes this file once per path, defining
+// tokens, a row by one token or a few (the one-row kernels) and 8 rows by 4
+// tokens (the panel kernels). quants.c includes this file once per path, defining
 //   PATH(name)  the path's name of a function (name ## _avx2, ...),
 //   TARGET      the path's target attribute,
 //   DPBUSD      where the path has VNNI, its vpdpbusd: acc + the sums of 4
@@ -21,6 +21,7 @@
 // The int32 lanes whose total is block value vector w (u: its magnitudes
 // for the signed types, else w) times token block xv; int16 lanes (pair
 // sums) for the unsigned types without VNNI. mul: Q6_K's int16 scales, else 1.
+// Q6_K keeps maddubs: its int16 scales multiply pairs of products.
 KERNEL __m256i PATH(block_products)(int type, __m256i w, __m256i u, __m256i mul, __m256i xv) {
     const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
     if (sgn) xv = _mm256_sign_epi8(xv, w);
@@ -40,27 +41,42 @@ KERNEL void PATH(add_blocks)(int type, const __m256i *p, __m256 va, __m256 vm, a
     if (!sgn) acc[t] = _mm256_fmadd_ps(vm, first8(x.s + k, nv), acc[t]);
 }
 
+// Blocks g0..g0+nv-1 of a row times the token of group x (x.nt = 1), into
+// acc, each block unpacked and multiplied in turn, in registers.
+KERNEL void PATH(token_chunk)(int type, const uint8_t *row, act_q8 x, int64_t n, int64_t g0, int nv,
+                              __m256 *acc) {
+    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
+    __m256i sc16 = _mm256_setzero_si256(), p[8];
+    __m256 va, vm;
+    block_scales(type, row, g0, nv, &va, &vm, &sc16);
+    for (int j = 0; j < 8; j++) {
+        if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
+        const __m256i w = block_values(type, row, g0, j);
+        p[j] = PATH(block_products)(type, w, sgn ? _mm256_abs_epi8(w) : w,
+                                    q6 ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1), load_x(x, 1, g0 + j, 0));
+    }
+    PATH(add_blocks)(type, p, va, vm, x, n, g0, nv, 0, acc);
+}
+
 // Blocks g0..g0+nv-1 of a row times tokens 0..n_tok-1 of group x (x.nt =
-// nt), into acc[t]. One token (several = 0, a constant) unpacks and
-// multiplies block by block, in registers; several have the blocks unpacked
-// first, once for all of them.
-// Q6_K keeps maddubs: its int16 scales multiply pairs of products.
-KERNEL void PATH(blocks_chunk)(int type, const uint8_t *row, act_q8 x, int several, int nt, int n_tok,
-                               int64_t n, int64_t g0, int nv, __m256 *acc) {
+// nt), into acc[t]. Several tokens have the blocks unpacked first, once for
+// all of them.
+KERNEL void PATH(blocks_chunk)(int type, const uint8_t *row, act_q8 x, int nt, int n_tok, int64_t n,
+                               int64_t g0, int nv, __m256 *acc) {
+    if (nt == 1) {
+        PATH(token_chunk)(type, row, x, n, g0, nv, acc);
+        return;
+    }
     const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
     __m256i sc16 = _mm256_setzero_si256(), w[8], u[8], mul[8], p[8];
     __m256 va, vm;
     block_scales(type, row, g0, nv, &va, &vm, &sc16);
-    for (int j = nv; j < 8; j++) p[j] = _mm256_setzero_si256();
-    for (int j = 0; j < nv; j++) {
+    for (int j = 0; j < 8; j++) {
+        p[j] = _mm256_setzero_si256();
+        if (j >= nv) continue;
         w[j] = block_values(type, row, g0, j);
         u[j] = sgn ? _mm256_abs_epi8(w[j]) : w[j];
         mul[j] = q6 ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1);
-        if (!several) p[j] = PATH(block_products)(type, w[j], u[j], mul[j], load_x(x, 1, g0 + j, 0));
-    }
-    if (!several) {
-        PATH(add_blocks)(type, p, va, vm, x, n, g0, nv, 0, acc);
-        return;
     }
     for (int t = 0; t < n_tok; t++) {
         for (int j = 0; j < nv; j++)
@@ -71,17 +87,16 @@ KERNEL void PATH(blocks_chunk)(int type, const uint8_t *row, act_q8 x, int sever
 
 // Rows of w times tokens 0..n_tok-1 of group x (x.nt = nt): y[t * y_stride + r].
 KERNEL void PATH(blocks_tile)(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows,
-                              act_q8 x, int several, int nt, int n_tok, int64_t n, float *y,
-                              int64_t y_stride) {
+                              act_q8 x, int nt, int n_tok, int64_t n, float *y, int64_t y_stride) {
     const int64_t nb = n / QK;
     for (int64_t r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
         __m256 acc[ACT_GROUP];
         for (int t = 0; t < n_tok; t++) acc[t] = _mm256_setzero_ps();
         int64_t g0 = 0;
-        for (; g0 + 8 <= nb; g0 += 8) PATH(blocks_chunk)(type, row, x, several, nt, n_tok, n, g0, 8, acc);
-        if (nb - g0 == 4) PATH(blocks_chunk)(type, row, x, several, nt, n_tok, n, g0, 4, acc);   // rows of 256k + 128 values
-        else if (g0 < nb) PATH(blocks_chunk)(type, row, x, several, nt, n_tok, n, g0, (int)(nb - g0), acc);
+        for (; g0 + 8 <= nb; g0 += 8) PATH(blocks_chunk)(type, row, x, nt, n_tok, n, g0, 8, acc);
+        if (nb - g0 == 4) PATH(blocks_chunk)(type, row, x, nt, n_tok, n, g0, 4, acc);   // rows of 256k + 128 values
+        else if (g0 < nb) PATH(blocks_chunk)(type, row, x, nt, n_tok, n, g0, (int)(nb - g0), acc);
         for (int t = 0; t < n_tok; t++) y[t * y_stride + r] = hsum8(acc[t]);
     }
 }
@@ -169,12 +184,12 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
     static __attribute__((noinline)) TARGET void PATH(name##_n)(const uint8_t *w, int64_t row_stride, \
                                   int64_t n_rows, act_q8 x, int64_t n, float *y, int64_t y_stride, \
                                   int n_tok) {                                                     \
-        PATH(blocks_tile)(type, w, row_stride, n_rows, x, 1, x.nt, n_tok, n, y, y_stride);         \
+        PATH(blocks_tile)(type, w, row_stride, n_rows, x, x.nt, n_tok, n, y, y_stride);            \
     }                                                                                              \
     static TARGET void PATH(name)(int type_, const uint8_t *w, int64_t row_stride, int64_t n_rows, \
                                   act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {    \
         (void)type_;                                                                               \
-        if (x.nt == 1) PATH(blocks_tile)(type, w, row_stride, n_rows, x, 0, 1, 1, n, y, y_stride); \
+        if (x.nt == 1) PATH(blocks_tile)(type, w, row_stride, n_rows, x, 1, 1, n, y, y_stride);    \
         else PATH(name##_n)(w, row_stride, n_rows, x, n, y, y_stride, n_tok);                      \
     }
 

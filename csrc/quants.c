@@ -302,7 +302,7 @@ static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) 
 }
 
 // The quantised one-row kernels (int8_kernels.h) multiply weight rows with
-// one token (the decode case; matmul sends several tokens to the panels), 8
+// one token or a few (matmul sends more to the panels), 8
 // blocks at a time, lanes being blocks. The panel kernels multiply 8 rows
 // at once (lanes being rows) and must give each token bit for bit what the
 // one-row kernels give it alone, so both follow one order: the
