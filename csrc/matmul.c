@@ -15,7 +15,9 @@
 #define PANEL_MIN_TOKENS 5  // from here on rows are unpacked once into panels for all tokens;
                             // fewer go to the one-row kernels, which unpack each block once
                             // for the group but add its int32 totals across lanes per token
-                            // (crossover 4-6 tokens by type, more where W comes from memory)
+                            // (measured crossover: 5-6 tokens, 4 for Q6_K, more where W
+                            // comes from memory)
+#define PANEL_MIN_TOKENS_Q6_K 4
 #define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
 #define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
                             // from writing to one line of y
@@ -126,7 +128,8 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     job j = {.type = type, .w = w, .row_stride = row_stride, .n_out = n_out, .n_in = n_in, .n = n,
              .x = x, .y = y};
     int quantised = quant_is_integer(type);
-    if (quantised && n >= PANEL_MIN_TOKENS) j.panel = quant_panel(type, path);
+    if (quantised && n >= (type == KVC_TYPE_Q6_K ? PANEL_MIN_TOKENS_Q6_K : PANEL_MIN_TOKENS))
+        j.panel = quant_panel(type, path);
     int64_t nb = n_in / 32, room = n + 3;   // tokens incl. the padding of a last group of 4
     int8_t *q = quantised ? calloc((size_t)room, (size_t)n_in) : NULL;
     float *ds = quantised ? calloc((size_t)(2 * room * nb), sizeof(float)) : NULL;

@@ -197,7 +197,7 @@ def test_vnni_paths_give_the_avx2_bits(name, path):
     rng = np.random.default_rng(zlib.crc32(name.encode()) + 5)
     n_in = N_IN.get(name, 256)
     raw = make_raw(name, 21, n_in, rng)
-    for n in (1, 2, 3, 4, 5, 6, 7, 8, 13):   # one-row kernels for 1-4 tokens, panels from 5
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 13):   # one-row kernels for 1-4 tokens (Q6_K 1-3), then panels
         x = (rng.standard_normal((n, n_in)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
         want = on_path("avx2", lambda: mm.matmul(raw, name, 21, n_in, x, n_threads=2))
         got = on_path(path, lambda: mm.matmul(raw, name, 21, n_in, x, n_threads=2))
@@ -285,9 +285,9 @@ def test_a_tokens_result_does_not_depend_on_its_batch(name, simd_path):
 
 @pytest.mark.parametrize("name", QUANTISED)
 def test_small_batches_give_each_token_its_bits_alone(name, simd_path):
-    # 2-7 tokens take the one-row kernels, each block unpacked once for the
-    # group; rows of 8 blocks and a last 3 or 4 (the 32-value types), or
-    # whole 256-value blocks (the K types)
+    # 2-4 tokens (Q6_K 2-3) take the one-row kernels, each block unpacked
+    # once for the group, more the panels; rows of 8 blocks and a last 3 or 4
+    # (the 32-value types), or whole 256-value blocks (the K types)
     rng = np.random.default_rng(zlib.crc32(name.encode()) + 2)
     for n_in in ((512,) if name in N_IN else (352, 384)):
         raw = make_raw(name, 19, n_in, rng)

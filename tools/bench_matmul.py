@@ -201,8 +201,8 @@ def bench_small_batches(model, budget):
     """n = 1..8 tokens (prompt-lookup drafts being verified, a few sequences
     decoding together) on a matrix of each weight type and the head, 2
     threads: the time of n tokens over the time of 1, best times of 3
-    alternated rounds. Up to 4 tokens take the one-row kernels (each block
-    unpacked once for all the tokens), 5 and more the panels."""
+    alternated rounds. Up to 4 tokens (Q6_K: 3) take the one-row kernels
+    (each block unpacked once for all the tokens), more the panels."""
     print("\nsmall batches, 2 threads: time of n tokens / time of 1 token")
     ns = range(1, 9)
     for name in ("blk.0.ffn_up.weight", "blk.2.ffn_down.weight", "blk.0.ffn_down.weight",
