@@ -204,6 +204,43 @@ def test_vnni_paths_give_the_avx2_bits(name, path):
         np.testing.assert_array_equal(got, want, err_msg=f"{n} tokens")
 
 
+@pytest.mark.parametrize("kind", ["random", "zeros", "extreme", "neg_zero_scale", "all_max"])
+def test_regrouped_q5_0_gives_the_q5_0_bits(kind, simd_path):
+    """Q5_0_G4 (Q5_0 regrouped by 4 blocks, as native.Matrix keeps it):
+    gguf's values of the Q5_0 rows, and each token's y bit for bit what the
+    Q5_0 kernels give, on one-row kernels and panels, on 1 and 2 threads."""
+    rng = np.random.default_rng(zlib.crc32(kind.encode()) + 11)
+    for n_out, n_in in [(21, 128), (37, 640), (9, 1024)]:
+        raw = make_raw("Q5_0", n_out, n_in, rng, kind)
+        g4 = native.regroup_q5_0(raw, n_out, n_in)
+        assert g4.shape == raw.shape
+        ids = np.arange(n_out)
+        np.testing.assert_array_equal(mm.dequantize_rows(g4, "Q5_0_G4", n_in, ids),
+                                      quants.dequantize(raw, GGMLQuantizationType.Q5_0))
+        for n in (1, 2, 4, 5, 8, 13):
+            x = (rng.standard_normal((n, n_in)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+            for n_threads in (1, 2):
+                np.testing.assert_array_equal(mm.matmul(g4, "Q5_0_G4", n_out, n_in, x, n_threads=n_threads),
+                                              mm.matmul(raw, "Q5_0", n_out, n_in, x, n_threads=n_threads),
+                                              err_msg=f"{n_out}x{n_in}, {n} tokens, {n_threads} threads")
+
+
+def test_regrouping_checks_its_input():
+    rng = np.random.default_rng(14)
+    raw = make_raw("Q5_0", 3, 96, rng)
+    with pytest.raises(ValueError, match="block of 128"):
+        native.regroup_q5_0(raw, 3, 96)                              # not whole groups
+    with pytest.raises(ValueError):
+        native.regroup_q5_0(make_raw("Q5_0", 3, 128, rng), 4, 128)   # n_out mismatch
+    with pytest.raises(ValueError):
+        native.regroup_q5_0(make_raw("Q8_0", 3, 128, rng), 3, 128)   # rows of another type
+    with pytest.raises(ValueError):
+        mm.matmul(raw, "Q5_0_G4", 3, 96, np.zeros((1, 96), np.float32))
+    assert native.Matrix("Q5_0", raw, 3, 96).c.type == native.TYPES["Q5_0"]
+    whole = make_raw("Q5_0", 3, 256, rng)
+    assert native.Matrix("Q5_0", whole, 3, 256).c.type == native.TYPES["Q5_0_G4"]
+
+
 @pytest.mark.parametrize("name,kind", KINDS)
 def test_dequantize_rows_equals_gguf(name, kind):
     rng = np.random.default_rng(3)
