@@ -52,6 +52,7 @@ KERNEL void PATH(blocks_tile)(int type, const uint8_t *w, int64_t row_stride, in
     for (int64_t r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
         __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < row_stride; i += 64) _mm_prefetch((const char *)row + READ_AHEAD + i, _MM_HINT_T0);
         int64_t g0 = 0;
         for (; g0 + 8 <= nb; g0 += 8) PATH(blocks_chunk)(type, row, x, nt, t, g0, 8, &acc);
         if (nb - g0 == 4) PATH(blocks_chunk)(type, row, x, nt, t, g0, 4, &acc);   // rows of 256k + 128 values
