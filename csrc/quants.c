@@ -327,10 +327,6 @@ static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) 
 // (the block's scale times the token's), plus the block's offset term, is
 // added to chain g % 8 by FMAs; the 8 chains are added as hsum8 adds lanes.
 #define TILE static inline __attribute__((always_inline)) TARGET_AVX2
-// A one-row kernel asks for the weight bytes this far ahead of the row it
-// multiplies: on weights read from memory (decode), the hardware
-// prefetcher alone left the kernels 20-30% under their in-cache speed.
-#define READ_AHEAD 3072
 
 // Q4_0, Q4_1, Q5_0, Q5_1: the unsigned q of a block.
 static inline TARGET_AVX2 __m256i q45_values(const uint8_t *blk, int five, int has_min) {

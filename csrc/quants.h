@@ -60,6 +60,11 @@ kvc_status kvc_set_simd_path(int path);
 int kvc_simd_path(void);
 // cffi-end
 
+// The one-row kernels, and the read probe, ask for the bytes this far ahead
+// of what they read: on weights read from memory (decode) the hardware
+// prefetcher alone left the kernels 20-30% under their in-cache speed.
+#define READ_AHEAD 3072
+
 // quant_row_bytes's value, 0 when invalid
 int64_t type_row_bytes(int type, int64_t n);
 // the block size of a type, 0 when unknown
