@@ -38,7 +38,8 @@ static float f32_from_bits(uint32_t bits) { float f; memcpy(&f, &bits, 4); retur
 
 static float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
 
-int type_block(int type) {
+// Values and bytes of a block of each type (0: unknown), inline for the kernels.
+static inline int block_size(int type) {
     switch (type) {
     case KVC_TYPE_F32: case KVC_TYPE_F16: case KVC_TYPE_BF16: return 1;
     case KVC_TYPE_Q4_0: case KVC_TYPE_Q4_1: case KVC_TYPE_Q5_0: case KVC_TYPE_Q5_1:
@@ -49,24 +50,28 @@ int type_block(int type) {
     }
 }
 
-int64_t type_row_bytes(int type, int64_t n) {
-    int64_t bytes;
+static inline int block_bytes(int type) {
     switch (type) {
-    case KVC_TYPE_F32: bytes = 4; break;
-    case KVC_TYPE_F16: case KVC_TYPE_BF16: bytes = 2; break;
-    case KVC_TYPE_Q4_0: bytes = 18; break;
-    case KVC_TYPE_Q4_1: bytes = 20; break;
-    case KVC_TYPE_Q5_0: bytes = 22; break;
-    case KVC_TYPE_Q5_1: bytes = 24; break;
-    case KVC_TYPE_Q8_0: bytes = 34; break;
-    case KVC_TYPE_Q5_0_G4: bytes = 88; break;
-    case KVC_TYPE_Q4_K: bytes = 144; break;
-    case KVC_TYPE_Q5_K: bytes = 176; break;
-    case KVC_TYPE_Q6_K: bytes = 210; break;
+    case KVC_TYPE_F32: return 4;
+    case KVC_TYPE_F16: case KVC_TYPE_BF16: return 2;
+    case KVC_TYPE_Q4_0: return 18;
+    case KVC_TYPE_Q4_1: return 20;
+    case KVC_TYPE_Q5_0: return 22;
+    case KVC_TYPE_Q5_1: return 24;
+    case KVC_TYPE_Q8_0: return 34;
+    case KVC_TYPE_Q5_0_G4: return 88;
+    case KVC_TYPE_Q4_K: return 144;
+    case KVC_TYPE_Q5_K: return 176;
+    case KVC_TYPE_Q6_K: return 210;
     default: return 0;
     }
-    const int64_t block = type_block(type);
-    if (n <= 0 || n % block != 0 || n / block > INT64_MAX / bytes) return 0;
+}
+
+int type_block(int type) { return block_size(type); }
+
+int64_t type_row_bytes(int type, int64_t n) {
+    const int64_t bytes = block_bytes(type), block = block_size(type);
+    if (block == 0 || n <= 0 || n % block != 0 || n / block > INT64_MAX / bytes) return 0;
     return n / block * bytes;
 }
 
@@ -389,6 +394,9 @@ static inline TARGET_AVX2 __m256i q6_k_values(const uint8_t *blk, int h, int c) 
     hi = _mm256_and_si256(_mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * c)), _mm256_set1_epi8(3));
     return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
 }
+
+// Bytes of 8 blocks of 32 values (a chunk of the one-row kernels).
+static inline int chunk_bytes(int type) { return block_bytes(type) * (8 * QK / block_size(type)); }
 
 // Q8_0 and Q6_K: signed values, no offset; the others unsigned with one.
 static inline int signed_values(int type) {

@@ -320,6 +320,29 @@ def test_a_tokens_result_does_not_depend_on_its_batch(name, simd_path):
                 np.testing.assert_array_equal(got, alone[ids], err_msg=f"{size} tokens from {start}, {n_threads} threads")
 
 
+@pytest.mark.parametrize("name", [n for n in QUANTISED if n not in N_IN] + ["Q5_0_G4"])
+def test_rows_ending_in_half_a_chunk(name, simd_path):
+    """Rows of 20 or 4 blocks (640 or 128 values): one token takes rows two at
+    a time, the end of one and the start of the next in one chunk of 8
+    blocks. Each token's y is within the reference's bound and bit for bit
+    what the panels give it in a batch, for odd and even row counts."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + 15)
+    for n_in in (128, 640):
+        for n_out in (1, 2, 7, 46):
+            raw = make_raw(name.replace("_G4", ""), n_out, n_in, rng)
+            x = rng.standard_normal((9, n_in)).astype(np.float32)
+            if name == "Q5_0_G4":
+                want = mm.matmul(raw, "Q5_0", n_out, n_in, x, n_threads=2)
+                raw = native.regroup_q5_0(raw, n_out, n_in)
+            else:
+                want = check_matmul(raw, name, n_out, n_in, x, 2)
+            for t in range(9):
+                for n_threads in (1, 2, 3):
+                    got = mm.matmul(raw, name, n_out, n_in, x[t:t + 1], n_threads=n_threads)
+                    np.testing.assert_array_equal(got[0].view(np.uint32), want[t].view(np.uint32),
+                                                  err_msg=f"{n_out}x{n_in}, token {t}, {n_threads} threads")
+
+
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F32"])
 def test_non_finite_activations_stay_in_their_token(name, simd_path):
     rng = np.random.default_rng(12)
