@@ -146,8 +146,16 @@ static kvc_status check_run(const kvc_block *b, const kvc_layer_kv *kv, const kv
     return KVC_OK;
 }
 
+// The first bytes of the matrix multiplied next, asked for while this one runs:
+// a matmul's first rows are read before its own read-ahead has started.
+static void read_ahead(const kvc_matrix *next) {
+    if (!next) return;
+    for (int i = 0; i < READ_AHEAD; i += 64) __builtin_prefetch(next->w + i);
+}
+
 static kvc_status mm(kvc_scratch *s, const kvc_matrix *m, int64_t n_out, int64_t n_in,
-                     const float *x, int64_t n, float *y, int n_threads) {
+                     const float *x, int64_t n, float *y, int n_threads, const kvc_matrix *next) {
+    read_ahead(next);
     const double t = now_s();
     kvc_status st = matmul(m->type, m->w, m->row_stride, n_out, n_in, x, n, y, n_threads);
     s->t_matmul += now_s() - t;
@@ -171,15 +179,15 @@ static void keep_rows(float *m, float *tmp, int64_t n, const int32_t *out_rows, 
 static kvc_status layer_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatch *ub,
                             kvc_scratch *s, float *x, int64_t n, const float *cos,
                             const float *sin, const int32_t *out_rows, int64_t n_out,
-                            int n_threads) {
+                            int n_threads, const kvc_matrix *next) {
     kvc_status st;
     const int64_t e = b->n_embd, nq = s->n_q, nkv = s->n_kv, ff = b->n_ff, d = b->head_dim;
     const float eps = b->norm_eps;
 
     ops_rms_norm(x, b->attn_norm, s->h, n, e, eps);
-    if ((st = mm(s, &b->attn_q, nq, e, s->h, n, s->q, n_threads))
-        || (st = mm(s, &b->attn_k, nkv, e, s->h, n, s->k, n_threads))
-        || (st = mm(s, &b->attn_v, nkv, e, s->h, n, s->v, n_threads)))
+    if ((st = mm(s, &b->attn_q, nq, e, s->h, n, s->q, n_threads, &b->attn_k))
+        || (st = mm(s, &b->attn_k, nkv, e, s->h, n, s->k, n_threads, &b->attn_v))
+        || (st = mm(s, &b->attn_v, nkv, e, s->h, n, s->v, n_threads, &b->attn_output)))
         return st;
     ops_rope(s->q, n, b->n_head, d, cos, sin, b->rope_neox, b->attn_q_norm, eps);
     ops_rope(s->k, n, b->n_head_kv, d, cos, sin, b->rope_neox, b->attn_k_norm, eps);
@@ -199,15 +207,15 @@ static kvc_status layer_run(const kvc_block *b, const kvc_layer_kv *kv, const kv
         if (n == 0) return KVC_OK;
     }
 
-    if ((st = mm(s, &b->attn_output, e, nq, s->a, n, s->o, n_threads))) return st;
+    if ((st = mm(s, &b->attn_output, e, nq, s->a, n, s->o, n_threads, &b->ffn_gate))) return st;
     add_normed(x, s->o, b->post_attention_norm, n, e, eps);
     ops_rms_norm(x, b->ffn_norm, s->h, n, e, eps);
-    if ((st = mm(s, &b->ffn_gate, ff, e, s->h, n, s->g, n_threads))
-        || (st = mm(s, &b->ffn_up, ff, e, s->h, n, s->u, n_threads)))
+    if ((st = mm(s, &b->ffn_gate, ff, e, s->h, n, s->g, n_threads, &b->ffn_up))
+        || (st = mm(s, &b->ffn_up, ff, e, s->h, n, s->u, n_threads, &b->ffn_down)))
         return st;
     if (b->act == KVC_ACT_SILU) ops_silu_mul(s->g, s->u, n * ff);
     else ops_gelu_tanh_mul(s->g, s->u, n, ff);
-    if ((st = mm(s, &b->ffn_down, e, ff, s->g, n, s->o, n_threads))) return st;
+    if ((st = mm(s, &b->ffn_down, e, ff, s->g, n, s->o, n_threads, next))) return st;
     add_normed(x, s->o, b->post_ffw_norm, n, e, eps);
     return KVC_OK;
 }
@@ -216,7 +224,7 @@ kvc_status block_run(const kvc_block *b, const kvc_layer_kv *kv, const kvc_ubatc
                      kvc_scratch *s, float *x, int64_t n, const float *cos, const float *sin,
                      const int32_t *out_rows, int64_t n_out, int n_threads) {
     kvc_status st = check_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads);
-    return st ? st : layer_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads);
+    return st ? st : layer_run(b, kv, ub, s, x, n, cos, sin, out_rows, n_out, n_threads, NULL);
 }
 
 static kvc_status check_output(const float *norm_w, const kvc_matrix *head, int64_t n_vocab,
@@ -237,7 +245,7 @@ static kvc_status output_run(const float *norm_w, float eps, const kvc_matrix *h
                              float *logits, kvc_scratch *s, int n_threads) {
     if (n == 0) return KVC_OK;
     ops_rms_norm(x, norm_w, x, n, n_embd, eps);
-    kvc_status st = mm(s, head, n_vocab, n_embd, x, n, logits, n_threads);
+    kvc_status st = mm(s, head, n_vocab, n_embd, x, n, logits, n_threads, NULL);
     if (st) return st;
     if (softcap > 0.0f) ops_softcap(logits, n, n_vocab, softcap);
     return KVC_OK;
@@ -320,7 +328,7 @@ kvc_status stack_run(const kvc_stack *m, const kvc_layer_kv *const *kv,
         const int64_t at = m->rope[il] * n * s->n_rot;
         if ((st = layer_run(&m->blocks[il], kv[il], ub[il], s, s->x, n, s->cos + at,
                             s->sin + at, il == last ? out_rows : NULL, il == last ? n_out : -1,
-                            n_threads)))
+                            n_threads, il == last ? &m->head : &m->blocks[il + 1].attn_q)))
             return st;
     }
     return output_run(m->output_norm, m->output_eps, &m->head, m->n_vocab, s->n_embd,

@@ -206,6 +206,7 @@ static void run_read(void *arg, int slot) {
         if (b0 >= j->n_bytes) break;
         int64_t b1 = b0 + CHUNK_BYTES < j->n_bytes ? b0 + CHUNK_BYTES : j->n_bytes;
         for (int64_t b = b0; b < b1; b += 64) {
+            __builtin_prefetch(j->p + b + READ_AHEAD);   // as the kernels read
             uint64_t w[8];
             memcpy(w, j->p + b, 64);
             for (int k = 0; k < 8; k++) acc[k] += w[k];

@@ -21,7 +21,7 @@ kvc_status matmul_dequantize_rows(int type, const uint8_t *w, int64_t row_stride
 
 // The read rate the weights of a matmul are measured against: reads n_bytes
 // (a multiple of 64) at p on n_threads threads, handed out in chunks as
-// matmul hands out rows; *sum_out = the sum of its 64-bit little-endian
+// matmul hands out rows and read ahead as its kernels read; *sum_out = the sum of its 64-bit little-endian
 // words modulo 2^64 (so the reads cannot be skipped, and can be checked).
 kvc_status matmul_read_probe(const uint8_t *p, int64_t n_bytes, int n_threads,
                              uint64_t *sum_out);

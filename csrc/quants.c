@@ -7,6 +7,11 @@
 //   Q5_0  (32 values, 22): f16 d, u32 qh (5th bits), q[16] nibbles as Q4_0
 //                                                                 x = d*(q-16)
 //   Q5_1  (32 values, 24): f16 d, f16 m, qh, q[16] as Q5_0        x = d*q + m
+//   Q5_0_G4 (128 values, 88; kvcells' own): 4 Q5_0 blocks regrouped so the
+//         x86 kernels unpack them with fewer instructions: f16 d[4]; h[16],
+//         bit j of h[i] the 5th bit of value i of block j, bit 4+j that of
+//         value 16+i; then per pair of blocks 32 bytes, value i of the first
+//         in the low nibble of byte i, of the second in the high   x = d*(q-16)
 //   Q4_K (256 values, 144): f16 d, f16 dmin, 12 bytes of 6-bit scale/min
 //         pairs for 8 sub-blocks of 32, q[128]: 32 bytes per 64 values, low
 //         nibbles the first sub-block, high the second   x = d*sc*q - dmin*m
@@ -33,33 +38,40 @@ static float f32_from_bits(uint32_t bits) { float f; memcpy(&f, &bits, 4); retur
 
 static float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
 
-int type_block(int type) {
+// Values and bytes of a block of each type (0: unknown), inline for the kernels.
+static inline int block_size(int type) {
     switch (type) {
     case KVC_TYPE_F32: case KVC_TYPE_F16: case KVC_TYPE_BF16: return 1;
     case KVC_TYPE_Q4_0: case KVC_TYPE_Q4_1: case KVC_TYPE_Q5_0: case KVC_TYPE_Q5_1:
     case KVC_TYPE_Q8_0: return QK;
+    case KVC_TYPE_Q5_0_G4: return 4 * QK;
     case KVC_TYPE_Q4_K: case KVC_TYPE_Q5_K: case KVC_TYPE_Q6_K: return QK_K;
     default: return 0;
     }
 }
 
-int64_t type_row_bytes(int type, int64_t n) {
-    int64_t bytes;
+static inline int block_bytes(int type) {
     switch (type) {
-    case KVC_TYPE_F32: bytes = 4; break;
-    case KVC_TYPE_F16: case KVC_TYPE_BF16: bytes = 2; break;
-    case KVC_TYPE_Q4_0: bytes = 18; break;
-    case KVC_TYPE_Q4_1: bytes = 20; break;
-    case KVC_TYPE_Q5_0: bytes = 22; break;
-    case KVC_TYPE_Q5_1: bytes = 24; break;
-    case KVC_TYPE_Q8_0: bytes = 34; break;
-    case KVC_TYPE_Q4_K: bytes = 144; break;
-    case KVC_TYPE_Q5_K: bytes = 176; break;
-    case KVC_TYPE_Q6_K: bytes = 210; break;
+    case KVC_TYPE_F32: return 4;
+    case KVC_TYPE_F16: case KVC_TYPE_BF16: return 2;
+    case KVC_TYPE_Q4_0: return 18;
+    case KVC_TYPE_Q4_1: return 20;
+    case KVC_TYPE_Q5_0: return 22;
+    case KVC_TYPE_Q5_1: return 24;
+    case KVC_TYPE_Q8_0: return 34;
+    case KVC_TYPE_Q5_0_G4: return 88;
+    case KVC_TYPE_Q4_K: return 144;
+    case KVC_TYPE_Q5_K: return 176;
+    case KVC_TYPE_Q6_K: return 210;
     default: return 0;
     }
-    const int64_t block = type_block(type);
-    if (n <= 0 || n % block != 0 || n / block > INT64_MAX / bytes) return 0;
+}
+
+int type_block(int type) { return block_size(type); }
+
+int64_t type_row_bytes(int type, int64_t n) {
+    const int64_t bytes = block_bytes(type), block = block_size(type);
+    if (block == 0 || n <= 0 || n % block != 0 || n / block > INT64_MAX / bytes) return 0;
     return n / block * bytes;
 }
 
@@ -154,6 +166,18 @@ static void unpack_group(int type, const uint8_t *row, int64_t g, int q[32], flo
         for (int j = 0; j < 16; j++) {
             q[j] = ((qs[j] & 0xF) | (int)(((qh >> j) & 1) << 4)) - bias;
             q[j + 16] = ((qs[j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4)) - bias;
+        }
+        return;
+    }
+    case KVC_TYPE_Q5_0_G4: {
+        const int j = (int)(g % 4);
+        blk = row + 88 * (g / 4);
+        a[0] = a[1] = load_f16(blk + 2 * j);
+        for (int i = 0; i < 16; i++) {
+            int lo = blk[24 + 32 * (j / 2) + i] >> (4 * (j % 2)) & 0xF;
+            int hi = blk[24 + 32 * (j / 2) + 16 + i] >> (4 * (j % 2)) & 0xF;
+            q[i] = (lo | (blk[8 + i] >> j & 1) << 4) - 16;
+            q[i + 16] = (hi | (blk[8 + i] >> (4 + j) & 1) << 4) - 16;
         }
         return;
     }
@@ -318,6 +342,18 @@ static inline TARGET_AVX2 __m256i q45_values(const uint8_t *blk, int five, int h
     return _mm256_or_si256(u, bits_to_16s(load_u32(blk + 2 + 2 * has_min)));
 }
 
+// The unsigned q of block j (0..3) of a Q5_0_G4 group: its nibbles, and bit j
+// (values 0..15) or bit 4+j (16..31) of h moved to bit 4 of each byte.
+static inline TARGET_AVX2 __m256i q5_0_g4_values(const uint8_t *grp, int j) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)(grp + 24 + 32 * (j / 2)));
+    v = _mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (j % 2)));
+    __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(grp + 8)));
+    h = _mm256_srlv_epi32(h, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    h = _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - j));
+    return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi8(0xF)),
+                           _mm256_and_si256(h, _mm256_set1_epi8(0x10)));
+}
+
 // Q4_K/Q5_K block header: d*sc and dmin*m of the 8 sub-blocks, the 6-bit
 // fields unpacked four at a time (as k_scale_min does one by one).
 static inline TARGET_AVX2 void k_scales_avx2(const uint8_t *blk, __m256 *ds, __m256 *dm) {
@@ -361,6 +397,9 @@ static inline TARGET_AVX2 __m256i q6_k_values(const uint8_t *blk, int h, int c) 
     return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
 }
 
+// Bytes of 8 blocks of 32 values (a chunk of the one-row kernels).
+static inline int chunk_bytes(int type) { return block_bytes(type) * (8 * QK / block_size(type)); }
+
 // Q8_0 and Q6_K: signed values, no offset; the others unsigned with one.
 static inline int signed_values(int type) {
     return type == KVC_TYPE_Q8_0 || type == KVC_TYPE_Q6_K;
@@ -382,6 +421,12 @@ TILE void block_scales(int type, const uint8_t *row, int64_t g0, int n, __m256 *
         *m = _mm256_xor_ps(dm, _mm256_set1_ps(-0.0f));
     } else if (type == KVC_TYPE_Q8_0) {
         *a = f16_strided(row + 34 * g0, 34, n), *m = _mm256_setzero_ps();
+    } else if (type == KVC_TYPE_Q5_0_G4) {   // n is 4 or 8: rows are whole groups
+        const uint8_t *grp = row + 88 * (g0 / 4);
+        __m128i d = _mm_loadl_epi64((const __m128i *)grp);
+        if (n > 4) d = _mm_unpacklo_epi64(d, _mm_loadl_epi64((const __m128i *)(grp + 88)));
+        *a = _mm256_cvtph_ps(d);
+        *m = _mm256_mul_ps(_mm256_set1_ps(-16.0f), *a);
     } else {
         int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
         int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
@@ -399,6 +444,7 @@ TILE __m256i block_values(int type, const uint8_t *row, int64_t g0, int j) {
     case KVC_TYPE_Q4_K: return k45_values(row + 144 * (g0 / 8), 0, j);
     case KVC_TYPE_Q5_K: return k45_values(row + 176 * (g0 / 8), 1, j);
     case KVC_TYPE_Q8_0: return _mm256_loadu_si256((const __m256i *)(row + 34 * (g0 + j) + 2));
+    case KVC_TYPE_Q5_0_G4: return q5_0_g4_values(row + 88 * (g0 / 4) + 88 * (j / 4), j % 4);   // g0 % 8 == 0
     }
     int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
     int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
@@ -541,7 +587,7 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
 #define EACH_TYPE(M)                                                                     \
     M(q8_0, KVC_TYPE_Q8_0) M(q4_0, KVC_TYPE_Q4_0) M(q4_1, KVC_TYPE_Q4_1)                 \
     M(q5_0, KVC_TYPE_Q5_0) M(q5_1, KVC_TYPE_Q5_1) M(q4_k, KVC_TYPE_Q4_K)                 \
-    M(q5_k, KVC_TYPE_Q5_K) M(q6_k, KVC_TYPE_Q6_K)
+    M(q5_k, KVC_TYPE_Q5_K) M(q6_k, KVC_TYPE_Q6_K) M(q5_0_g4, KVC_TYPE_Q5_0_G4)
 
 #define PACK_ENTRY(t, type)                                                                 \
     static TARGET_AVX2 void pack_##t(const uint8_t *w, int64_t row_stride, int n_rows,      \
@@ -756,6 +802,40 @@ kvc_status quant_quantize(int type, const float *x, int64_t n_rows, int64_t n, u
     if (n_rows > 0 && (!x || !out)) return kvc_fail(KVC_EINVAL, "quantize: no input or output");
     const int64_t row = type_row_bytes(type, n);
     for (int64_t r = 0; r < n_rows; r++) quant_quantize_row(type, x + r * n, n, out + r * row);
+    return KVC_OK;
+}
+
+// ---- regrouping Q5_0 ----
+
+static void regroup_q5_0(const uint8_t *blocks, uint8_t *grp) {
+    memset(grp, 0, 88);
+    for (int j = 0; j < 4; j++) {
+        const uint8_t *b = blocks + 22 * j;
+        const uint32_t qh = load_u32(b + 2);
+        uint8_t *q = grp + 24 + 32 * (j / 2);
+        const int shift = 4 * (j % 2);
+        memcpy(grp + 2 * j, b, 2);
+        for (int i = 0; i < 16; i++) {
+            grp[8 + i] |= (uint8_t)((qh >> i & 1) << j | (qh >> (16 + i) & 1) << (4 + j));
+            q[i] |= (uint8_t)((b[6 + i] & 0xF) << shift);
+            q[16 + i] |= (uint8_t)((b[6 + i] >> 4) << shift);
+        }
+    }
+}
+
+kvc_status quant_regroup_q5_0(const uint8_t *src, int64_t src_stride, int64_t n_rows, int64_t n,
+                              uint8_t *out) {
+    const int64_t row = type_row_bytes(KVC_TYPE_Q5_0_G4, n);
+    if (n_rows < 0 || row == 0 || n_rows > INT64_MAX / row)
+        return kvc_fail(KVC_EINVAL, "regroup: %lld rows of %lld values (need a multiple of 128)",
+                        (long long)n_rows, (long long)n);
+    if (n_rows > 0 && (!src || !out)) return kvc_fail(KVC_EINVAL, "regroup: no input or output");
+    if (src_stride < row)
+        return kvc_fail(KVC_EINVAL, "regroup: row stride %lld for rows of %lld bytes",
+                        (long long)src_stride, (long long)row);
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t g = 0; g < n / (4 * QK); g++)
+            regroup_q5_0(src + r * src_stride + 88 * g, out + r * row + 88 * g);
     return KVC_OK;
 }
 

@@ -204,6 +204,43 @@ def test_vnni_paths_give_the_avx2_bits(name, path):
         np.testing.assert_array_equal(got, want, err_msg=f"{n} tokens")
 
 
+@pytest.mark.parametrize("kind", ["random", "zeros", "extreme", "neg_zero_scale", "all_max"])
+def test_regrouped_q5_0_gives_the_q5_0_bits(kind, simd_path):
+    """Q5_0_G4 (Q5_0 regrouped by 4 blocks, as native.Matrix keeps it):
+    gguf's values of the Q5_0 rows, and each token's y bit for bit what the
+    Q5_0 kernels give, on one-row kernels and panels, on 1 and 2 threads."""
+    rng = np.random.default_rng(zlib.crc32(kind.encode()) + 11)
+    for n_out, n_in in [(21, 128), (37, 640), (9, 1024)]:
+        raw = make_raw("Q5_0", n_out, n_in, rng, kind)
+        g4 = native.regroup_q5_0(raw, n_out, n_in)
+        assert g4.shape == raw.shape
+        ids = np.arange(n_out)
+        np.testing.assert_array_equal(mm.dequantize_rows(g4, "Q5_0_G4", n_in, ids),
+                                      quants.dequantize(raw, GGMLQuantizationType.Q5_0))
+        for n in (1, 2, 3, 4, 5, 8, 13):
+            x = (rng.standard_normal((n, n_in)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
+            for n_threads in (1, 2):
+                np.testing.assert_array_equal(mm.matmul(g4, "Q5_0_G4", n_out, n_in, x, n_threads=n_threads),
+                                              mm.matmul(raw, "Q5_0", n_out, n_in, x, n_threads=n_threads),
+                                              err_msg=f"{n_out}x{n_in}, {n} tokens, {n_threads} threads")
+
+
+def test_regrouping_checks_its_input():
+    rng = np.random.default_rng(14)
+    raw = make_raw("Q5_0", 3, 96, rng)
+    with pytest.raises(ValueError, match="block of 128"):
+        native.regroup_q5_0(raw, 3, 96)                              # not whole groups
+    with pytest.raises(ValueError):
+        native.regroup_q5_0(make_raw("Q5_0", 3, 128, rng), 4, 128)   # n_out mismatch
+    with pytest.raises(ValueError):
+        native.regroup_q5_0(make_raw("Q8_0", 3, 128, rng), 3, 128)   # rows of another type
+    with pytest.raises(ValueError):
+        mm.matmul(raw, "Q5_0_G4", 3, 96, np.zeros((1, 96), np.float32))
+    assert native.Matrix("Q5_0", raw, 3, 96).c.type == native.TYPES["Q5_0"]
+    whole = make_raw("Q5_0", 3, 256, rng)
+    assert native.Matrix("Q5_0", whole, 3, 256).c.type == native.TYPES["Q5_0_G4"]
+
+
 @pytest.mark.parametrize("name,kind", KINDS)
 def test_dequantize_rows_equals_gguf(name, kind):
     rng = np.random.default_rng(3)
@@ -296,6 +333,29 @@ def test_small_batches_give_each_token_its_bits_alone(name, simd_path):
         for n in range(2, 10):
             got = check_matmul(raw, name, 19, n_in, x[:n], 2)
             np.testing.assert_array_equal(got, alone[:n], err_msg=f"{n} tokens, {n_in} values")
+
+
+@pytest.mark.parametrize("name", [n for n in QUANTISED if n not in N_IN] + ["Q5_0_G4"])
+def test_rows_ending_in_half_a_chunk(name, simd_path):
+    """Rows of 20 or 4 blocks (640 or 128 values): one token takes rows two at
+    a time, the end of one and the start of the next in one chunk of 8
+    blocks. Each token's y is within the reference's bound and bit for bit
+    what the panels give it in a batch, for odd and even row counts."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + 15)
+    for n_in in (128, 640):
+        for n_out in (1, 2, 7, 46):
+            raw = make_raw(name.replace("_G4", ""), n_out, n_in, rng)
+            x = rng.standard_normal((9, n_in)).astype(np.float32)
+            if name == "Q5_0_G4":
+                want = mm.matmul(raw, "Q5_0", n_out, n_in, x, n_threads=2)
+                raw = native.regroup_q5_0(raw, n_out, n_in)
+            else:
+                want = check_matmul(raw, name, n_out, n_in, x, 2)
+            for t in range(9):
+                for n_threads in (1, 2, 3):
+                    got = mm.matmul(raw, name, n_out, n_in, x[t:t + 1], n_threads=n_threads)
+                    np.testing.assert_array_equal(got[0].view(np.uint32), want[t].view(np.uint32),
+                                                  err_msg=f"{n_out}x{n_in}, token {t}, {n_threads} threads")
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "F32"])

@@ -6,7 +6,8 @@ call (best of several, the machine may be shared), GFLOP/s (2 * n_out * n_in
 f32 bytes for numpy), for n = 1 (decode), n = 16 (16 sequences decoding
 together) and n = 512 (a prompt ubatch; not for the head, which a prompt
 needs for its last token only), ours on 1 and 2 threads. numpy uses its
-BLAS with its default threads.
+BLAS with its default threads. A Q5_0 matrix is also timed in the regrouped
+copy the model multiplies (Q5_0_G4, made by native.Matrix).
 
 For n = 1 ours runs, as in a decode step, on weights that come from memory,
 not from a cache: each call uses the next of enough copies of the matrix to
@@ -92,32 +93,40 @@ def row(label, t, flops, nbytes):
     return f"{label:<22s} {t * 1e6:10.1f} us {flops / t / 1e9:8.1f} GFLOP/s {nbytes / t / 1e9:7.2f} GB/s"
 
 
+def layouts(w):
+    """(label, type, raw) of the layouts a matrix is multiplied in: its file
+    type, and for Q5_0 the regrouped copy the model runs (native.Matrix)."""
+    out = [("ours", w.type, w.raw)]
+    m = native.Matrix(w.type, w.raw, *w.shape)
+    if m.raw is not w.raw:
+        out.append(("ours, regrouped", "Q5_0_G4", m.raw))
+    return out
+
+
 def bench_shape(w, what, ns, budget, bandwidth):
     n_out, n_in = w.shape
     print(f"\n{w.name} ({what}) {w.type} {n_out}x{n_in}, {w.raw.nbytes / 1e6:.2f} MB")
     f32 = w.dequantize()
     rng = np.random.default_rng(0)
-    times = {}
     for n in ns:
         x = rng.standard_normal((n, n_in)).astype(np.float32)
         flops = 2 * n_out * n_in * n
         t_np = best_time(lambda: x @ f32.T, budget=budget)
         print(f"  n={n}")
         print("   ", row("numpy f32", t_np, flops, f32.nbytes))
-        copies = [w.raw] + [w.raw.copy() for _ in range(COLD_BYTES // w.raw.nbytes if n == 1 else 0)]
-        for threads in (1, 2):
-            calls = itertools.cycle(copies)
-            t = best_time(lambda: mm.matmul(next(calls), w.type, n_out, n_in, x, n_threads=threads),
-                          budget=budget)
-            times[n, threads] = t
-            ratio = f", {w.raw.nbytes / t / 1e9 / bandwidth[threads]:4.0%} of read bw" if n == 1 else ""
-            print("   ", row(f"ours, {threads} thread{'s' * (threads > 1)}", t, flops, w.raw.nbytes),
-                  f" {t_np / t:5.2f}x numpy{ratio}")
+        for label, type_name, raw in layouts(w):
+            copies = [raw] + [raw.copy() for _ in range(COLD_BYTES // raw.nbytes if n == 1 else 0)]
+            for threads in (1, 2):
+                calls = itertools.cycle(copies)
+                t = best_time(lambda: mm.matmul(next(calls), type_name, n_out, n_in, x, n_threads=threads),
+                              budget=budget)
+                ratio = f", {raw.nbytes / t / 1e9 / bandwidth[threads]:4.0%} of read bw" if n == 1 else ""
+                print("   ", row(f"{label}, {threads} thread{'s' * (threads > 1)}", t, flops, raw.nbytes),
+                      f" {t_np / t:5.2f}x numpy{ratio}")
     exact = x.astype(np.float64) @ f32.T.astype(np.float64)
     err = mm.matmul(w.raw, w.type, n_out, n_in, x) - exact
     print(f"  accuracy, n={n} gaussian x: relative RMS error {np.sqrt((err ** 2).mean() / (exact ** 2).mean()):.1e}"
           f" (numpy f32: {np.sqrt(((x @ f32.T - exact) ** 2).mean() / (exact ** 2).mean()):.1e})")
-    return times
 
 
 def bench_f32_activations(w, ns, budget):
@@ -231,8 +240,9 @@ def bench_model_step(model, budget):
         for layer in range(hp.n_layer):
             for name in per_layer:
                 w = t[f"blk.{layer}.{name}.weight"]
+                _, type_name, raw = layouts(w)[-1]   # as the model runs it
                 x = rng.standard_normal((n, w.shape[1])).astype(np.float32)
-                total += best_time(lambda: mm.matmul(w.raw, w.type, *w.shape, x, n_threads=2),
+                total += best_time(lambda: mm.matmul(raw, type_name, *w.shape, x, n_threads=2),
                                    min_reps=2, budget=budget / 20)
         head = t["token_embd.weight"]
         x = rng.standard_normal((1, head.shape[1])).astype(np.float32)

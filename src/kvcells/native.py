@@ -20,7 +20,8 @@ I32_MIN, I32_MAX = -2**31, 2**31 - 1
 TYPES = {"F32": lib.KVC_TYPE_F32, "F16": lib.KVC_TYPE_F16, "BF16": lib.KVC_TYPE_BF16,
          "Q4_0": lib.KVC_TYPE_Q4_0, "Q4_1": lib.KVC_TYPE_Q4_1, "Q5_0": lib.KVC_TYPE_Q5_0,
          "Q5_1": lib.KVC_TYPE_Q5_1, "Q8_0": lib.KVC_TYPE_Q8_0, "Q4_K": lib.KVC_TYPE_Q4_K,
-         "Q5_K": lib.KVC_TYPE_Q5_K, "Q6_K": lib.KVC_TYPE_Q6_K}
+         "Q5_K": lib.KVC_TYPE_Q5_K, "Q6_K": lib.KVC_TYPE_Q6_K,
+         "Q5_0_G4": lib.KVC_TYPE_Q5_0_G4}   # kvcells' own: Q5_0 regrouped (regroup_q5_0)
 # The K/V storage types, named as llama.cpp's --cache-type-k names them; a
 # type's index here is its code in state files.
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -238,13 +239,27 @@ def _vector(a, n, name):
     return ffi.from_buffer(_FLOATS, a)
 
 
+def regroup_q5_0(raw, n_out, n_in):
+    """The Q5_0 matrix raw (n_out rows of n_in values, n_in % 128 == 0) as
+    Q5_0_G4: the same values in a layout the x86 kernels unpack faster."""
+    stride = matrix_stride(raw, TYPES["Q5_0"], n_out, n_in)
+    out = np.empty((n_out, row_bytes(TYPES["Q5_0_G4"], n_in)), np.uint8)
+    check(lib.quant_regroup_q5_0(rows_ptr(raw), stride, n_out, n_in, bytes_of(out, True)))
+    return out
+
+
 class Matrix:
     """A weight matrix as C sees it (kvc_matrix): n_out rows of n_in values
-    of the element type type_name, in raw (checked by matrix_stride)."""
+    of the element type type_name, in raw (checked by matrix_stride). A Q5_0
+    matrix whose rows are whole groups of 128 values is kept as a regrouped
+    copy (regroup_q5_0; 44 MB for Gemma 3 270M), which the x86 kernels unpack
+    with fewer instructions (docs/benchmarks.md, "Q5_0 regrouped")."""
 
     def __init__(self, type_name, raw, n_out, n_in):
         if type_name not in TYPES:
             raise ValueError(f"unsupported weight type {type_name!r}; known: {', '.join(TYPES)}")
+        if type_name == "Q5_0" and n_in % 128 == 0:
+            type_name, raw = "Q5_0_G4", regroup_q5_0(raw, n_out, n_in)
         self.n_out, self.n_in = n_out, n_in
         self.stride = matrix_stride(raw, TYPES[type_name], n_out, n_in)
         self.raw = raw
