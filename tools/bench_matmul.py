@@ -208,8 +208,8 @@ def bench_paths(model, budget):
 
 def bench_small_batches(model, budget):
     """n = 1..8 tokens (prompt-lookup drafts being verified, a few sequences
-    decoding together) on a matrix of each weight type and the head, 2
-    threads: the time of n tokens over the time of 1, best times of 3
+    decoding together) on a matrix of each weight type (Q5_0 also as the
+    regrouped copy the model runs) and the head, 2 threads: the time of n tokens over the time of 1, best times of 3
     alternated rounds. Up to 4 tokens (Q6_K: 3) take the one-row kernels
     (each block unpacked once for all the tokens), more the panels."""
     print("\nsmall batches, 2 threads: time of n tokens / time of 1 token")
@@ -218,14 +218,15 @@ def bench_small_batches(model, budget):
                  "blk.0.attn_v.weight", "token_embd.weight"):
         w = model.tensors[name]
         xs = {n: np.random.default_rng(n).standard_normal((n, w.shape[1])).astype(np.float32) for n in ns}
-        times = {n: [] for n in ns}
-        for _ in range(3):
-            for n in ns:
-                times[n].append(best_time(lambda: mm.matmul(w.raw, w.type, *w.shape, xs[n], n_threads=2),
-                                          budget=budget / 8))
-        best = {n: min(ts) for n, ts in times.items()}
-        print(f"  {name:<24s} {w.type:<5s} {w.shape[0]:>6d}x{w.shape[1]:<5d} n=1 {best[1] * 1e3:7.3f} ms"
-              + "".join(f"  {n}: {best[n] / best[1]:.2f}x" for n in ns[1:]))
+        for _, type_name, raw in layouts(w):
+            times = {n: [] for n in ns}
+            for _ in range(3):
+                for n in ns:
+                    times[n].append(best_time(lambda: mm.matmul(raw, type_name, *w.shape, xs[n], n_threads=2),
+                                              budget=budget / 8))
+            best = {n: min(ts) for n, ts in times.items()}
+            print(f"  {name:<24s} {type_name:<7s} {w.shape[0]:>6d}x{w.shape[1]:<5d} n=1 {best[1] * 1e3:7.3f} ms"
+                  + "".join(f"  {n}: {best[n] / best[1]:.2f}x" for n in ns[1:]))
 
 
 def bench_model_step(model, budget):
