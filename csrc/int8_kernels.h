@@ -1,6 +1,6 @@
 // The integer kernels of one x86 path: quantised weight rows times act_q8
-// tokens, one token at a time (the one-row kernels) and 8 rows by 4 tokens
-// (the panel kernels). quants.c includes this file once per path, defining
+// tokens, a row by one token or a few (the one-row kernels) and 8 rows by 4
+// tokens (the panel kernels). quants.c includes this file once per path, defining
 //   PATH(name)  the path's name of a function (name ## _avx2, ...),
 //   TARGET      the path's target attribute,
 //   DPBUSD      where the path has VNNI, its vpdpbusd: acc + the sums of 4
@@ -18,10 +18,33 @@
 #define DPBUSD(acc, u, s) (acc)   // never reached: each use is under VNNI
 #endif
 
-// Blocks g0..g0+nv-1 of a row times token t of group x (x.nt = nt), into acc.
+// The int32 lanes whose total is block value vector w (u: its magnitudes
+// for the signed types, else w) times token block xv; int16 lanes (pair
+// sums) for the unsigned types without VNNI. mul: Q6_K's int16 scales, else 1.
 // Q6_K keeps maddubs: its int16 scales multiply pairs of products.
-KERNEL void PATH(blocks_chunk)(int type, const uint8_t *row, act_q8 x, int nt, int t, int64_t g0,
-                               int nv, __m256 *acc) {
+KERNEL __m256i PATH(block_products)(int type, __m256i w, __m256i u, __m256i mul, __m256i xv) {
+    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
+    if (sgn) xv = _mm256_sign_epi8(xv, w);
+    if (VNNI && !q6) return DPBUSD(_mm256_setzero_si256(), u, xv);
+    const __m256i p = _mm256_maddubs_epi16(u, xv);
+    return sgn ? _mm256_madd_epi16(p, mul) : p;
+}
+
+// Token t's block totals of products p (block j's in p[j]) times the blocks'
+// scales va, plus the offset term (vm) where the type has one, into acc[t].
+KERNEL void PATH(add_blocks)(int type, const __m256i *p, __m256 va, __m256 vm, act_q8 x, int64_t n,
+                             int64_t g0, int nv, int t, __m256 *acc) {
+    const int sgn = signed_values(type);
+    const int64_t k = t * (n / QK) + g0;   // the token's scales
+    const __m256i sums = sgn || VNNI ? lane_totals(p) : lane_totals16(p);
+    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(va, first8(x.d + k, nv)), _mm256_cvtepi32_ps(sums), acc[t]);
+    if (!sgn) acc[t] = _mm256_fmadd_ps(vm, first8(x.s + k, nv), acc[t]);
+}
+
+// Blocks g0..g0+nv-1 of a row times the token of group x (x.nt = 1), into
+// acc, each block unpacked and multiplied in turn, in registers.
+KERNEL void PATH(token_chunk)(int type, const uint8_t *row, act_q8 x, int64_t n, int64_t g0, int nv,
+                              __m256 *acc) {
     const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
     __m256i sc16 = _mm256_setzero_si256(), p[8];
     __m256 va, vm;
@@ -29,34 +52,47 @@ KERNEL void PATH(blocks_chunk)(int type, const uint8_t *row, act_q8 x, int nt, i
     for (int j = 0; j < 8; j++) {
         if (j >= nv) { p[j] = _mm256_setzero_si256(); continue; }
         const __m256i w = block_values(type, row, g0, j);
-        __m256i xv = load_x(x, nt, g0 + j, t);
-        if (sgn) xv = _mm256_sign_epi8(xv, w);
-        const __m256i u = sgn ? _mm256_abs_epi8(w) : w;
-        if (VNNI && !q6) {
-            p[j] = DPBUSD(_mm256_setzero_si256(), u, xv);
-            continue;
-        }
-        p[j] = _mm256_maddubs_epi16(u, xv);
-        if (sgn) p[j] = _mm256_madd_epi16(p[j], q6 ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1));
+        p[j] = PATH(block_products)(type, w, sgn ? _mm256_abs_epi8(w) : w,
+                                    q6 ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1), load_x(x, 1, g0 + j, 0));
     }
-    const __m256 xd = strided8(x.d + g0 * nt + t, nt, nv);
-    const __m256i sums = sgn || VNNI ? lane_totals(p) : lane_totals16(p);
-    *acc = _mm256_fmadd_ps(_mm256_mul_ps(va, xd), _mm256_cvtepi32_ps(sums), *acc);
-    if (!sgn) *acc = _mm256_fmadd_ps(vm, strided8(x.s + g0 * nt + t, nt, nv), *acc);
+    PATH(add_blocks)(type, p, va, vm, x, n, g0, nv, 0, acc);
 }
 
-// Rows of w times token t of group x (x.nt = nt), into y.
+// Blocks g0..g0+nv-1 of a row times tokens 0..n_tok-1 of group x (x.nt =
+// nt > 1), into acc[t]: the blocks unpacked first, once for all the tokens.
+KERNEL void PATH(blocks_chunk)(int type, const uint8_t *row, act_q8 x, int nt, int n_tok, int64_t n,
+                               int64_t g0, int nv, __m256 *acc) {
+    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
+    __m256i sc16 = _mm256_setzero_si256(), w[8], u[8], mul[8], p[8];
+    __m256 va, vm;
+    block_scales(type, row, g0, nv, &va, &vm, &sc16);
+    for (int j = 0; j < 8; j++) {
+        p[j] = _mm256_setzero_si256();
+        if (j >= nv) continue;
+        w[j] = block_values(type, row, g0, j);
+        u[j] = sgn ? _mm256_abs_epi8(w[j]) : w[j];
+        mul[j] = q6 ? q6_k_mul(sc16, j) : _mm256_set1_epi16(1);
+    }
+    for (int t = 0; t < n_tok; t++) {
+        for (int j = 0; j < nv; j++)
+            p[j] = PATH(block_products)(type, w[j], u[j], mul[j], load_x(x, nt, g0 + j, t));
+        PATH(add_blocks)(type, p, va, vm, x, n, g0, nv, t, acc);
+    }
+}
+
+// Rows of w times tokens 0..n_tok-1 of group x (x.nt = nt > 1): y[t * y_stride + r].
 KERNEL void PATH(blocks_tile)(int type, const uint8_t *w, int64_t row_stride, int64_t n_rows,
-                              act_q8 x, int nt, int t, int64_t n, float *y) {
+                              act_q8 x, int nt, int n_tok, int64_t n, float *y, int64_t y_stride) {
     const int64_t nb = n / QK;
     for (int64_t r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
-        __m256 acc = _mm256_setzero_ps();
+        __m256 acc[ACT_GROUP];
+        for (int t = 0; t < n_tok; t++) acc[t] = _mm256_setzero_ps();
         int64_t g0 = 0;
-        for (; g0 + 8 <= nb; g0 += 8) PATH(blocks_chunk)(type, row, x, nt, t, g0, 8, &acc);
-        if (nb - g0 == 4) PATH(blocks_chunk)(type, row, x, nt, t, g0, 4, &acc);   // rows of 256k + 128 values
-        else if (g0 < nb) PATH(blocks_chunk)(type, row, x, nt, t, g0, (int)(nb - g0), &acc);
-        y[r] = hsum8(acc);
+        for (; g0 + 8 <= nb; g0 += 8) PATH(blocks_chunk)(type, row, x, nt, n_tok, n, g0, 8, acc);
+        if (nb - g0 == 4) PATH(blocks_chunk)(type, row, x, nt, n_tok, n, g0, 4, acc);   // rows of 256k + 128 values
+        else if (g0 < nb) PATH(blocks_chunk)(type, row, x, nt, n_tok, n, g0, (int)(nb - g0), acc);
+        for (int t = 0; t < n_tok; t++) y[t * y_stride + r] = hsum8(acc[t]);
     }
 }
 
@@ -118,7 +154,7 @@ KERNEL void PATH(token_tile)(int type, const uint8_t *w, int64_t row_stride, int
         int64_t g0 = 0;
         for (; g0 + 8 <= nb; g0 += 8) {
             PATH(chunk_ahead)(type, row + g0 / 8 * chunk);
-            PATH(blocks_chunk)(type, row, x, 1, 0, g0, 8, &acc);
+            PATH(token_chunk)(type, row, x, n, g0, 8, &acc);
         }
         if (nb - g0 == 4 && r + 1 < n_rows) {
             const uint8_t *next = row + row_stride;
@@ -127,14 +163,14 @@ KERNEL void PATH(token_tile)(int type, const uint8_t *w, int64_t row_stride, int
             PATH(seam_chunk)(type, row, next, x, g0, &acc, &acc_next);
             for (g0 = 4; g0 + 8 <= nb; g0 += 8) {
                 PATH(chunk_ahead)(type, next + g0 / 8 * chunk + chunk / 2);
-                PATH(blocks_chunk)(type, next, x, 1, 0, g0, 8, &acc_next);
+                PATH(token_chunk)(type, next, x, n, g0, 8, &acc_next);
             }
             y[r++] = hsum8(acc);
             y[r] = hsum8(acc_next);
             continue;
         }
-        if (nb - g0 == 4) PATH(blocks_chunk)(type, row, x, 1, 0, g0, 4, &acc);
-        else if (g0 < nb) PATH(blocks_chunk)(type, row, x, 1, 0, g0, (int)(nb - g0), &acc);
+        if (nb - g0 == 4) PATH(token_chunk)(type, row, x, n, g0, 4, &acc);
+        else if (g0 < nb) PATH(token_chunk)(type, row, x, n, g0, (int)(nb - g0), &acc);
         y[r] = hsum8(acc);
     }
 }
@@ -193,8 +229,7 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
         for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
         for (int64_t g = c; g < n / QK; g += 8) {
             const panel_block *b = p + g;
-            const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
-            const int8_t *xq = x.q + k * QK;
+            const int8_t *xq = x.q + (g * x.nt + t0) * QK;
             __m256i sum[4];
             for (int t = 0; t < nt; t++) sum[t] = _mm256_setzero_si256();
             PATH(panel_pieces)(b, 0, xq, nt, sum, q6 ? _mm256_loadu_si256((const __m256i *)b->sc[0]) : ones, type);
@@ -202,9 +237,10 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
             const __m256 va = _mm256_loadu_ps(b->a), vm = _mm256_loadu_ps(b->m);
 #pragma GCC unroll 4
             for (int t = 0; t < nt; t++) {
-                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(va, _mm256_set1_ps(x.d[k + t])),
+                const int64_t k = (t0 + t) * (n / QK) + g;   // the token's scales
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(va, _mm256_set1_ps(x.d[k])),
                                          _mm256_cvtepi32_ps(sum[t]), acc[t]);
-                if (!sgn) acc[t] = _mm256_fmadd_ps(vm, _mm256_set1_ps(x.s[k + t]), acc[t]);
+                if (!sgn) acc[t] = _mm256_fmadd_ps(vm, _mm256_set1_ps(x.s[k]), acc[t]);
             }
         }
         for (int t = 0; t < nt; t++) chains[t][c] = acc[t];
@@ -216,16 +252,25 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
     }
 }
 
-// One token at a time. With the SIMD kernels on, matmul takes several tokens
-// through the panels, so groups are of one token (nt a constant 1) here.
-#define TILE_ENTRY(name, type)                                                                    \
+// A group of one token (the decode case, token_tile) and one of several,
+// each its own function: their registers are allocated apart. Groups of 2, 3 and 4 (all
+// their tokens real) have their loops over tokens unrolled.
+#define TILE_ENTRY(name, type)                                                                     \
+    static __attribute__((noinline)) TARGET void PATH(name##_n)(const uint8_t *w, int64_t row_stride, \
+                                  int64_t n_rows, act_q8 x, int64_t n, float *y, int64_t y_stride, \
+                                  int n_tok) {                                                     \
+        switch (n_tok == x.nt ? n_tok : 0) {                                                       \
+        case 2: PATH(blocks_tile)(type, w, row_stride, n_rows, x, 2, 2, n, y, y_stride); break;    \
+        case 3: PATH(blocks_tile)(type, w, row_stride, n_rows, x, 3, 3, n, y, y_stride); break;    \
+        case 4: PATH(blocks_tile)(type, w, row_stride, n_rows, x, 4, 4, n, y, y_stride); break;    \
+        default: PATH(blocks_tile)(type, w, row_stride, n_rows, x, x.nt, n_tok, n, y, y_stride);   \
+        }                                                                                          \
+    }                                                                                              \
     static TARGET void PATH(name)(int type_, const uint8_t *w, int64_t row_stride, int64_t n_rows, \
-                                  act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {   \
-        (void)type_;                                                                              \
-        for (int t = 0; t < n_tok; t++) {                                                         \
-            if (x.nt == 1) PATH(token_tile)(type, w, row_stride, n_rows, x, n, y);               \
-            else PATH(blocks_tile)(type, w, row_stride, n_rows, x, x.nt, t, n, y + t * y_stride); \
-        }                                                                                         \
+                                  act_q8 x, int64_t n, float *y, int64_t y_stride, int n_tok) {    \
+        (void)type_;                                                                               \
+        if (x.nt == 1) PATH(token_tile)(type, w, row_stride, n_rows, x, n, y);                     \
+        else PATH(name##_n)(w, row_stride, n_rows, x, n, y, y_stride, n_tok);                      \
     }
 
 // A group of 4 tokens goes to PANEL_TILE4 where the path defines one.

@@ -12,9 +12,12 @@
 #define MIN_PARALLEL_MACS 65536   // smaller products run on the caller alone
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
-#define PANEL_MIN_TOKENS 2  // from here on rows are unpacked once into panels for all tokens
-                            // (the one-row kernels add each block's int32 total across
-                            // lanes per token: 1.7x the panels' time at 4 tokens)
+#define PANEL_MIN_TOKENS 5  // from here on rows are unpacked once into panels for all tokens;
+                            // fewer go to the one-row kernels, which unpack each block once
+                            // for the group but add its int32 totals across lanes per token
+                            // (measured crossover: 5-6 tokens, 4 for Q6_K, more where W
+                            // comes from memory)
+#define PANEL_MIN_TOKENS_Q6_K 4
 #define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
 #define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
                             // from writing to one line of y
@@ -92,11 +95,12 @@ static void run_job(void *arg, int slot) {
     }
 }
 
-// Tokens per group, for `left` tokens still to place: 8s, then a 4 (padded
-// if need be), or the last 1 or 2 alone.
-static int group_size(int64_t left, int quantised) {
+// Tokens per group, for `left` tokens still to place: 8s, then for the
+// panels a 4 (padded if need be) or the last 1 or 2 alone, for the one-row
+// kernels the rest.
+static int group_size(int64_t left, int quantised, int panels) {
     if (!quantised) return 1;
-    if (left <= 2) return (int)left;
+    if (left <= 2 || (!panels && left < ACT_GROUP)) return (int)left;
     return left >= ACT_GROUP ? ACT_GROUP : 4;
 }
 
@@ -124,6 +128,8 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     job j = {.type = type, .w = w, .row_stride = row_stride, .n_out = n_out, .n_in = n_in, .n = n,
              .x = x, .y = y};
     int quantised = quant_is_integer(type);
+    if (quantised && n >= (type == KVC_TYPE_Q6_K ? PANEL_MIN_TOKENS_Q6_K : PANEL_MIN_TOKENS))
+        j.panel = quant_panel(type, path);
     int64_t nb = n_in / 32, room = n + 3;   // tokens incl. the padding of a last group of 4
     int8_t *q = quantised ? calloc((size_t)room, (size_t)n_in) : NULL;
     float *ds = quantised ? calloc((size_t)(2 * room * nb), sizeof(float)) : NULL;
@@ -134,7 +140,7 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     }
     int64_t n_groups = 0;
     for (int64_t t = 0, slot = 0; t < n; n_groups++) {
-        int nt = group_size(n - t, quantised);
+        int nt = group_size(n - t, quantised, j.panel.pack != NULL);
         token_group *tg = &groups[n_groups];
         tg->t0 = t;
         tg->n_valid = n - t < nt ? (int)(n - t) : nt;
@@ -150,7 +156,6 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     j.n_groups = n_groups;
     if (quantised) j.dot_q8 = quant_dot_q8(type, path);
     else j.dot_f32 = quant_dot_f32(type, path);
-    if (quantised && n >= PANEL_MIN_TOKENS) j.panel = quant_panel(type, path);
     if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
     if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);

@@ -106,8 +106,9 @@ static void act_q8_portable(const float *x, int64_t n, act_q8 a, int t) {
             a.q[k * QK + i] = (int8_t)q;
             sum += q;
         }
-        a.d[k] = amax / 127.0f;
-        a.s[k] = a.d[k] * (float)sum;
+        const int64_t ks = t * (n / QK) + b;
+        a.d[ks] = amax / 127.0f;
+        a.s[ks] = a.d[ks] * (float)sum;
     }
 }
 
@@ -229,8 +230,8 @@ static void dot_q8_row_portable(int type, const uint8_t *row, act_q8 x, int64_t 
         float a[2], off;
         unpack_group(type, row, g, q, a, &off);
         for (int t = 0; t < x.nt; t++) {
-            int64_t k = g * x.nt + t;
-            const int8_t *xq = x.q + QK * k;
+            const int8_t *xq = x.q + QK * (g * x.nt + t);
+            const int64_t k = t * (n / QK) + g;
             int lo = 0, hi = 0;
             for (int l = 0; l < 16; l++) {
                 lo += q[l] * xq[l];
@@ -318,13 +319,14 @@ static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) 
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-        a.d[k] = max / 127.0f;
-        a.s[k] = a.d[k] * (float)_mm_cvtsi128_si32(s4);
+        const int64_t ks = t * (n / QK) + b;
+        a.d[ks] = max / 127.0f;
+        a.s[ks] = a.d[ks] * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
 // The quantised one-row kernels (int8_kernels.h) multiply weight rows with
-// one token (the decode case; matmul sends several tokens to the panels), 8
+// one token or a few (matmul sends more to the panels), 8
 // blocks at a time, lanes being blocks. The panel kernels multiply 8 rows
 // at once (lanes being rows) and must give each token bit for bit what the
 // one-row kernels give it alone, so both follow one order: the
@@ -467,12 +469,12 @@ static inline TARGET_AVX2 __m256i lane_totals16(const __m256i *p) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
 }
 
-// p[j] for blocks j < n of a token's act_q8 values, 0 for the rest.
-static inline TARGET_AVX2 __m256 strided8(const float *p, int stride, int n) {
-    if (stride == 1 && n == 8) return _mm256_loadu_ps(p);
-    if (stride == 1 && n == 4) return _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(p), 0);
+// p[j] for j < n (a token's act_q8 scales of n blocks), 0 for the rest.
+static inline TARGET_AVX2 __m256 first8(const float *p, int n) {
+    if (n == 8) return _mm256_loadu_ps(p);
+    if (n == 4) return _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(p), 0);
     float v[8] = {0};
-    for (int j = 0; j < n; j++) v[j] = p[j * stride];
+    for (int j = 0; j < n; j++) v[j] = p[j];
     return _mm256_loadu_ps(v);
 }
 
@@ -670,8 +672,7 @@ static TARGET_AVX512 void panel_tile_512(int type, const panel_block *p, int64_t
         for (int j = 0; j < 8; j++) acc[h][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n / QK; g++) {
         const panel_block *b = p + g;
-        const int64_t k = g * x.nt + t0;   // act_q8 index of the first token
-        const int8_t *xq = x.q + k * QK;
+        const int8_t *xq = x.q + (g * x.nt + t0) * QK;
         const __m512i xx[2] = {halves(xq, xq + QK), halves(xq + 2 * QK, xq + 3 * QK)};
         __m512i sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, mul[2] = {sum[0], sum[0]};
         if (q6)
@@ -682,9 +683,10 @@ static TARGET_AVX512 void panel_tile_512(int type, const panel_block *p, int64_t
         const __m512 va = _mm512_broadcast_f32x8(_mm256_loadu_ps(b->a));
         const __m512 vm = _mm512_broadcast_f32x8(_mm256_loadu_ps(b->m));
         for (int h = 0; h < 2; h++) {
-            __m512 c = _mm512_fmadd_ps(_mm512_mul_ps(va, halves_ps(x.d[k + 2 * h], x.d[k + 2 * h + 1])),
+            const int64_t k0 = (t0 + 2 * h) * (n / QK) + g, k1 = k0 + n / QK;   // the tokens' scales
+            __m512 c = _mm512_fmadd_ps(_mm512_mul_ps(va, halves_ps(x.d[k0], x.d[k1])),
                                        _mm512_cvtepi32_ps(sum[h]), acc[h][g % 8]);
-            if (!sgn) c = _mm512_fmadd_ps(vm, halves_ps(x.s[k + 2 * h], x.s[k + 2 * h + 1]), c);
+            if (!sgn) c = _mm512_fmadd_ps(vm, halves_ps(x.s[k0], x.s[k1]), c);
             acc[h][g % 8] = c;
         }
     }

@@ -97,10 +97,11 @@ static inline void store_f16(float x, uint8_t *p) {
     memcpy(p, &h, 2);
 }
 
-// Activations of a group of nt (1, 2, 4 or ACT_GROUP = 8) tokens quantised per block of
-// 32 and interleaved by block, so a kernel reads the group's block g from
-// one place: token t has x[32g + i] ~ d[g*nt + t] * q[32(g*nt + t) + i] and
-// s[g*nt + t] = d * (sum of those q), for the weight types with an offset.
+// Activations of a group of nt (1 to ACT_GROUP = 8) tokens of n values quantised per
+// block of 32, the values interleaved by block, so a kernel reads the group's
+// block g from one place, the scales token by token, so a kernel loads 8
+// blocks' at once: token t has x[32g + i] ~ d[t*n/32 + g] * q[32(g*nt + t) + i]
+// and s[t*n/32 + g] = d * (sum of those q), for the weight types with an offset.
 #define ACT_GROUP 8
 typedef struct {
     int8_t *q;

@@ -197,7 +197,7 @@ def test_vnni_paths_give_the_avx2_bits(name, path):
     rng = np.random.default_rng(zlib.crc32(name.encode()) + 5)
     n_in = N_IN.get(name, 256)
     raw = make_raw(name, 21, n_in, rng)
-    for n in (1, 2, 4, 5, 8, 13):   # one-row kernels, panels of 4-token and 1-token groups
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 13):   # one-row kernels for 1-4 tokens (Q6_K 1-3), then panels
         x = (rng.standard_normal((n, n_in)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
         want = on_path("avx2", lambda: mm.matmul(raw, name, 21, n_in, x, n_threads=2))
         got = on_path(path, lambda: mm.matmul(raw, name, 21, n_in, x, n_threads=2))
@@ -217,7 +217,7 @@ def test_regrouped_q5_0_gives_the_q5_0_bits(kind, simd_path):
         ids = np.arange(n_out)
         np.testing.assert_array_equal(mm.dequantize_rows(g4, "Q5_0_G4", n_in, ids),
                                       quants.dequantize(raw, GGMLQuantizationType.Q5_0))
-        for n in (1, 2, 4, 5, 8, 13):
+        for n in (1, 2, 3, 4, 5, 8, 13):
             x = (rng.standard_normal((n, n_in)) * rng.uniform(0.1, 10, (n, 1))).astype(np.float32)
             for n_threads in (1, 2):
                 np.testing.assert_array_equal(mm.matmul(g4, "Q5_0_G4", n_out, n_in, x, n_threads=n_threads),
@@ -318,6 +318,21 @@ def test_a_tokens_result_does_not_depend_on_its_batch(name, simd_path):
             for n_threads in (1, 2, 3):
                 got = mm.matmul(raw, name, n_out, n_in, x[ids], n_threads=n_threads)
                 np.testing.assert_array_equal(got, alone[ids], err_msg=f"{size} tokens from {start}, {n_threads} threads")
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+def test_small_batches_give_each_token_its_bits_alone(name, simd_path):
+    # 2-4 tokens (Q6_K 2-3) take the one-row kernels, each block unpacked
+    # once for the group, more the panels; rows of 8 blocks and a last 3 or 4
+    # (the 32-value types), or whole 256-value blocks (the K types)
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + 2)
+    for n_in in ((512,) if name in N_IN else (352, 384)):
+        raw = make_raw(name, 19, n_in, rng)
+        x = (rng.standard_normal((9, n_in)) * rng.uniform(0.1, 10, (9, 1))).astype(np.float32)
+        alone = np.concatenate([mm.matmul(raw, name, 19, n_in, x[t:t + 1], n_threads=1) for t in range(9)])
+        for n in range(2, 10):
+            got = check_matmul(raw, name, 19, n_in, x[:n], 2)
+            np.testing.assert_array_equal(got, alone[:n], err_msg=f"{n} tokens, {n_in} values")
 
 
 @pytest.mark.parametrize("name", [n for n in QUANTISED if n not in N_IN] + ["Q5_0_G4"])

