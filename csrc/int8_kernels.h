@@ -113,15 +113,8 @@ KERNEL void PATH(seam_chunk)(int type, const uint8_t *row, const uint8_t *next, 
     vm = _mm256_permute2f128_ps(vm, vm_next, 0x20);
     for (int j = 0; j < 8; j++) {
         const __m256i w = j < 4 ? block_values(type, row, g0, j) : block_values(type, next, 0, j - 4);
-        __m256i xv = load_x(x, 1, j < 4 ? g0 + j : j - 4, 0);
-        if (sgn) xv = _mm256_sign_epi8(xv, w);
-        const __m256i u = sgn ? _mm256_abs_epi8(w) : w;
-        if (VNNI) {
-            p[j] = DPBUSD(_mm256_setzero_si256(), u, xv);
-            continue;
-        }
-        p[j] = _mm256_maddubs_epi16(u, xv);
-        if (sgn) p[j] = _mm256_madd_epi16(p[j], _mm256_set1_epi16(1));
+        p[j] = PATH(block_products)(type, w, sgn ? _mm256_abs_epi8(w) : w, _mm256_set1_epi16(1),
+                                    load_x(x, 1, j < 4 ? g0 + j : j - 4, 0));
     }
     const __m256i sums = sgn || VNNI ? lane_totals(p) : lane_totals16(p);
     const __m256 xd = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(x.d + g0)), _mm_loadu_ps(x.d), 1);
