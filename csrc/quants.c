@@ -444,7 +444,7 @@ TILE __m256i block_values(int type, const uint8_t *row, int64_t g0, int j) {
     case KVC_TYPE_Q4_K: return k45_values(row + 144 * (g0 / 8), 0, j);
     case KVC_TYPE_Q5_K: return k45_values(row + 176 * (g0 / 8), 1, j);
     case KVC_TYPE_Q8_0: return _mm256_loadu_si256((const __m256i *)(row + 34 * (g0 + j) + 2));
-    case KVC_TYPE_Q5_0_G4: return q5_0_g4_values(row + 88 * (g0 / 4) + 88 * (j / 4), j % 4);   // g0 % 8 == 0
+    case KVC_TYPE_Q5_0_G4: return q5_0_g4_values(row + 88 * (g0 / 4) + 88 * (j / 4), j % 4);   // g0 % 4 == 0
     }
     int five = type == KVC_TYPE_Q5_0 || type == KVC_TYPE_Q5_1;
     int has_min = type == KVC_TYPE_Q4_1 || type == KVC_TYPE_Q5_1;
