@@ -548,6 +548,28 @@ static inline TARGET_AVX2 void transpose_8x8(__m256i *v) {
     }
 }
 
+// Blocks g0..g0+nv-1 of row r into their panel blocks, values as [row][32 bytes].
+static inline __attribute__((always_inline)) TARGET_AVX2 void pack_chunk(
+        int type, const uint8_t *row, int r, int64_t g0, int nv, panel_block *out) {
+    __m256i sc16 = _mm256_setzero_si256();
+    __m256 va, vm;
+    float a[8], m[8];
+    int16_t sc[16];
+    block_scales(type, row, g0, nv, &va, &vm, &sc16);
+    _mm256_storeu_ps(a, va), _mm256_storeu_ps(m, vm);
+    _mm256_storeu_si256((__m256i *)sc, sc16);
+    for (int j = 0; j < nv; j++) {
+        panel_block *b = out + g0 + j;
+        _mm256_storeu_si256((__m256i *)b->v + r, block_values(type, row, g0, j));
+        b->a[r] = a[j];
+        if (!signed_values(type)) b->m[r] = m[j];   // the kernels read m and sc only
+        if (type == KVC_TYPE_Q6_K) {                 // where the type has them
+            b->sc[0][r][0] = b->sc[0][r][1] = sc[2 * j];
+            b->sc[1][r][0] = b->sc[1][r][1] = sc[2 * j + 1];
+        }
+    }
+}
+
 // Row by row first (one stream of reads at a time: several interleaved
 // streams defeat the hardware prefetcher), each block's values stored as
 // [row][32 bytes], then each block transposed in place.
@@ -557,23 +579,9 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
     if (n_rows < PANEL) memset(out, 0, sizeof(panel_block) * (size_t)nb);
     for (int r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
-        for (int64_t g0 = 0; g0 < nb; g0 += 8) {
-            __m256i sc16 = _mm256_setzero_si256();
-            __m256 va, vm;
-            float a[8], m[8];
-            int16_t sc[16];
-            const int nv = nb - g0 < 8 ? (int)(nb - g0) : 8;
-            block_scales(type, row, g0, nv, &va, &vm, &sc16);
-            _mm256_storeu_ps(a, va), _mm256_storeu_ps(m, vm);
-            _mm256_storeu_si256((__m256i *)sc, sc16);
-            for (int j = 0; j < nv; j++) {
-                panel_block *b = out + g0 + j;
-                _mm256_storeu_si256((__m256i *)b->v + r, block_values(type, row, g0, j));
-                b->a[r] = a[j], b->m[r] = m[j];
-                b->sc[0][r][0] = b->sc[0][r][1] = sc[2 * j];
-                b->sc[1][r][0] = b->sc[1][r][1] = sc[2 * j + 1];
-            }
-        }
+        int64_t g0 = 0;
+        for (; g0 + 8 <= nb; g0 += 8) pack_chunk(type, row, r, g0, 8, out);
+        if (g0 < nb) pack_chunk(type, row, r, g0, (int)(nb - g0), out);
     }
     for (int64_t g = 0; g < nb; g++) {
         __m256i v[PANEL];
