@@ -241,6 +241,30 @@ def test_regrouping_checks_its_input():
     assert native.Matrix("Q5_0", whole, 3, 256).c.type == native.TYPES["Q5_0_G4"]
 
 
+def test_regrouped_copies_in_huge_pages_are_apart_and_keep_their_bits():
+    """Copies native.Matrix makes in a HugePages: each the bytes regroup_q5_0
+    gives alone, none overlapping another, over several regions."""
+    rng = np.random.default_rng(15)
+    memory = native.HugePages()
+    memory.REGION = 1 << 16
+    shapes = [(37, 640), (5, 128), (300, 256), (1, 128), (64, 1024)]
+    raws = [make_raw("Q5_0", n_out, n_in, rng) for n_out, n_in in shapes]
+    mats = [native.Matrix("Q5_0", raw, *shape, memory=memory) for raw, shape in zip(raws, shapes)]
+    spans, regions = [], set()
+    for raw, m in zip(raws, mats):
+        assert m.c.type == native.TYPES["Q5_0_G4"]
+        np.testing.assert_array_equal(m.raw, native.regroup_q5_0(raw, m.n_out, m.n_in))
+        start = m.raw.__array_interface__["data"][0]
+        spans.append((start, start + m.raw.nbytes))
+        owner = m.raw
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        regions.add(id(owner))
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    assert len(regions) > 1   # 300x256's 52 KB did not fit after 37x640's 16 KB
+
+
 @pytest.mark.parametrize("name,kind", KINDS)
 def test_dequantize_rows_equals_gguf(name, kind):
     rng = np.random.default_rng(3)

@@ -18,7 +18,7 @@ from gguf.quants import dequantize
 from . import arch as archs
 from . import matmul
 from .errors import GGUFError
-from .native import TYPES
+from .native import TYPES, huge_page_buffer
 
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 
@@ -269,18 +269,15 @@ class _Header:
 
 
 def _read_data(path, start, size):
-    """Bytes start..size of the file (the tensor data), read-only, in private
-    anonymous memory on transparent huge pages where the kernel gives them.
-    Decode reads every weight once per token: through the file's mapping, in
-    4 KiB pages, the head's matmul took 0-16% more time on a calm machine
-    and a third more on a busy one (docs/benchmarks.md, "One-token decode
-    at memory speed"). The copy costs the process the data's size in
-    resident memory, not shared with other processes as the page cache is."""
+    """Bytes start..size of the file (the tensor data), read-only, in
+    native.huge_page_buffer: through the file's mapping, in 4 KiB pages, the
+    head's matmul took 0-16% more time on a calm machine and a third more on
+    a busy one (docs/benchmarks.md, "One-token decode at memory speed"). The
+    copy costs the process the data's size in resident memory, not shared
+    with other processes as the page cache is."""
     if start >= size:
         return np.zeros(0, np.uint8)
-    mem = mmap.mmap(-1, size - start, flags=mmap.MAP_PRIVATE)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mem.madvise(mmap.MADV_HUGEPAGE)
+    mem = huge_page_buffer(size - start)
     try:
         with open(path, "rb") as f:
             f.seek(start)

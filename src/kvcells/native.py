@@ -6,6 +6,7 @@ kvc_status; `check` turns a failure into the matching exception carrying the
 C side's message. The argument checks every wrapper shares, the element
 type table, the thread count and the kernel path live here too.
 """
+import mmap
 import operator
 import os
 
@@ -239,11 +240,42 @@ def _vector(a, n, name):
     return ffi.from_buffer(_FLOATS, a)
 
 
-def regroup_q5_0(raw, n_out, n_in):
+def huge_page_buffer(n_bytes):
+    """n_bytes of private anonymous memory, writable, on transparent huge
+    pages where the kernel gives them. The weights are read once per decoded
+    token; on 4 KiB pages the head's matmul took up to a third more time, the
+    regrouped ffn_gate and ffn_up 7% more (docs/benchmarks.md)."""
+    mem = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    return mem
+
+
+class HugePages:
+    """Byte arrays cut in turn from huge_page_buffer regions of at least
+    REGION bytes: room for the copies native.Matrix makes of a model's
+    matrices, too small (0.1-1 MB) for huge pages of their own."""
+    REGION = 64 << 20
+
+    def __init__(self):
+        self._region, self._used = None, 0
+
+    def take(self, n_bytes):
+        size = -(-n_bytes // 64) * 64   # whole cache lines
+        if self._region is None or self._used + size > len(self._region):
+            self._region, self._used = huge_page_buffer(max(size, self.REGION)), 0
+        out = np.frombuffer(self._region, np.uint8, n_bytes, self._used)
+        self._used += size
+        return out
+
+
+def regroup_q5_0(raw, n_out, n_in, memory=None):
     """The Q5_0 matrix raw (n_out rows of n_in values, n_in % 128 == 0) as
-    Q5_0_G4: the same values in a layout the x86 kernels unpack faster."""
+    Q5_0_G4: the same values in a layout the x86 kernels unpack faster. In
+    memory (a HugePages) when given."""
     stride = matrix_stride(raw, TYPES["Q5_0"], n_out, n_in)
-    out = np.empty((n_out, row_bytes(TYPES["Q5_0_G4"], n_in)), np.uint8)
+    shape = (n_out, row_bytes(TYPES["Q5_0_G4"], n_in))
+    out = np.empty(shape, np.uint8) if memory is None else memory.take(shape[0] * shape[1]).reshape(shape)
     check(lib.quant_regroup_q5_0(rows_ptr(raw), stride, n_out, n_in, bytes_of(out, True)))
     return out
 
@@ -252,14 +284,15 @@ class Matrix:
     """A weight matrix as C sees it (kvc_matrix): n_out rows of n_in values
     of the element type type_name, in raw (checked by matrix_stride). A Q5_0
     matrix whose rows are whole groups of 128 values is kept as a regrouped
-    copy (regroup_q5_0; 44 MB for Gemma 3 270M), which the x86 kernels unpack
-    with fewer instructions (docs/benchmarks.md, "Q5_0 regrouped")."""
+    copy (regroup_q5_0, in memory when given; 44 MB for Gemma 3 270M), which
+    the x86 kernels unpack with fewer instructions (docs/benchmarks.md, "Q5_0
+    regrouped")."""
 
-    def __init__(self, type_name, raw, n_out, n_in):
+    def __init__(self, type_name, raw, n_out, n_in, memory=None):
         if type_name not in TYPES:
             raise ValueError(f"unsupported weight type {type_name!r}; known: {', '.join(TYPES)}")
         if type_name == "Q5_0" and n_in % 128 == 0:
-            type_name, raw = "Q5_0_G4", regroup_q5_0(raw, n_out, n_in)
+            type_name, raw = "Q5_0_G4", regroup_q5_0(raw, n_out, n_in, memory)
         self.n_out, self.n_in = n_out, n_in
         self.stride = matrix_stride(raw, TYPES[type_name], n_out, n_in)
         self.raw = raw

@@ -48,13 +48,14 @@ def blocks(file, names, act):
     names (those of the block the architecture lacks stay None), and the
     gating activation act."""
     hp = file.hparams
+    memory = native.HugePages()   # for the matrices' regrouped copies
     out = []
     for il in range(hp.n_layer):
         tensors = {}
         for name in names:
             t = file.tensors[f"blk.{il}.{name}.weight"]
             if not isinstance(t, np.ndarray):   # a vector is float32 already
-                t = native.Matrix(t.type, t.raw, *t.shape)
+                t = native.Matrix(t.type, t.raw, *t.shape, memory=memory)
             tensors[name] = t
         out.append(native.Block(hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff, act,
                                 hp.rope_mode == NEOX, hp.norm_eps, hp.attn_scale, tensors))
