@@ -266,16 +266,12 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
         else PATH(name##_n)(w, row_stride, n_rows, x, n, y, y_stride, n_tok);                      \
     }
 
-// A group of 4 tokens goes to PANEL_TILE4 where the path defines one.
-#ifndef PANEL_TILE4
-#define PANEL_TILE4(type, p, n, x, t0, ...) PATH(panel_tile)(type, p, n, x, t0, 4, __VA_ARGS__)
-#endif
 #define PANEL_ENTRY(name, type)                                                          \
-    static TARGET void PATH(name)(const panel_block *p, int64_t n, act_q8 x, int t0,     \
+    static TARGET void PATH(name)(const void *p, int64_t n, act_q8 x, int t0,            \
                                   float *y, int64_t y_stride, int n_rows, int n_tok) {   \
         if (x.nt == 1) PATH(panel_tile)(type, p, n, x, t0, 1, y, y_stride, n_rows, n_tok); \
         else if (x.nt == 2) PATH(panel_tile)(type, p, n, x, t0, 2, y, y_stride, n_rows, n_tok); \
-        else PANEL_TILE4(type, p, n, x, t0, y, y_stride, n_rows, n_tok);                 \
+        else PATH(panel_tile)(type, p, n, x, t0, 4, y, y_stride, n_rows, n_tok);         \
     }
 
 #define ENTRIES(t, type) TILE_ENTRY(dot_##t, type) PANEL_ENTRY(panel_##t, type)
@@ -303,4 +299,3 @@ static panel_dot_fn PATH(panel_dot)(int type) {
 #undef ENTRIES
 #undef DOT_CASE
 #undef PANEL_CASE
-#undef PANEL_TILE4

@@ -12,12 +12,6 @@
 #define MIN_PARALLEL_MACS 65536   // smaller products run on the caller alone
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
-#define PANEL_MIN_TOKENS 5  // from here on rows are unpacked once into panels for all tokens;
-                            // fewer go to the one-row kernels, which unpack each block once
-                            // for the group but add its int32 totals across lanes per token
-                            // (measured crossover: 5-6 tokens, 4 for Q6_K, more where W
-                            // comes from memory)
-#define PANEL_MIN_TOKENS_Q6_K 4
 #define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
 #define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
                             // from writing to one line of y
@@ -38,7 +32,7 @@ typedef struct {
     dot_q8_fn dot_q8;
     dot_f32_fn dot_f32;
     panel_kernel panel;    // used when panel.pack is set
-    panel_block *packed;   // per slot, room for one chunk of rows
+    uint8_t *packed;       // per slot, room for one chunk of rows
     float *y;
     int64_t chunk, next;   // next: first row not yet handed out (atomic)
 } job;
@@ -62,20 +56,21 @@ static void run_tile(const job *j, int64_t r0, int64_t r1, int64_t g0, int64_t g
 
 // Rows r0..r1 unpacked into panels, then times every token: a token
 // group's x stays in L1 across the panels, the panels in L2 across groups.
-static void run_panels(const job *j, int64_t r0, int64_t r1, panel_block *packed) {
-    const int64_t nb = j->n_in / 32;
-    for (int64_t r = r0; r < r1; r += PANEL)
-        j->panel.pack(j->w + r * j->row_stride, j->row_stride, r1 - r < PANEL ? (int)(r1 - r) : PANEL,
-                      j->n_in, packed + (r - r0) / PANEL * nb);
+static void run_panels(const job *j, int64_t r0, int64_t r1, uint8_t *packed) {
+    const panel_kernel *k = &j->panel;
+    const int64_t panel_bytes = j->n_in / 32 * k->block_bytes;
+    for (int64_t r = r0; r < r1; r += k->rows)
+        k->pack(j->w + r * j->row_stride, j->row_stride, r1 - r < k->rows ? (int)(r1 - r) : k->rows,
+                j->n_in, packed + (r - r0) / k->rows * panel_bytes);
     for (int64_t g = 0; g < j->n_groups; g++) {
         const token_group *tg = &j->groups[g];
-        const int step = tg->x.nt < 4 ? tg->x.nt : 4;
+        const int step = tg->x.nt < k->tokens ? tg->x.nt : k->tokens;
         for (int t0 = 0; t0 < tg->n_valid; t0 += step) {
             int n_tok = tg->n_valid - t0 < step ? tg->n_valid - t0 : step;
-            for (int64_t r = r0; r < r1; r += PANEL)
-                j->panel.dot(packed + (r - r0) / PANEL * nb, j->n_in, tg->x, t0,
-                             j->y + (tg->t0 + t0) * j->n_out + r, j->n_out,
-                             r1 - r < PANEL ? (int)(r1 - r) : PANEL, n_tok);
+            for (int64_t r = r0; r < r1; r += k->rows)
+                k->dot(packed + (r - r0) / k->rows * panel_bytes, j->n_in, tg->x, t0,
+                       j->y + (tg->t0 + t0) * j->n_out + r, j->n_out,
+                       r1 - r < k->rows ? (int)(r1 - r) : k->rows, n_tok);
         }
     }
 }
@@ -87,7 +82,8 @@ static void run_job(void *arg, int slot) {
         if (r0 >= j->n_out) return;
         int64_t r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
         if (j->panel.pack) {
-            run_panels(j, r0, r1, j->packed + slot * (j->chunk / PANEL) * (j->n_in / 32));
+            run_panels(j, r0, r1, j->packed + slot * j->chunk / j->panel.rows * (j->n_in / 32)
+                                                         * j->panel.block_bytes);
             continue;
         }
         for (int64_t g0 = 0; g0 < j->n_groups; g0 += TILE_GROUPS)
@@ -128,14 +124,15 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     job j = {.type = type, .w = w, .row_stride = row_stride, .n_out = n_out, .n_in = n_in, .n = n,
              .x = x, .y = y};
     int quantised = quant_is_integer(type);
-    if (quantised && n >= (type == KVC_TYPE_Q6_K ? PANEL_MIN_TOKENS_Q6_K : PANEL_MIN_TOKENS))
-        j.panel = quant_panel(type, path);
+    if (quantised) j.panel = quant_panel(type, path);
+    if (n < j.panel.min_tokens) j.panel.pack = NULL;
     int64_t nb = n_in / 32, room = n + 3;   // tokens incl. the padding of a last group of 4
     int8_t *q = quantised ? calloc((size_t)room, (size_t)n_in) : NULL;
     float *ds = quantised ? calloc((size_t)(2 * room * nb), sizeof(float)) : NULL;
+    int32_t *off = quantised ? calloc((size_t)(room * nb), sizeof(int32_t)) : NULL;
     token_group *groups = malloc(sizeof(token_group) * (size_t)n);
-    if (!groups || (quantised && (!q || !ds))) {
-        free(q); free(ds); free(groups);
+    if (!groups || (quantised && (!q || !ds || !off))) {
+        free(q); free(ds); free(off); free(groups);
         return kvc_fail(KVC_ENOMEM, "matmul: out of memory");
     }
     int64_t n_groups = 0;
@@ -145,7 +142,8 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
         tg->t0 = t;
         tg->n_valid = n - t < nt ? (int)(n - t) : nt;
         if (quantised) {
-            tg->x = (act_q8){q + slot * n_in, ds + 2 * slot * nb, ds + (2 * slot + nt) * nb, nt};
+            tg->x = (act_q8){q + slot * n_in, ds + 2 * slot * nb, ds + (2 * slot + nt) * nb,
+                             off + slot * nb, nt};
             for (int k = 0; k < tg->n_valid; k++)
                 quant_act_q8(x + (t + k) * n_in, n_in, tg->x, k, path);
         }
@@ -159,18 +157,19 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
     if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
-    const int64_t panel_bytes = nb * (int64_t)sizeof(panel_block);
-    const int64_t max_rows = j.panel.pack ? PACKED_BYTES / panel_bytes * PANEL : CHUNK_BYTES / row_stride;
+    const int64_t panel_bytes = nb * j.panel.block_bytes;
+    const int64_t max_rows = j.panel.pack ? PACKED_BYTES / panel_bytes * j.panel.rows
+                                          : CHUNK_BYTES / row_stride;
     if (chunk > max_rows) chunk = max_rows;
     if (chunk >= LINE_ROWS) chunk = chunk / LINE_ROWS * LINE_ROWS;
-    else chunk = j.panel.pack ? PANEL : chunk > 0 ? chunk : 1;
+    else chunk = j.panel.pack ? j.panel.rows : chunk > 0 ? chunk : 1;
     j.chunk = chunk;
-    if (j.panel.pack && !(j.packed = malloc((size_t)(n_threads * chunk / PANEL * panel_bytes)))) {
-        free(q); free(ds); free(groups);
+    if (j.panel.pack && !(j.packed = malloc((size_t)(n_threads * chunk / j.panel.rows * panel_bytes)))) {
+        free(q); free(ds); free(off); free(groups);
         return kvc_fail(KVC_ENOMEM, "matmul: out of memory");
     }
     pool_run(run_job, &j, n_threads);
-    free(q); free(ds); free(groups); free(j.packed);
+    free(q); free(ds); free(off); free(groups); free(j.packed);
     return KVC_OK;
 }
 

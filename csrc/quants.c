@@ -23,6 +23,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,6 +31,14 @@
 
 #define QK 32
 #define QK_K 256
+
+// Fewer tokens than these go to the one-row kernels, which unpack each block
+// once for the group but add its int32 totals across lanes per token; from
+// here on rows are unpacked once into panels for all tokens (measured
+// crossover: 5-6 tokens, 4 for Q6_K, more where W comes from memory; for
+// Q8_0 in wide panels, 2: its one-row kernels pay for signed values).
+#define PANEL_MIN_TOKENS 5
+#define PANEL_MIN_TOKENS_Q6_K 4
 
 static uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -109,6 +118,7 @@ static void act_q8_portable(const float *x, int64_t n, act_q8 a, int t) {
         const int64_t ks = t * (n / QK) + b;
         a.d[ks] = amax / 127.0f;
         a.s[ks] = a.d[ks] * (float)sum;
+        a.off[ks] = -128 * sum;
     }
 }
 
@@ -320,8 +330,10 @@ static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) 
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         const int64_t ks = t * (n / QK) + b;
+        const int sum_q = _mm_cvtsi128_si32(s4);
         a.d[ks] = max / 127.0f;
-        a.s[ks] = a.d[ks] * (float)_mm_cvtsi128_si32(s4);
+        a.s[ks] = a.d[ks] * (float)sum_q;
+        a.off[ks] = -128 * sum_q;
     }
 }
 
@@ -548,9 +560,21 @@ static inline TARGET_AVX2 void transpose_8x8(__m256i *v) {
     }
 }
 
-// Blocks g0..g0+nv-1 of row r into their panel blocks, values as [row][32 bytes].
+// Both kinds of panel block hold, for R rows, values [8][R][4], then scales
+// a[R], then offsets m[R].
+_Static_assert(offsetof(panel_block, a) == 32 * PANEL && offsetof(panel_block, m) == 36 * PANEL,
+               "panel_block layout");
+_Static_assert(offsetof(wide_block, a) == 32 * WIDE_PANEL && offsetof(wide_block, m) == 36 * WIDE_PANEL,
+               "wide_block layout");
+
+static inline int64_t panel_block_bytes(int rows) {
+    return rows == PANEL ? sizeof(panel_block) : sizeof(wide_block);
+}
+
+// Blocks g0..g0+nv-1 of row r into the blocks at out of a panel of `rows`
+// rows, values as [row][32 bytes].
 static inline __attribute__((always_inline)) TARGET_AVX2 void pack_chunk(
-        int type, const uint8_t *row, int r, int64_t g0, int nv, panel_block *out) {
+        int type, const uint8_t *row, int r, int64_t g0, int nv, uint8_t *out, int rows) {
     __m256i sc16 = _mm256_setzero_si256();
     __m256 va, vm;
     float a[8], m[8];
@@ -559,35 +583,41 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void pack_chunk(
     _mm256_storeu_ps(a, va), _mm256_storeu_ps(m, vm);
     _mm256_storeu_si256((__m256i *)sc, sc16);
     for (int j = 0; j < nv; j++) {
-        panel_block *b = out + g0 + j;
-        _mm256_storeu_si256((__m256i *)b->v + r, block_values(type, row, g0, j));
-        b->a[r] = a[j];
-        if (!signed_values(type)) b->m[r] = m[j];   // the kernels read m and sc only
-        if (type == KVC_TYPE_Q6_K) {                 // where the type has them
-            b->sc[0][r][0] = b->sc[0][r][1] = sc[2 * j];
-            b->sc[1][r][0] = b->sc[1][r][1] = sc[2 * j + 1];
+        uint8_t *b = out + (g0 + j) * panel_block_bytes(rows);
+        _mm256_storeu_si256((__m256i *)b + r, block_values(type, row, g0, j));
+        ((float *)(b + 32 * rows))[r] = a[j];
+        if (!signed_values(type)) ((float *)(b + 36 * rows))[r] = m[j];   // the kernels read m and sc
+        if (type == KVC_TYPE_Q6_K) {                                       // only where the type has them
+            panel_block *pb = (panel_block *)b;
+            pb->sc[0][r][0] = pb->sc[0][r][1] = sc[2 * j];
+            pb->sc[1][r][0] = pb->sc[1][r][1] = sc[2 * j + 1];
         }
     }
 }
 
 // Row by row first (one stream of reads at a time: several interleaved
 // streams defeat the hardware prefetcher), each block's values stored as
-// [row][32 bytes], then each block transposed in place.
+// [row][32 bytes], then each block's 8-row groups transposed in place: for
+// a wide panel, 4 values of rows 0-7 and then of rows 8-15 make one vector,
+// Q8_0's plus 128.
 TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
-                    panel_block *out) {
-    const int64_t nb = n / QK;
-    if (n_rows < PANEL) memset(out, 0, sizeof(panel_block) * (size_t)nb);
+                    uint8_t *out, int rows) {
+    const int64_t nb = n / QK, size = panel_block_bytes(rows);
+    const __m256i plus128 = _mm256_set1_epi8(type == KVC_TYPE_Q8_0 && rows == WIDE_PANEL ? -128 : 0);
+    if (n_rows < rows) memset(out, 0, (size_t)(size * nb));
     for (int r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
         int64_t g0 = 0;
-        for (; g0 + 8 <= nb; g0 += 8) pack_chunk(type, row, r, g0, 8, out);
-        if (g0 < nb) pack_chunk(type, row, r, g0, (int)(nb - g0), out);
+        for (; g0 + 8 <= nb; g0 += 8) pack_chunk(type, row, r, g0, 8, out, rows);
+        if (g0 < nb) pack_chunk(type, row, r, g0, (int)(nb - g0), out, rows);
     }
     for (int64_t g = 0; g < nb; g++) {
-        __m256i v[PANEL];
-        for (int r = 0; r < PANEL; r++) v[r] = _mm256_loadu_si256((const __m256i *)out[g].v + r);
-        transpose_8x8(v);
-        for (int k = 0; k < 8; k++) _mm256_storeu_si256((__m256i *)out[g].v + k, v[k]);
+        __m256i *v = (__m256i *)(out + g * size), t[WIDE_PANEL];
+        for (int r = 0; r < rows; r++) t[r] = _mm256_loadu_si256(v + r);
+        for (int h = 0; h < rows / PANEL; h++) transpose_8x8(t + PANEL * h);
+        for (int k = 0; k < 8; k++)
+            for (int h = 0; h < rows / PANEL; h++)
+                _mm256_storeu_si256(v + k * (rows / PANEL) + h, _mm256_xor_si256(t[PANEL * h + k], plus128));
     }
 }
 
@@ -599,8 +629,8 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
 
 #define PACK_ENTRY(t, type)                                                                 \
     static TARGET_AVX2 void pack_##t(const uint8_t *w, int64_t row_stride, int n_rows,      \
-                                     int64_t n, panel_block *out) {                         \
-        pack_rows(type, w, row_stride, n_rows, n, out);                                     \
+                                     int64_t n, void *out) {                                \
+        pack_rows(type, w, row_stride, n_rows, n, out, PANEL);                              \
     }
 EACH_TYPE(PACK_ENTRY)
 
@@ -626,93 +656,91 @@ static inline TARGET_AVX2 __m256 add_chains(const __m256 *c) {
 #define DPBUSD _mm256_dpbusd_avx_epi32
 #include "int8_kernels.h"
 
-// ---- AVX-512: the panels two tokens to a vector ----
+#define PATH(name) name##_avx512
+#define TARGET TARGET_AVX512
+#define DPBUSD _mm256_dpbusd_epi32
+#include "int8_kernels.h"
 
-// Tokens 2i and 2i+1 of a group of 4 share a 512-bit vector, the low half
-// one token's 8 rows, the high half the other's, so each instruction does
-// what two of panel_tile_avx2's do, lane for lane the same.
+// ---- AVX-512: wide panels, 16 rows to a vector ----
+
 #define WIDE static inline __attribute__((always_inline)) TARGET_AVX512
 
-// The 32 bytes at a in the low half, at b in the high.
-WIDE __m512i halves(const void *a, const void *b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                              _mm256_loadu_si256((const __m256i *)b), 1);
-}
-
-WIDE __m512 halves_ps(float a, float b) {
-    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
-}
-
-// sum[i] += the products of pieces k0..k0+3 of block b with tokens 2i and
-// 2i+1 (xx[i]: their blocks, one to a half) times mul's int16 (Q6_K's).
-WIDE void panel_pieces_512(const panel_block *b, int k0, const __m512i *xx, __m512i *sum,
-                           __m512i mul, int type) {
-    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
-    const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 8, 8);
-    __m512i s16[2];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)b->v[k0 + i]));
-        const __m512i aw = sgn ? _mm512_abs_epi8(w) : w;
-        const __mmask64 neg = _mm512_movepi8_mask(w);
-        const __m512i piece = _mm512_add_epi32(half, _mm512_set1_epi32(k0 + i));
-        for (int h = 0; h < 2; h++) {
-            __m512i xb = _mm512_permutexvar_epi32(piece, xx[h]);
-            if (sgn) xb = _mm512_mask_sub_epi8(xb, neg, _mm512_setzero_si512(), xb);
-            if (!q6) {
-                sum[h] = _mm512_dpbusd_epi32(sum[h], aw, xb);
-                continue;
+// A wide panel times the nt tokens t0.. of group x. As panel_tile, chain g %
+// 8 takes blocks g, g + 8, ... in that order, one chain after another; each
+// 4 values of a block are one vpdpbusd per token, all 16 rows at once.
+WIDE void wide_tile(int type, const wide_block *p, int64_t n, act_q8 x, int t0, int nt, float *y,
+                    int64_t y_stride, int n_rows, int n_tok) {
+    const int64_t nb = n / QK;
+    const int q8 = type == KVC_TYPE_Q8_0;
+    __m512 chains[ACT_GROUP][8];   // token, chain
+    for (int c = 0; c < 8; c++) {
+        __m512 acc[ACT_GROUP];
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+        for (int64_t g = c; g < nb; g += 8) {
+            const wide_block *b = p + g;
+            const int8_t *xq = x.q + (g * x.nt + t0) * QK;
+            __m512i sum[ACT_GROUP];
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++)
+                sum[t] = q8 ? _mm512_set1_epi32(x.off[(t0 + t) * nb + g]) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) {
+                const __m512i w = _mm512_loadu_si512(b->v[k]);
+#pragma GCC unroll 8
+                for (int t = 0; t < nt; t++)
+                    sum[t] = _mm512_dpbusd_epi32(sum[t], w, _mm512_set1_epi32((int)load_u32(
+                                                              (const uint8_t *)xq + t * QK + 4 * k)));
             }
-            const __m512i p16 = _mm512_maddubs_epi16(aw, xb);
-            s16[h] = i ? _mm512_add_epi16(s16[h], p16) : p16;
+            const __m512 va = _mm512_loadu_ps(b->a), vm = _mm512_loadu_ps(b->m);
+#pragma GCC unroll 8
+            for (int t = 0; t < nt; t++) {
+                const int64_t k = (t0 + t) * nb + g;   // the token's scales
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(va, _mm512_set1_ps(x.d[k])),
+                                         _mm512_cvtepi32_ps(sum[t]), acc[t]);
+                if (!q8) acc[t] = _mm512_fmadd_ps(vm, _mm512_set1_ps(x.s[k]), acc[t]);
+            }
         }
-    }
-    if (q6)
-        for (int h = 0; h < 2; h++) sum[h] = _mm512_add_epi32(sum[h], _mm512_madd_epi16(s16[h], mul));
-}
-
-static TARGET_AVX512 void panel_tile_512(int type, const panel_block *p, int64_t n, act_q8 x,
-                                         int t0, float *y, int64_t y_stride, int n_rows,
-                                         int n_tok) {
-    const int sgn = signed_values(type), q6 = type == KVC_TYPE_Q6_K;
-    __m512 acc[2][8];   // token pair, chain
-    for (int h = 0; h < 2; h++)
-        for (int j = 0; j < 8; j++) acc[h][j] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < n / QK; g++) {
-        const panel_block *b = p + g;
-        const int8_t *xq = x.q + (g * x.nt + t0) * QK;
-        const __m512i xx[2] = {halves(xq, xq + QK), halves(xq + 2 * QK, xq + 3 * QK)};
-        __m512i sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()}, mul[2] = {sum[0], sum[0]};
-        if (q6)
-            for (int i = 0; i < 2; i++)
-                mul[i] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)b->sc[i]));
-        panel_pieces_512(b, 0, xx, sum, mul[0], type);
-        panel_pieces_512(b, 4, xx, sum, mul[1], type);
-        const __m512 va = _mm512_broadcast_f32x8(_mm256_loadu_ps(b->a));
-        const __m512 vm = _mm512_broadcast_f32x8(_mm256_loadu_ps(b->m));
-        for (int h = 0; h < 2; h++) {
-            const int64_t k0 = (t0 + 2 * h) * (n / QK) + g, k1 = k0 + n / QK;   // the tokens' scales
-            __m512 c = _mm512_fmadd_ps(_mm512_mul_ps(va, halves_ps(x.d[k0], x.d[k1])),
-                                       _mm512_cvtepi32_ps(sum[h]), acc[h][g % 8]);
-            if (!sgn) c = _mm512_fmadd_ps(vm, halves_ps(x.s[k0], x.s[k1]), c);
-            acc[h][g % 8] = c;
-        }
+        for (int t = 0; t < nt; t++) chains[t][c] = acc[t];
     }
     for (int t = 0; t < n_tok; t++) {
-        __m256 c[8];
-        for (int j = 0; j < 8; j++)
-            c[j] = t % 2 ? _mm512_extractf32x8_ps(acc[t / 2][j], 1) : _mm512_castps512_ps256(acc[t / 2][j]);
-        float out[PANEL];
-        _mm256_storeu_ps(out, add_chains(c));
+        const __m512 *ch = chains[t];
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(ch[0], ch[4]), _mm512_add_ps(ch[2], ch[6])),
+                                         _mm512_add_ps(_mm512_add_ps(ch[1], ch[5]), _mm512_add_ps(ch[3], ch[7])));
+        float out[WIDE_PANEL];
+        _mm512_storeu_ps(out, sum);
         memcpy(y + t * y_stride, out, sizeof(float) * (size_t)n_rows);
     }
 }
 
-#define PATH(name) name##_avx512
-#define TARGET TARGET_AVX512
-#define DPBUSD _mm256_dpbusd_epi32
-#define PANEL_TILE4(type, p, n, x, t0, ...) panel_tile_512(type, p, n, x, t0, __VA_ARGS__)
-#include "int8_kernels.h"
+// Groups of 1, 2, 4 and 8 tokens (as matmul makes them), each with its loops
+// over tokens unrolled.
+#define WIDE_ENTRY(t, type)                                                                    \
+    static TARGET_AVX512 void pack_wide_##t(const uint8_t *w, int64_t row_stride, int n_rows,  \
+                                            int64_t n, void *out) {                            \
+        pack_rows(type, w, row_stride, n_rows, n, out, WIDE_PANEL);                            \
+    }                                                                                          \
+    static TARGET_AVX512 void wide_##t(const void *p, int64_t n, act_q8 x, int t0, float *y,   \
+                                       int64_t y_stride, int n_rows, int n_tok) {              \
+        switch (x.nt) {                                                                        \
+        case 1: wide_tile(type, p, n, x, t0, 1, y, y_stride, n_rows, n_tok); break;            \
+        case 2: wide_tile(type, p, n, x, t0, 2, y, y_stride, n_rows, n_tok); break;            \
+        case 4: wide_tile(type, p, n, x, t0, 4, y, y_stride, n_rows, n_tok); break;            \
+        default: wide_tile(type, p, n, x, t0, 8, y, y_stride, n_rows, n_tok);                  \
+        }                                                                                      \
+    }
+#define EACH_WIDE_TYPE(M)                                                                \
+    M(q8_0, KVC_TYPE_Q8_0) M(q4_0, KVC_TYPE_Q4_0) M(q4_1, KVC_TYPE_Q4_1)                 \
+    M(q5_0, KVC_TYPE_Q5_0) M(q5_1, KVC_TYPE_Q5_1) M(q4_k, KVC_TYPE_Q4_K)                 \
+    M(q5_k, KVC_TYPE_Q5_K) M(q5_0_g4, KVC_TYPE_Q5_0_G4)
+EACH_WIDE_TYPE(WIDE_ENTRY)
+
+#define WIDE_CASE(t, type) \
+    case type: return (panel_kernel){pack_wide_##t, wide_##t, WIDE_PANEL, ACT_GROUP, sizeof(wide_block), \
+                                     type == KVC_TYPE_Q8_0 ? 2 : PANEL_MIN_TOKENS};
+static panel_kernel wide_panel(int type) {
+    switch (type) { EACH_WIDE_TYPE(WIDE_CASE) }
+    return (panel_kernel){0};
+}
 #endif  // KVC_X86
 
 void quant_act_q8(const float *x, int64_t n, act_q8 a, int t, int path) {
@@ -739,8 +767,10 @@ dot_q8_fn quant_dot_q8(int type, int path) {
 
 
 panel_kernel quant_panel(int type, int path) {
-    panel_kernel k = {NULL, NULL};
+    panel_kernel k = {NULL, NULL, PANEL, 4, sizeof(panel_block),
+                      type == KVC_TYPE_Q6_K ? PANEL_MIN_TOKENS_Q6_K : PANEL_MIN_TOKENS};
 #ifdef KVC_X86
+    if (path == KVC_SIMD_AVX512 && type != KVC_TYPE_Q6_K) return wide_panel(type);
     switch (path) {
     case KVC_SIMD_AVX2: k.dot = panel_dot_avx2(type); break;
     case KVC_SIMD_AVXVNNI: k.dot = panel_dot_avxvnni(type); break;

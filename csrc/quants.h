@@ -100,13 +100,15 @@ static inline void store_f16(float x, uint8_t *p) {
 // Activations of a group of nt (1 to ACT_GROUP = 8) tokens of n values quantised per
 // block of 32, the values interleaved by block, so a kernel reads the group's
 // block g from one place, the scales token by token, so a kernel loads 8
-// blocks' at once: token t has x[32g + i] ~ d[t*n/32 + g] * q[32(g*nt + t) + i]
-// and s[t*n/32 + g] = d * (sum of those q), for the weight types with an offset.
+// blocks' at once: token t has x[32g + i] ~ d[t*n/32 + g] * q[32(g*nt + t) + i],
+// s[t*n/32 + g] = d * (sum of those q), for the weight types with an offset,
+// and off[t*n/32 + g] = -128 * (sum of those q), for wide panels' Q8_0.
 #define ACT_GROUP 8
 typedef struct {
     int8_t *q;
     float *d;
     float *s;
+    int32_t *off;
     int nt;
 } act_q8;
 
@@ -144,20 +146,34 @@ typedef struct {
     int16_t sc[2][PANEL][2];
 } panel_block;
 
-// Unpacks rows (n_rows <= PANEL, row_stride bytes apart, n values each)
-// into n/32 panel blocks.
-typedef void (*pack_fn)(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
-                        panel_block *out);
-// The panel's rows times tokens t0.. of group x (4 of them, x.nt when that
-// is 1 or 2): y[t * y_stride + r] for t < n_tok, r < n_rows.
-typedef void (*panel_dot_fn)(const panel_block *p, int64_t n, act_q8 x, int t0, float *y,
+// The AVX-512 path's panels (all types but Q6_K): 16 rows, so that one
+// 512-bit vector holds 4 values of each, all unsigned, so that one vpdpbusd
+// multiplies them with 4 of a token's: Q8_0's are stored plus 128, and its
+// kernel starts each block's sums at act_q8's off to take that back.
+#define WIDE_PANEL 16
+typedef struct {
+    uint8_t v[8][WIDE_PANEL][4];
+    float a[WIDE_PANEL];
+    float m[WIDE_PANEL];
+} wide_block;
+
+// Unpacks rows (n_rows <= the kernel's rows, row_stride bytes apart, n
+// values each) into n/32 blocks (panel_block or wide_block).
+typedef void (*pack_fn)(const uint8_t *w, int64_t row_stride, int n_rows, int64_t n, void *out);
+// The panel's rows times tokens t0.. of group x (tokens of them, x.nt when
+// that is fewer): y[t * y_stride + r] for t < n_tok, r < n_rows.
+typedef void (*panel_dot_fn)(const void *p, int64_t n, act_q8 x, int t0, float *y,
                              int64_t y_stride, int n_rows, int n_tok);
 typedef struct {
     pack_fn pack;
     panel_dot_fn dot;
+    int rows;          // PANEL or WIDE_PANEL
+    int tokens;        // at most this many per call of dot
+    int block_bytes;   // sizeof(panel_block) or sizeof(wide_block)
+    int min_tokens;    // fewer go to the one-row kernels
 } panel_kernel;
 
-// {NULL, NULL} on the portable path.
+// pack NULL on the portable path.
 panel_kernel quant_panel(int type, int path);
 
 #endif
