@@ -120,17 +120,20 @@ def without_ids(body):
     return {k: v for k, v in body.items() if k not in ("id", "created")}
 
 
-def test_kvcells_server_replicas_answers_like_the_single_process_server(cluster, model, single):
+def test_kvcells_server_replicas_answers_like_the_single_process_server(cluster, model, single,
+                                                                         tmp_path):
     """The command itself, joining the cluster at RAY_ADDRESS."""
     url, address = cluster
     port = url.rsplit(":", 1)[1]
     cmd = [sys.executable, "-m", "kvcells.server", *sys_args(model), "--port", port]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, RAY_ADDRESS=address),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, RAY_ADDRESS=address),
+                                stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, "kvcells-server --replicas exited"
+            assert proc.poll() is None, "kvcells-server --replicas exited:\n" + log.read_text()[-3000:]
             assert time.monotonic() < deadline, "kvcells-server --replicas did not come up"
             try:
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
@@ -143,7 +146,7 @@ def test_kvcells_server_replicas_answers_like_the_single_process_server(cluster,
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            assert proc.wait(timeout=60) == 0
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         finally:
             proc.kill()
 
