@@ -609,7 +609,8 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
         const uint8_t *row = w + r * row_stride;
         int64_t g0 = 0;
         for (; g0 + 8 <= nb; g0 += 8) pack_chunk(type, row, r, g0, 8, out, rows);
-        if (g0 < nb) pack_chunk(type, row, r, g0, (int)(nb - g0), out, rows);
+        if (nb - g0 == 4) pack_chunk(type, row, r, g0, 4, out, rows);   // rows of 256k + 128 values
+        else if (g0 < nb) pack_chunk(type, row, r, g0, (int)(nb - g0), out, rows);
     }
     for (int64_t g = 0; g < nb; g++) {
         __m256i *v = (__m256i *)(out + g * size), t[WIDE_PANEL];
