@@ -34,7 +34,8 @@ typedef struct {
     panel_kernel panel;    // used when panel.pack is set
     uint8_t *packed;       // per slot, room for one chunk of rows
     float *y;
-    int64_t chunk, next;   // next: first row not yet handed out (atomic)
+    int64_t chunk;
+    uint64_t ends;         // take_chunk's (atomic)
 } job;
 
 // Rows r0..r1 times token groups g0..g1.
@@ -75,11 +76,29 @@ static void run_panels(const job *j, int64_t r0, int64_t r1, uint8_t *packed) {
     }
 }
 
+// Chunks are handed out from both ends of what is left: slot 0 takes the
+// first, the other slots the last, so that on 2 threads each reads one run of
+// memory, front to back or back to front (the hardware prefetcher keeps
+// ahead of one run better than of chunks interleaved with another thread's:
+// the head 5-8% faster). *ends packs the first and the end of the chunks
+// left, 32 bits each (callers check that the chunks are fewer than 2^32).
+static uint64_t chunks_left(int64_t n_chunks) { return (uint64_t)n_chunks << 32; }
+
+// The chunk slot takes next, or -1 when none is left.
+static int64_t take_chunk(uint64_t *ends, int slot) {
+    uint64_t left = __atomic_load_n(ends, __ATOMIC_RELAXED), rest;
+    do {
+        const uint32_t first = (uint32_t)left, end = (uint32_t)(left >> 32);
+        if (first >= end) return -1;
+        rest = slot == 0 ? left + 1 : left - ((uint64_t)1 << 32);
+    } while (!__atomic_compare_exchange_n(ends, &left, rest, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return slot == 0 ? (int64_t)(uint32_t)left : (int64_t)(left >> 32) - 1;
+}
+
 static void run_job(void *arg, int slot) {
     job *j = arg;
-    for (;;) {
-        int64_t r0 = __atomic_fetch_add(&j->next, j->chunk, __ATOMIC_RELAXED);
-        if (r0 >= j->n_out) return;
+    for (int64_t c; (c = take_chunk(&j->ends, slot)) >= 0;) {
+        int64_t r0 = c * j->chunk;
         int64_t r1 = r0 + j->chunk < j->n_out ? r0 + j->chunk : j->n_out;
         if (j->panel.pack) {
             run_panels(j, r0, r1, j->packed + slot * j->chunk / j->panel.rows * (j->n_in / 32)
@@ -164,6 +183,11 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     if (chunk >= LINE_ROWS) chunk = chunk / LINE_ROWS * LINE_ROWS;
     else chunk = j.panel.pack ? j.panel.rows : chunk > 0 ? chunk : 1;
     j.chunk = chunk;
+    if ((n_out + chunk - 1) / chunk > UINT32_MAX) {
+        free(q); free(ds); free(off); free(groups);
+        return kvc_fail(KVC_EINVAL, "matmul: %lld rows is too many", (long long)n_out);
+    }
+    j.ends = chunks_left((n_out + chunk - 1) / chunk);
     if (j.panel.pack && !(j.packed = malloc((size_t)(n_threads * chunk / j.panel.rows * panel_bytes)))) {
         free(q); free(ds); free(off); free(groups);
         return kvc_fail(KVC_ENOMEM, "matmul: out of memory");
@@ -192,17 +216,15 @@ kvc_status matmul_dequantize_rows(int type, const uint8_t *w, int64_t row_stride
 
 typedef struct {
     const uint8_t *p;
-    int64_t n_bytes, next;   // next: first byte not yet handed out (atomic)
-    uint64_t sum;            // atomic
+    int64_t n_bytes;
+    uint64_t ends, sum;      // take_chunk's; the sum of what was read (atomic)
 } read_job;
 
 static void run_read(void *arg, int slot) {
     read_job *j = arg;
-    (void)slot;
     uint64_t acc[8] = {0};
-    for (;;) {
-        int64_t b0 = __atomic_fetch_add(&j->next, CHUNK_BYTES, __ATOMIC_RELAXED);
-        if (b0 >= j->n_bytes) break;
+    for (int64_t c; (c = take_chunk(&j->ends, slot)) >= 0;) {
+        int64_t b0 = c * CHUNK_BYTES;
         int64_t b1 = b0 + CHUNK_BYTES < j->n_bytes ? b0 + CHUNK_BYTES : j->n_bytes;
         for (int64_t b = b0; b < b1; b += 64) {
             __builtin_prefetch(j->p + b + READ_AHEAD);   // as the kernels read
@@ -222,7 +244,9 @@ kvc_status matmul_read_probe(const uint8_t *p, int64_t n_bytes, int n_threads,
         return kvc_fail(KVC_EINVAL, "read_probe: %lld bytes (need a positive multiple of 64)",
                         (long long)n_bytes);
     if (n_threads < 1) return kvc_fail(KVC_EINVAL, "n_threads must be >= 1, got %d", n_threads);
-    read_job j = {.p = p, .n_bytes = n_bytes};
+    if (n_bytes / CHUNK_BYTES >= UINT32_MAX)
+        return kvc_fail(KVC_EINVAL, "read_probe: %lld bytes is too many", (long long)n_bytes);
+    read_job j = {.p = p, .n_bytes = n_bytes, .ends = chunks_left((n_bytes + CHUNK_BYTES - 1) / CHUNK_BYTES)};
     pool_run(run_read, &j, n_threads);
     *sum_out = j.sum;
     return KVC_OK;
