@@ -13,6 +13,7 @@
 #define CHUNK_BYTES 65536   // at most this much of W per chunk: it stays in L2 across token tiles
 #define TILE_GROUPS 2      // token groups per pass over a chunk of rows: their x stays in L1
 #define PACKED_BYTES 262144 // at most this much of unpacked panels per chunk: it stays in L2
+#define PARALLEL_QUANT_TOKENS 64   // from here on the threads quantise the activations too
 #define LINE_ROWS 16        // outputs per 64-byte line: chunks of whole lines keep threads
                             // from writing to one line of y
 
@@ -110,6 +111,24 @@ static void run_job(void *arg, int slot) {
     }
 }
 
+typedef struct {
+    const float *x;
+    int64_t n_in, n_groups, next;   // next: the first group not yet taken (atomic)
+    const token_group *groups;
+    int path;
+} quant_job;
+
+// Each group's tokens quantised into its act_q8.
+static void run_quant(void *arg, int slot) {
+    quant_job *qj = arg;
+    (void)slot;
+    for (int64_t g; (g = __atomic_fetch_add(&qj->next, 1, __ATOMIC_RELAXED)) < qj->n_groups;) {
+        const token_group *tg = &qj->groups[g];
+        for (int k = 0; k < tg->n_valid; k++)
+            quant_act_q8(qj->x + (tg->t0 + k) * qj->n_in, qj->n_in, tg->x, k, qj->path);
+    }
+}
+
 // Tokens per group, for `left` tokens still to place: 8s, then for the
 // panels a 4 (padded if need be) or the last 1 or 2 alone, for the one-row
 // kernels the rest.
@@ -163,18 +182,20 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
         if (quantised) {
             tg->x = (act_q8){q + slot * n_in, ds + 2 * slot * nb, ds + (2 * slot + nt) * nb,
                              off + slot * nb, nt};
-            for (int k = 0; k < tg->n_valid; k++)
-                quant_act_q8(x + (t + k) * n_in, n_in, tg->x, k, path);
         }
         t += tg->n_valid;
         slot += nt;
     }
     j.groups = groups;
     j.n_groups = n_groups;
-    if (quantised) j.dot_q8 = quant_dot_q8(type, path);
-    else j.dot_f32 = quant_dot_f32(type, path);
     if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
     if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
+    if (quantised) {
+        quant_job qj = {.x = x, .n_in = n_in, .groups = groups, .n_groups = n_groups, .path = path};
+        pool_run(run_quant, &qj, n >= PARALLEL_QUANT_TOKENS ? n_threads : 1);
+    }
+    if (quantised) j.dot_q8 = quant_dot_q8(type, path);
+    else j.dot_f32 = quant_dot_f32(type, path);
     int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
     const int64_t panel_bytes = nb * j.panel.block_bytes;
     const int64_t max_rows = j.panel.pack ? PACKED_BYTES / panel_bytes * j.panel.rows
