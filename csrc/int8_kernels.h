@@ -4,7 +4,9 @@
 //   PATH(name)  the path's name of a function (name ## _avx2, ...),
 //   TARGET      the path's target attribute,
 //   DPBUSD      where the path has VNNI, its vpdpbusd: acc + the sums of 4
-//               u8 x s8 products per int32 lane, in one instruction.
+//               u8 x s8 products per int32 lane, in one instruction,
+//   WIDE_PANELS where the path's panels are quants.c's wide ones (no 8-row
+//               panel entries then),
 // and using quants.c's EACH_TYPE (the quantised weight types).
 // Every path gives bit for bit what the AVX2 one gives: a block's products
 // are summed exactly in int32 whichever instructions add them, and the
@@ -274,7 +276,11 @@ KERNEL void PATH(panel_tile)(int type, const panel_block *p, int64_t n, act_q8 x
         else PATH(panel_tile)(type, p, n, x, t0, 4, y, y_stride, n_rows, n_tok);         \
     }
 
+#ifdef WIDE_PANELS
+#define ENTRIES(t, type) TILE_ENTRY(dot_##t, type)
+#else
 #define ENTRIES(t, type) TILE_ENTRY(dot_##t, type) PANEL_ENTRY(panel_##t, type)
+#endif
 EACH_TYPE(ENTRIES)
 
 #define DOT_CASE(t, type) case type: return PATH(dot_##t);
@@ -284,15 +290,18 @@ static dot_q8_fn PATH(dot_q8)(int type) {
     return NULL;
 }
 
+#ifndef WIDE_PANELS
 static panel_dot_fn PATH(panel_dot)(int type) {
     switch (type) { EACH_TYPE(PANEL_CASE) }
     return NULL;
 }
+#endif
 
 #undef PATH
 #undef TARGET
 #undef KERNEL
 #undef VNNI
+#undef WIDE_PANELS
 #undef DPBUSD
 #undef TILE_ENTRY
 #undef PANEL_ENTRY

@@ -167,7 +167,7 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     int64_t nb = n_in / 32, room = n + 3;   // tokens incl. the padding of a last group of 4
     int8_t *q = quantised ? calloc((size_t)room, (size_t)n_in) : NULL;
     float *ds = quantised ? calloc((size_t)(2 * room * nb), sizeof(float)) : NULL;
-    int32_t *off = quantised ? calloc((size_t)(room * nb), sizeof(int32_t)) : NULL;
+    int32_t *off = quantised ? calloc((size_t)(3 * room * nb), sizeof(int32_t)) : NULL;   // off, off_half
     token_group *groups = malloc(sizeof(token_group) * (size_t)n);
     if (!groups || (quantised && (!q || !ds || !off))) {
         free(q); free(ds); free(off); free(groups);
@@ -181,7 +181,7 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
         tg->n_valid = n - t < nt ? (int)(n - t) : nt;
         if (quantised) {
             tg->x = (act_q8){q + slot * n_in, ds + 2 * slot * nb, ds + (2 * slot + nt) * nb,
-                             off + slot * nb, nt};
+                             off + slot * nb, off + (room + 2 * slot) * nb, nt};
         }
         t += tg->n_valid;
         slot += nt;

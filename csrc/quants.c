@@ -108,17 +108,19 @@ static void act_q8_portable(const float *x, int64_t n, act_q8 a, int t) {
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
+        int half[2] = {0, 0};
         for (int i = 0; i < QK; i++) {
             float v = xb[i] * id;
             int q = v == v ? round_even(v) : -128;   // NaN: what the AVX2 conversion gives
             a.q[k * QK + i] = (int8_t)q;
-            sum += q;
+            half[i / 16] += q;
         }
         const int64_t ks = t * (n / QK) + b;
+        const int sum = half[0] + half[1];
         a.d[ks] = amax / 127.0f;
         a.s[ks] = a.d[ks] * (float)sum;
         a.off[ks] = -128 * sum;
+        a.off_half[2 * ks] = -32 * half[0], a.off_half[2 * ks + 1] = -32 * half[1];
     }
 }
 
@@ -305,6 +307,13 @@ static inline TARGET_AVX2 __m256i load_x(act_q8 a, int nt, int64_t g, int t) {
     return _mm256_loadu_si256((const __m256i *)(a.q + (g * nt + t) * QK));
 }
 
+static inline TARGET_AVX2 int hsum8i(__m256i v) {
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    return _mm_cvtsi128_si32(s4);
+}
+
 static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -318,22 +327,17 @@ static TARGET_AVX2 void act_q8_avx2(const float *x, int64_t n, act_q8 a, int t) 
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         m = _mm_max_ss(m, _mm_movehdup_ps(m));
         float max = _mm_cvtss_f32(m), id = max > 0.0f ? 127.0f / max : 0.0f;
-        __m256i q[4], sum = _mm256_setzero_si256();
-        for (int k = 0; k < 4; k++) {
-            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(id)));
-            sum = _mm256_add_epi32(sum, q[k]);
-        }
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(id)));
         __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         int64_t k = b * a.nt + t;
         _mm256_storeu_si256((__m256i *)(a.q + k * QK), _mm256_permutevar8x32_epi32(q16, order));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         const int64_t ks = t * (n / QK) + b;
-        const int sum_q = _mm_cvtsi128_si32(s4);
+        const int half0 = hsum8i(_mm256_add_epi32(q[0], q[1])), half1 = hsum8i(_mm256_add_epi32(q[2], q[3]));
         a.d[ks] = max / 127.0f;
-        a.s[ks] = a.d[ks] * (float)sum_q;
-        a.off[ks] = -128 * sum_q;
+        a.s[ks] = a.d[ks] * (float)(half0 + half1);
+        a.off[ks] = -128 * (half0 + half1);
+        a.off_half[2 * ks] = -32 * half0, a.off_half[2 * ks + 1] = -32 * half1;
     }
 }
 
@@ -587,10 +591,13 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void pack_chunk(
         _mm256_storeu_si256((__m256i *)b + r, block_values(type, row, g0, j));
         ((float *)(b + 32 * rows))[r] = a[j];
         if (!signed_values(type)) ((float *)(b + 36 * rows))[r] = m[j];   // the kernels read m and sc
-        if (type == KVC_TYPE_Q6_K) {                                       // only where the type has them
+        if (type == KVC_TYPE_Q6_K && rows == PANEL) {                      // only where the type has them
             panel_block *pb = (panel_block *)b;
             pb->sc[0][r][0] = pb->sc[0][r][1] = sc[2 * j];
             pb->sc[1][r][0] = pb->sc[1][r][1] = sc[2 * j + 1];
+        } else if (type == KVC_TYPE_Q6_K) {
+            wide_block *wb = (wide_block *)b;
+            wb->sc[0][r] = sc[2 * j], wb->sc[1][r] = sc[2 * j + 1];
         }
     }
 }
@@ -599,11 +606,12 @@ static inline __attribute__((always_inline)) TARGET_AVX2 void pack_chunk(
 // streams defeat the hardware prefetcher), each block's values stored as
 // [row][32 bytes], then each block's 8-row groups transposed in place: for
 // a wide panel, 4 values of rows 0-7 and then of rows 8-15 make one vector,
-// Q8_0's plus 128.
+// Q8_0's plus 128 and Q6_K's plus 32.
 TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, int64_t n,
                     uint8_t *out, int rows) {
     const int64_t nb = n / QK, size = panel_block_bytes(rows);
-    const __m256i plus128 = _mm256_set1_epi8(type == KVC_TYPE_Q8_0 && rows == WIDE_PANEL ? -128 : 0);
+    const int plus = rows == PANEL ? 0 : type == KVC_TYPE_Q8_0 ? 128 : type == KVC_TYPE_Q6_K ? 32 : 0;
+    const __m256i offset = _mm256_set1_epi8((char)plus);
     if (n_rows < rows) memset(out, 0, (size_t)(size * nb));
     for (int r = 0; r < n_rows; r++) {
         const uint8_t *row = w + r * row_stride;
@@ -618,7 +626,7 @@ TILE void pack_rows(int type, const uint8_t *w, int64_t row_stride, int n_rows, 
         for (int h = 0; h < rows / PANEL; h++) transpose_8x8(t + PANEL * h);
         for (int k = 0; k < 8; k++)
             for (int h = 0; h < rows / PANEL; h++)
-                _mm256_storeu_si256(v + k * (rows / PANEL) + h, _mm256_xor_si256(t[PANEL * h + k], plus128));
+                _mm256_storeu_si256(v + k * (rows / PANEL) + h, _mm256_add_epi8(t[PANEL * h + k], offset));
     }
 }
 
@@ -660,6 +668,7 @@ static inline TARGET_AVX2 __m256 add_chains(const __m256 *c) {
 #define PATH(name) name##_avx512
 #define TARGET TARGET_AVX512
 #define DPBUSD _mm256_dpbusd_epi32
+#define WIDE_PANELS
 #include "int8_kernels.h"
 
 // ---- AVX-512: wide panels, 16 rows to a vector ----
@@ -669,10 +678,13 @@ static inline TARGET_AVX2 __m256 add_chains(const __m256 *c) {
 // A wide panel times the nt tokens t0.. of group x. As panel_tile, chain g %
 // 8 takes blocks g, g + 8, ... in that order, one chain after another; each
 // 4 values of a block are one vpdpbusd per token, all 16 rows at once.
+// Q6_K sums each half block apart (sum, sum2), then weighs the two by their
+// scales in floats: each product and the total are integers below 2^24, so
+// exact, the AVX2 path's int32 total.
 WIDE void wide_tile(int type, const wide_block *p, int64_t n, act_q8 x, int t0, int nt, float *y,
                     int64_t y_stride, int n_rows, int n_tok) {
     const int64_t nb = n / QK;
-    const int q8 = type == KVC_TYPE_Q8_0;
+    const int q8 = type == KVC_TYPE_Q8_0, q6 = type == KVC_TYPE_Q6_K;
     __m512 chains[ACT_GROUP][8];   // token, chain
     for (int c = 0; c < 8; c++) {
         __m512 acc[ACT_GROUP];
@@ -680,25 +692,40 @@ WIDE void wide_tile(int type, const wide_block *p, int64_t n, act_q8 x, int t0, 
         for (int64_t g = c; g < nb; g += 8) {
             const wide_block *b = p + g;
             const int8_t *xq = x.q + (g * x.nt + t0) * QK;
-            __m512i sum[ACT_GROUP];
+            __m512i sum[ACT_GROUP], sum2[ACT_GROUP];
 #pragma GCC unroll 8
-            for (int t = 0; t < nt; t++)
-                sum[t] = q8 ? _mm512_set1_epi32(x.off[(t0 + t) * nb + g]) : _mm512_setzero_si512();
+            for (int t = 0; t < nt; t++) {
+                const int64_t k = (t0 + t) * nb + g;
+                sum[t] = q8 ? _mm512_set1_epi32(x.off[k])
+                       : q6 ? _mm512_set1_epi32(x.off_half[2 * k]) : _mm512_setzero_si512();
+                if (q6) sum2[t] = _mm512_set1_epi32(x.off_half[2 * k + 1]);
+            }
 #pragma GCC unroll 8
             for (int k = 0; k < 8; k++) {
                 const __m512i w = _mm512_loadu_si512(b->v[k]);
 #pragma GCC unroll 8
-                for (int t = 0; t < nt; t++)
-                    sum[t] = _mm512_dpbusd_epi32(sum[t], w, _mm512_set1_epi32((int)load_u32(
-                                                              (const uint8_t *)xq + t * QK + 4 * k)));
+                for (int t = 0; t < nt; t++) {
+                    const __m512i xb = _mm512_set1_epi32((int)load_u32((const uint8_t *)xq + t * QK + 4 * k));
+                    if (q6 && k >= 4) sum2[t] = _mm512_dpbusd_epi32(sum2[t], w, xb);
+                    else sum[t] = _mm512_dpbusd_epi32(sum[t], w, xb);
+                }
             }
-            const __m512 va = _mm512_loadu_ps(b->a), vm = _mm512_loadu_ps(b->m);
+            const __m512 va = _mm512_loadu_ps(b->a);
+            __m512 vm = _mm512_setzero_ps(), sc0 = vm, sc1 = vm;
+            if (q6) {
+                sc0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)b->sc[0])));
+                sc1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)b->sc[1])));
+            } else if (!q8) {
+                vm = _mm512_loadu_ps(b->m);
+            }
 #pragma GCC unroll 8
             for (int t = 0; t < nt; t++) {
                 const int64_t k = (t0 + t) * nb + g;   // the token's scales
-                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(va, _mm512_set1_ps(x.d[k])),
-                                         _mm512_cvtepi32_ps(sum[t]), acc[t]);
-                if (!q8) acc[t] = _mm512_fmadd_ps(vm, _mm512_set1_ps(x.s[k]), acc[t]);
+                const __m512 total = q6 ? _mm512_fmadd_ps(sc0, _mm512_cvtepi32_ps(sum[t]),
+                                                          _mm512_mul_ps(sc1, _mm512_cvtepi32_ps(sum2[t])))
+                                        : _mm512_cvtepi32_ps(sum[t]);
+                acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(va, _mm512_set1_ps(x.d[k])), total, acc[t]);
+                if (!q8 && !q6) acc[t] = _mm512_fmadd_ps(vm, _mm512_set1_ps(x.s[k]), acc[t]);
             }
         }
         for (int t = 0; t < nt; t++) chains[t][c] = acc[t];
@@ -729,17 +756,13 @@ WIDE void wide_tile(int type, const wide_block *p, int64_t n, act_q8 x, int t0, 
         default: wide_tile(type, p, n, x, t0, 8, y, y_stride, n_rows, n_tok);                  \
         }                                                                                      \
     }
-#define EACH_WIDE_TYPE(M)                                                                \
-    M(q8_0, KVC_TYPE_Q8_0) M(q4_0, KVC_TYPE_Q4_0) M(q4_1, KVC_TYPE_Q4_1)                 \
-    M(q5_0, KVC_TYPE_Q5_0) M(q5_1, KVC_TYPE_Q5_1) M(q4_k, KVC_TYPE_Q4_K)                 \
-    M(q5_k, KVC_TYPE_Q5_K) M(q5_0_g4, KVC_TYPE_Q5_0_G4)
-EACH_WIDE_TYPE(WIDE_ENTRY)
+EACH_TYPE(WIDE_ENTRY)
 
 #define WIDE_CASE(t, type) \
     case type: return (panel_kernel){pack_wide_##t, wide_##t, WIDE_PANEL, ACT_GROUP, sizeof(wide_block), \
                                      type == KVC_TYPE_Q8_0 ? 2 : PANEL_MIN_TOKENS};
 static panel_kernel wide_panel(int type) {
-    switch (type) { EACH_WIDE_TYPE(WIDE_CASE) }
+    switch (type) { EACH_TYPE(WIDE_CASE) }
     return (panel_kernel){0};
 }
 #endif  // KVC_X86
@@ -771,11 +794,10 @@ panel_kernel quant_panel(int type, int path) {
     panel_kernel k = {NULL, NULL, PANEL, 4, sizeof(panel_block),
                       type == KVC_TYPE_Q6_K ? PANEL_MIN_TOKENS_Q6_K : PANEL_MIN_TOKENS};
 #ifdef KVC_X86
-    if (path == KVC_SIMD_AVX512 && type != KVC_TYPE_Q6_K) return wide_panel(type);
+    if (path == KVC_SIMD_AVX512) return wide_panel(type);
     switch (path) {
     case KVC_SIMD_AVX2: k.dot = panel_dot_avx2(type); break;
     case KVC_SIMD_AVXVNNI: k.dot = panel_dot_avxvnni(type); break;
-    case KVC_SIMD_AVX512: k.dot = panel_dot_avx512(type); break;
     }
     if (k.dot) k.pack = pack_of(type);
 #endif

@@ -102,13 +102,15 @@ static inline void store_f16(float x, uint8_t *p) {
 // block g from one place, the scales token by token, so a kernel loads 8
 // blocks' at once: token t has x[32g + i] ~ d[t*n/32 + g] * q[32(g*nt + t) + i],
 // s[t*n/32 + g] = d * (sum of those q), for the weight types with an offset,
-// and off[t*n/32 + g] = -128 * (sum of those q), for wide panels' Q8_0.
+// off[t*n/32 + g] = -128 * (sum of those q), for wide panels' Q8_0, and
+// off_half[2(t*n/32 + g) + h] = -32 * (sum of q 16h..16h+15), for their Q6_K.
 #define ACT_GROUP 8
 typedef struct {
     int8_t *q;
     float *d;
     float *s;
     int32_t *off;
+    int32_t *off_half;
     int nt;
 } act_q8;
 
@@ -146,15 +148,19 @@ typedef struct {
     int16_t sc[2][PANEL][2];
 } panel_block;
 
-// The AVX-512 path's panels (all types but Q6_K): 16 rows, so that one
-// 512-bit vector holds 4 values of each, all unsigned, so that one vpdpbusd
-// multiplies them with 4 of a token's: Q8_0's are stored plus 128, and its
-// kernel starts each block's sums at act_q8's off to take that back.
+// The AVX-512 path's panels: 16 rows, so that one 512-bit vector holds 4
+// values of each, all unsigned, so that one vpdpbusd multiplies them with 4
+// of a token's. Q8_0's are stored plus 128 and Q6_K's plus 32; their kernels
+// start each block's sums (Q6_K's, each half block's) at act_q8's off
+// (off_half) to take that back. Q6_K has no offsets m but int scales sc.
 #define WIDE_PANEL 16
 typedef struct {
     uint8_t v[8][WIDE_PANEL][4];
     float a[WIDE_PANEL];
-    float m[WIDE_PANEL];
+    union {
+        float m[WIDE_PANEL];
+        int16_t sc[2][WIDE_PANEL];
+    };
 } wide_block;
 
 // Unpacks rows (n_rows <= the kernel's rows, row_stride bytes apart, n

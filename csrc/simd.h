@@ -38,6 +38,10 @@ static inline __m512i _mm512_cvtepi8_epi32(__m128i a) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_cvtepi8_epi32(a)),
                               _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)), 1);
 }
+static inline __m512i _mm512_cvtepi16_epi32(__m256i a) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a))),
+                              _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)), 1);
+}
 // SIMDe's gives a, not 0, where b is 0
 #undef _mm256_sign_epi8
 static inline __m256i _mm256_sign_epi8(__m256i a, __m256i b) {
