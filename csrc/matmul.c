@@ -138,6 +138,17 @@ static int group_size(int64_t left, int quantised, int panels) {
     return left >= ACT_GROUP ? ACT_GROUP : 4;
 }
 
+// Rows per chunk: CHUNKS_PER_THREAD chunks a thread, at most CHUNK_BYTES of
+// W or PACKED_BYTES of panels, whole lines of y (or one panel).
+static int64_t chunk_rows(const job *j, int n_threads) {
+    int64_t chunk = j->n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
+    const int64_t max_rows = j->panel.pack ? PACKED_BYTES / (j->n_in / 32 * j->panel.block_bytes) * j->panel.rows
+                                           : CHUNK_BYTES / j->row_stride;
+    if (chunk > max_rows) chunk = max_rows;
+    if (chunk >= LINE_ROWS) return chunk / LINE_ROWS * LINE_ROWS;
+    return j->panel.pack ? j->panel.rows : chunk > 0 ? chunk : 1;
+}
+
 static kvc_status check_weights(int type, const uint8_t *w, int64_t row_stride,
                                 int64_t n_rows, int64_t n_in) {
     const int64_t row_bytes = type_row_bytes(type, n_in);
@@ -165,6 +176,13 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     if (quantised) j.panel = quant_panel(type, path);
     if (n < j.panel.min_tokens) j.panel.pack = NULL;
     int64_t nb = n_in / 32, room = n + 3;   // tokens incl. the padding of a last group of 4
+    if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
+    if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
+    const int64_t chunk = chunk_rows(&j, n_threads), n_chunks = (n_out + chunk - 1) / chunk;
+    const int64_t panel_bytes = nb * j.panel.block_bytes;
+    if (n_chunks > UINT32_MAX) return kvc_fail(KVC_EINVAL, "matmul: %lld rows is too many", (long long)n_out);
+    j.chunk = chunk;
+    j.ends = chunks_left(n_chunks);
     int8_t *q = quantised ? calloc((size_t)room, (size_t)n_in) : NULL;
     float *ds = quantised ? calloc((size_t)(2 * room * nb), sizeof(float)) : NULL;
     int32_t *off = quantised ? calloc((size_t)(3 * room * nb), sizeof(int32_t)) : NULL;   // off, off_half
@@ -188,27 +206,13 @@ kvc_status matmul(int type, const uint8_t *w, int64_t row_stride, int64_t n_out,
     }
     j.groups = groups;
     j.n_groups = n_groups;
-    if (n_threads > KVC_MAX_THREADS) n_threads = KVC_MAX_THREADS;
-    if ((double)n_out * (double)n_in * (double)n < MIN_PARALLEL_MACS) n_threads = 1;
     if (quantised) {
         quant_job qj = {.x = x, .n_in = n_in, .groups = groups, .n_groups = n_groups, .path = path};
         pool_run(run_quant, &qj, n >= PARALLEL_QUANT_TOKENS ? n_threads : 1);
+        j.dot_q8 = quant_dot_q8(type, path);
+    } else {
+        j.dot_f32 = quant_dot_f32(type, path);
     }
-    if (quantised) j.dot_q8 = quant_dot_q8(type, path);
-    else j.dot_f32 = quant_dot_f32(type, path);
-    int64_t chunk = n_out / ((int64_t)n_threads * CHUNKS_PER_THREAD);
-    const int64_t panel_bytes = nb * j.panel.block_bytes;
-    const int64_t max_rows = j.panel.pack ? PACKED_BYTES / panel_bytes * j.panel.rows
-                                          : CHUNK_BYTES / row_stride;
-    if (chunk > max_rows) chunk = max_rows;
-    if (chunk >= LINE_ROWS) chunk = chunk / LINE_ROWS * LINE_ROWS;
-    else chunk = j.panel.pack ? j.panel.rows : chunk > 0 ? chunk : 1;
-    j.chunk = chunk;
-    if ((n_out + chunk - 1) / chunk > UINT32_MAX) {
-        free(q); free(ds); free(off); free(groups);
-        return kvc_fail(KVC_EINVAL, "matmul: %lld rows is too many", (long long)n_out);
-    }
-    j.ends = chunks_left((n_out + chunk - 1) / chunk);
     if (j.panel.pack && !(j.packed = malloc((size_t)(n_threads * chunk / j.panel.rows * panel_bytes)))) {
         free(q); free(ds); free(off); free(groups);
         return kvc_fail(KVC_ENOMEM, "matmul: out of memory");
